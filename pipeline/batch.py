@@ -1,0 +1,43 @@
+"""The `Batch` contract: what every input pipeline yields on the training device.
+
+Coordinates: boxes and polygon vertices are continuous pixel coordinates (a pixel's left
+edge is x, its centre x + 0.5) in the resized image, after the flip. A horizontal flip maps
+x -> W - x for both (W is the resized image width, before padding), so a box (x1, y1, x2, y2)
+becomes (W - x2, y1, W - x1, y2) and stays the extent of its flipped polygons.
+
+Padding: images are padded at the bottom and right with zeros after normalization (the mean
+colour); ground truth is padded to fixed per-image maxima taken from the manifest, so every
+tensor has a static shape for a given bucket and the model can avoid host synchronization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, H, W] float, normalized, channels_last memory format
+    image_sizes: torch.Tensor  # [B, 2] int32 (h, w) after resize, before padding
+    original_sizes: torch.Tensor  # [B, 2] int32 (h, w) of the source image
+    scales: torch.Tensor  # [B, 2] float32 (sy, sx) = resized size / original size, per axis
+    flipped: torch.Tensor  # [B] bool, whether the image and its ground truth were flipped
+    image_ids: torch.Tensor  # [B] int64 COCO image ids
+    boxes: torch.Tensor  # [B, G, 4] float32 xyxy; rows past num_boxes are zero
+    labels: torch.Tensor  # [B, G] int64 contiguous 1..K; 0 past num_boxes
+    num_boxes: torch.Tensor  # [B] int32
+    verts: torch.Tensor  # [B, V, 2] float32 polygon vertices (x, y) of each image, zero padded
+    polys: torch.Tensor  # [B, P, 3] int32 (instance, first vertex, end vertex) into verts[b]; padding (-1, 0, 0)
+    num_polys: torch.Tensor  # [B] int32
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)
+        }
+        moved["images"] = moved["images"].contiguous(memory_format=torch.channels_last)
+        return Batch(**moved)
