@@ -1,7 +1,13 @@
-"""Shared pytest configuration: GPU tests skip cleanly on machines without CUDA."""
+"""Shared pytest configuration: GPU tests skip cleanly on machines without CUDA.
+
+Session fixtures with shared test data (synthetic COCO set, train and val shards) live in
+tests/fixtures.py; see its docstring for what each one holds.
+"""
 
 import pytest
 import torch
+
+from fixtures import synthetic_coco  # noqa: F401  (session fixtures shared by all test modules)
 
 
 def pytest_collection_modifyitems(config, items):

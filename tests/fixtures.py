@@ -1,0 +1,47 @@
+"""Session-wide test data shared by every test module (registered in tests/conftest.py).
+
+- `synthetic_coco`: a small synthetic COCO set, 24 train + 12 val images of about 160x200
+  (pipeline/synthetic.py, seed 0), as a `SyntheticCoco` with `.root`, `.train_images`,
+  `.train_json`, `.val_images`, `.val_json`.
+- `train_shards`: a shard folder made from its train split with `--mode train`, 4 samples
+  per shard (several shards per orientation group).
+- `val_shards`: the same for the val split with `--mode eval`.
+
+All of it is generated once per test session under pytest's temporary folder, in seconds.
+Treat it as read-only: a test that needs to change data copies it first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.synthetic import make_synthetic_coco
+
+SMALL_IMAGE_SIZE = (160, 200)
+SAMPLES_PER_SHARD = 4
+
+
+@dataclass(frozen=True)
+class SyntheticCoco:
+    root: Path
+    train_images: Path
+    train_json: Path
+    val_images: Path
+    val_json: Path
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCoco:
+    root = tmp_path_factory.mktemp("synthetic_coco")
+    train_json = make_synthetic_coco(root, "train", 24, seed=0, image_size=SMALL_IMAGE_SIZE)
+    val_json = make_synthetic_coco(root, "val", 12, seed=0, image_size=SMALL_IMAGE_SIZE)
+    return SyntheticCoco(
+        root=root,
+        train_images=root / "train2017",
+        train_json=train_json,
+        val_images=root / "val2017",
+        val_json=val_json,
+    )
