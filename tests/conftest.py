@@ -7,7 +7,7 @@ tests/fixtures.py; see its docstring for what each one holds.
 import pytest
 import torch
 
-from fixtures import synthetic_coco  # noqa: F401  (session fixtures shared by all test modules)
+from fixtures import synthetic_coco, train_shards, val_shards  # noqa: F401  (session fixtures shared by all test modules)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.sharding import shard_coco
 from pipeline.synthetic import make_synthetic_coco
 
 SMALL_IMAGE_SIZE = (160, 200)
@@ -45,3 +46,19 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCoco:
         val_images=root / "val2017",
         val_json=val_json,
     )
+
+
+@pytest.fixture(scope="session")
+def train_shards(synthetic_coco: SyntheticCoco, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train_shards")
+    shard_coco(synthetic_coco.train_images, synthetic_coco.train_json, out, mode="train",
+               samples_per_shard=SAMPLES_PER_SHARD, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def val_shards(synthetic_coco: SyntheticCoco, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("val_shards")
+    shard_coco(synthetic_coco.val_images, synthetic_coco.val_json, out, mode="eval",
+               samples_per_shard=SAMPLES_PER_SHARD, seed=0)
+    return out
