@@ -1,0 +1,91 @@
+"""The step and epoch loop on a stand-in model: bulk readback, NaN handling, checkpoints."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.config import load_config
+from train.engine import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    TrainState,
+    autocast_context,
+    make_grad_scaler,
+    resolve_precision,
+    train_one_epoch,
+)
+from train.solver import build_optimizer
+
+from train_standins import TinyLossModel, tiny_batches
+
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
+CPU = torch.device("cpu")
+
+
+def _run(model, batches, *, precision="fp32", limit=3, readback_every=4, checkpoint_every=0, output_dir=None):
+    cfg = load_config(REFERENCE, ["solver.base_lr=0.01", "solver.warmup_iters=2"])
+    optimizer, _ = build_optimizer(model, cfg.solver, CPU)
+    scaler = make_grad_scaler(precision, CPU)
+    state, logged = TrainState(), []
+
+    def save():
+        save_checkpoint(output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
+                        epoch=0, loader_state=None, config=cfg)
+
+    train_one_epoch(
+        model, optimizer, batches, state=state, solver_cfg=cfg.solver, scaler=scaler,
+        autocast=functools.partial(autocast_context, precision, CPU), guard=NonFiniteGuard(limit),
+        readback_every=readback_every, global_batch=3, max_iter=10_000,
+        save_checkpoint=save if output_dir else None, checkpoint_every=checkpoint_every, on_logged=logged.extend,
+    )
+    return state, logged
+
+
+def test_bulk_readback_reports_every_step_exactly():
+    batches = tiny_batches(10)
+    torch.manual_seed(0)
+    _, logged = _run(TinyLossModel(), batches, readback_every=4)
+    assert [s.iteration for s in logged] == list(range(1, 11))
+    # the same losses computed eagerly, step by step, with the same initial weights and LRs
+    torch.manual_seed(0)
+    reference = TinyLossModel()
+    cfg = load_config(REFERENCE, ["solver.base_lr=0.01", "solver.warmup_iters=2"])
+    optimizer, _ = build_optimizer(reference, cfg.solver, CPU)
+    for step, batch in zip(logged, batches):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * step.lr / cfg.solver.base_lr
+        losses = reference(batch)
+        assert step.losses == {k: v.item() for k, v in losses.items()}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+
+def test_fp32_nan_stops_the_run_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = TinyLossModel(nan_from=7)
+    with pytest.raises(NonFiniteLossError) as error:
+        _run(model, tiny_batches(20), limit=3, readback_every=4, checkpoint_every=2, output_dir=tmp_path)
+    assert "not finite for 3 iterations in a row, the last at iteration 9" in str(error.value)
+    newest = list_checkpoints(tmp_path)[-1]
+    assert newest.name == "ckpt-00000006.pt"  # the NaN-weight state at iteration 8 was not saved
+    cfg = load_config(REFERENCE, ["solver.base_lr=0.01", "solver.warmup_iters=2"])
+    weights = load_checkpoint(newest, cfg)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_fp16_scaler_skips_the_nan_step_and_counts_it():
+    model = TinyLossModel(nan_at={3})
+    state, logged = _run(model, tiny_batches(6), precision="fp16", limit=2)  # one NaN: below the limit
+    assert [s.skipped for s in logged] == [False, False, True, False, False, False]
+    assert state.skipped_steps == 1 and state.iteration == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="train.precision"):
+        resolve_precision("fp8", CPU)

@@ -1,0 +1,171 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint holds the model, optimizer and GradScaler state, the schedule position
+(iteration and epoch), the RNG states, the input pipeline's position inside the epoch,
+and the resolved config. It is written to a temporary file in the same folder and
+renamed into place (`os.replace` is atomic on POSIX), so a crash or SIGKILL never leaves a
+half-written file under a checkpoint name: the newest `ckpt-*.pt` is always complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.config import Config
+
+log = logging.getLogger(__name__)
+
+FORMAT = "maskrcnn-train-checkpoint/1"
+# Sections of the config a checkpoint must agree with to be resumed: they fix the
+# parameters' shapes, the schedule and the random streams. Paths, logging and evaluation
+# settings may change between a run and its resumption.
+MATCHING_SECTIONS = ("seed", "model", "solver")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint the user pointed at cannot be used; the message says why and what to do."""
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_path(output_dir: str | Path, iteration: int) -> Path:
+    return checkpoint_dir(output_dir) / f"ckpt-{iteration:08d}.pt"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary files never match the pattern)."""
+    folder = checkpoint_dir(output_dir)
+    return sorted(folder.glob("ckpt-*.pt")) if folder.is_dir() else []
+
+
+def rng_states() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray; stored as a list so weights_only loading accepts it
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples that a round trip may have turned into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    iteration: int,
+    epoch: int,
+    loader_state: Any,
+    config: Config,
+    keep: int = 3,
+) -> Path:
+    """Write `ckpt-<iteration>.pt` atomically and delete all but the newest `keep`.
+
+    `epoch` is the epoch the next iteration belongs to and `loader_state` the pipeline's
+    position inside it (None: the epoch starts from its beginning).
+    """
+    path = checkpoint_path(output_dir, iteration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "iteration": iteration,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_states(),
+        "loader": loader_state,
+        "config": config.to_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def parameters_are_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite: a checkpoint of NaN weights would be no checkpoint."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def load_checkpoint(path: str | Path, config: Config) -> dict[str, Any]:
+    """Read a checkpoint on the CPU and check it was written by a compatible config."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass an existing file or train.resume=auto")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: torch raises many kinds of error
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); pass another checkpoint") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by train/main.py; pass one from <output_dir>/checkpoints")
+    differences = config_differences(state["config"], config.to_dict())
+    if differences:
+        shown = ", ".join(differences[:3]) + (", ..." if len(differences) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint {path} was written by another config ({shown}); "
+            "resume with the config it was written with, or start a fresh output_dir"
+        )
+    return state
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for every leaf of MATCHING_SECTIONS that differs."""
+    differences: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}")
+        elif a != b:
+            differences.append(f"{key}: {a!r} -> {b!r}")
+
+    for section in MATCHING_SECTIONS:
+        walk(saved.get(section), current.get(section), section)
+    return differences
+
+
+def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint `train.resume` names: "" none, "auto" the newest in output_dir, else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    return Path(resume)

@@ -1,0 +1,212 @@
+"""The training step and the loop over one epoch.
+
+`train_step` is the whole step: losses under autocast -> sum -> backward -> optimizer
+step. It returns the loss tensors without reading them: copying a value to the host
+waits for the GPU, so `LossReadback` keeps them on the device and copies them in one go
+every `train.loss_readback_every` steps (and before a checkpoint, which must only be
+written after its losses are known to be finite).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from train.checkpoint import parameters_are_finite
+from train.solver import set_learning_rate
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stops instead of training on garbage."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA, fp32 on CPU; anything else as asked."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+    """torch.autocast for bf16/fp16, nothing for fp32. CUDA-graph replay needs cache_enabled=False."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (steps with inf/nan gradients are skipped); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def train_step(
+    model: nn.Module,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on one batch; returns the detached losses, still on the device."""
+    with autocast():
+        losses = model(batch)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        total.backward()
+        optimizer.step()
+    else:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/nan
+        scaler.update()
+    return {name: loss.detach() for name, loss in losses.items()}
+
+
+@dataclass
+class LoggedStep:
+    iteration: int  # 1-based count of steps done
+    losses: dict[str, float]
+    total: float
+    lr: float
+    skipped: bool  # fp16: the scaler skipped this step's update
+
+
+class LossReadback:
+    """Per-step losses kept on the device and copied to the host in one transfer."""
+
+    def __init__(self, scaler: torch.amp.GradScaler | None):
+        self.scaler = scaler
+        self._rows: list[torch.Tensor] = []
+        self._meta: list[tuple[int, float]] = []
+        self._names: list[str] = []
+
+    def add(self, iteration: int, losses: dict[str, torch.Tensor], lr: float, scale_before: torch.Tensor | None) -> None:
+        self._names = list(losses)
+        values = [loss.float() for loss in losses.values()]
+        if scale_before is not None:
+            # the scaler lowers its scale exactly when it skips a step
+            values += [scale_before.to(values[0].device).float(), self.scaler._scale.float().reshape(())]
+        self._rows.append(torch.stack(values))
+        self._meta.append((iteration, lr))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> list[LoggedStep]:
+        if not self._rows:
+            return []
+        table = torch.stack(self._rows).cpu().tolist()  # the only host sync of the loop
+        steps = []
+        n = len(self._names)
+        for (iteration, lr), row in zip(self._meta, table):
+            losses = dict(zip(self._names, row[:n]))
+            skipped = len(row) > n and row[n + 1] < row[n]
+            steps.append(LoggedStep(iteration, losses, sum(losses.values()), lr, skipped))
+        self._rows.clear()
+        self._meta.clear()
+        return steps
+
+
+def scale_snapshot(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    if scaler is None:
+        return None
+    if scaler._scale is None:  # created by the first scale(); until then get_scale() reads no tensor
+        return torch.tensor(scaler.get_scale())
+    # GradScaler.get_scale() calls .item(); a device-side copy of the private scale does not.
+    return scaler._scale.detach().clone().reshape(())
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts non-finite losses; `limit` of them in a row stop the run."""
+
+    limit: int
+    in_a_row: int = 0
+    total: int = 0
+
+    def check(self, step: LoggedStep) -> None:
+        if math.isfinite(step.total):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"the loss was not finite for {self.in_a_row} iterations in a row, the last at iteration "
+                f"{step.iteration} ({', '.join(f'{k}={v:.4g}' for k, v in step.losses.items())}); "
+                "the run stopped and kept its last good checkpoint: lower solver.base_lr or use train.precision=fp32"
+            )
+
+
+@dataclass
+class TrainState:
+    """Where the run is: what a checkpoint stores besides the modules' states."""
+
+    iteration: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    skipped_steps: int = 0  # fp16 steps the scaler skipped
+    images_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    *,
+    state: TrainState,
+    solver_cfg: Any,
+    scaler: torch.amp.GradScaler | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    guard: NonFiniteGuard,
+    readback_every: int,
+    global_batch: int,
+    max_iter: int,
+    save_checkpoint: Callable[[], None] | None = None,
+    checkpoint_every: int = 0,
+    on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None,
+) -> None:
+    """Step through `batches` until it ends or `max_iter` steps are done.
+
+    Every `readback_every` steps (and before each checkpoint) the losses are read back,
+    checked by `guard` and handed to `on_logged` (progress bar, metrics file).
+    `save_checkpoint` is called every `checkpoint_every` steps, after that check, when
+    every parameter is finite.
+    """
+    model.train()
+    readback = LossReadback(scaler)
+    started = time.perf_counter()
+
+    def read_back() -> None:
+        steps = readback.flush()
+        state.skipped_steps += sum(step.skipped for step in steps)
+        on_logged(steps)
+        for step in steps:
+            guard.check(step)
+
+    for batch in batches:
+        if state.iteration >= max_iter:
+            break
+        lr = set_learning_rate(optimizer, solver_cfg, state.iteration)
+        scale_before = scale_snapshot(scaler)
+        losses = train_step(model, batch, optimizer, scaler, autocast)
+        state.iteration += 1
+        state.images_seen += global_batch
+        readback.add(state.iteration, losses, lr, scale_before)
+        checkpoint_due = save_checkpoint is not None and checkpoint_every and state.iteration % checkpoint_every == 0
+        if len(readback) >= readback_every or checkpoint_due:
+            read_back()
+        if checkpoint_due and parameters_are_finite(model):
+            save_checkpoint()  # never over finite weights with NaN ones: the last good one stays
+    read_back()
+    state.train_seconds += time.perf_counter() - started

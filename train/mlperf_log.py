@@ -1,0 +1,104 @@
+"""The MLPerf Training log (`<output_dir>/mlperf.log`) through `mlperf_logging.mllog`.
+
+Every key the 3.1.0 rules check for maskrcnn is written by one of the functions below,
+called from visible places in `train/main.py`: submission info and hyperparameters at
+init, run/block/epoch/eval intervals in the loop, eval_accuracy with BBOX and SEGM, and
+run_stop with its status. Only rank 0 writes; elsewhere `MLPerfLog(None)` drops events.
+Check a log with `python -m mlperf_logging.compliance_checker --usage training
+--ruleset 3.1.0 <output_dir>/mlperf.log`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlperf_logging import mllog
+from mlperf_logging.mllog import constants as C
+
+from train.config import Config
+
+_logger_ids = itertools.count()
+
+
+class MLPerfLog:
+    """One run's MLPerf log file; a no-op when `path` is None (ranks other than 0)."""
+
+    def __init__(self, path: str | Path | None):
+        self._handler = None
+        self._mllogger = None
+        if path is None:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # A private logger per run: mllog's shared one would collect handlers across runs.
+        logger = logging.getLogger(f"mlperf_log.run{next(_logger_ids)}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        self._handler = logging.FileHandler(path, mode="a")
+        logger.addHandler(self._handler)
+        root = str(Path(__file__).resolve().parents[1])
+        # stack offset 2: report the line in main.py that called event/start/end, not this file
+        self._mllogger = mllog.MLLogger(logger=logger, default_stack_offset=2, root_dir=root)
+
+    def event(self, key: str, value: Any = None, **metadata: Any) -> None:
+        if self._mllogger is not None:
+            self._mllogger.event(key=key, value=value, metadata=metadata or None)
+
+    def start(self, key: str, value: Any = None, **metadata: Any) -> None:
+        if self._mllogger is not None:
+            self._mllogger.start(key=key, value=value, metadata=metadata or None)
+
+    def end(self, key: str, value: Any = None, **metadata: Any) -> None:
+        if self._mllogger is not None:
+            self._mllogger.end(key=key, value=value, metadata=metadata or None)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
+            self._handler = None
+            self._mllogger = None
+
+
+def platform_name(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def log_submission(mlog: MLPerfLog, cfg: Config) -> None:
+    """The submission_* keys and cache_clear: the first lines of a run."""
+    info = cfg.train.mlperf
+    mlog.event(C.SUBMISSION_BENCHMARK, C.MASKRCNN)
+    mlog.event(C.SUBMISSION_ORG, info.org)
+    mlog.event(C.SUBMISSION_DIVISION, info.division)
+    mlog.event(C.SUBMISSION_STATUS, info.status)
+    mlog.event(C.SUBMISSION_PLATFORM, platform_name(info.platform))
+    # Nothing is cached between runs here; the key states that the caches were cold.
+    mlog.event(C.CACHE_CLEAR, True)
+
+
+def log_hyperparameters(mlog: MLPerfLog, cfg: Config, *, train_samples: int, eval_samples: int) -> None:
+    """The hyperparameters the maskrcnn rules require, exactly as this run uses them."""
+    solver = cfg.solver
+    mlog.event(C.SEED, cfg.seed)
+    mlog.event(C.GLOBAL_BATCH_SIZE, solver.ims_per_batch)
+    mlog.event(C.GRADIENT_ACCUMULATION_STEPS, 1)
+    mlog.event(C.TRAIN_SAMPLES, train_samples)
+    mlog.event(C.EVAL_SAMPLES, eval_samples)
+    mlog.event(C.OPT_NAME, "sgd")
+    mlog.event(C.OPT_BASE_LR, solver.base_lr)
+    mlog.event(C.OPT_WEIGHT_DECAY, solver.weight_decay)
+    mlog.event(C.OPT_LR_WARMUP_STEPS, solver.warmup_iters)
+    mlog.event(C.OPT_LR_WARMUP_FACTOR, solver.warmup_factor)
+    mlog.event(C.OPT_LR_DECAY_FACTOR, solver.gamma)
+    mlog.event(C.OPT_LR_DECAY_STEPS, list(solver.steps))
+    mlog.event(C.MIN_IMAGE_SIZE, cfg.data.min_size)
+    mlog.event(C.MAX_IMAGE_SIZE, cfg.data.max_size)
+    mlog.event(C.NUM_IMAGE_CANDIDATES, cfg.model.rpn.post_nms_top_n_train)
+
+
+def log_eval_accuracy(mlog: MLPerfLog, *, epoch: int, box_ap: float, mask_ap: float) -> None:
+    mlog.event(C.EVAL_ACCURACY, {"BBOX": box_ap, "SEGM": mask_ap}, epoch_num=epoch)
