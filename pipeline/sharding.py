@@ -352,7 +352,7 @@ def shard_coco(
             results.append(result)
             bar.update(result["images"])
 
-    shards = [r["entry"] for r in results if r["entry"] is not None]
+    shards = sorted((r["entry"] for r in results if r["entry"] is not None), key=lambda s: s["name"])
     excluded = sorted(e for r in results for e in r["excluded"])
     dropped.update(reason for _, reason in excluded)
     repaired[REENCODED] += sum(r["reencoded"] for r in results)
