@@ -43,10 +43,10 @@ class RunReporter:
             self._jsonl = open(output_dir / "metrics.jsonl", "a")
             self._tensorboard = _tensorboard_writer(output_dir / "tensorboard")
 
-    def start_epoch(self, epoch: int, total_steps: int, done_steps: int = 0) -> None:
+    def start_epoch(self, epoch: int, total_steps: int) -> None:
         if not self.enabled:
             return
-        self._bar = tqdm(total=total_steps, initial=done_steps, desc=f"epoch {epoch + 1}", unit="it", dynamic_ncols=True)
+        self._bar = tqdm(total=total_steps, desc=f"epoch {epoch + 1}", unit="it", dynamic_ncols=True)
         self._last_time = time.perf_counter()
 
     def steps(self, steps: list[LoggedStep]) -> None:

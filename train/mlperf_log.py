@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlperf_logging import mllog
 from mlperf_logging.mllog import constants as C
+from mlperf_logging.mllog.mllog import MLLogger
 
 from train.config import Config
 
@@ -40,8 +40,8 @@ class MLPerfLog:
         self._handler = logging.FileHandler(path, mode="a")
         logger.addHandler(self._handler)
         root = str(Path(__file__).resolve().parents[1])
-        # stack offset 2: report the line in main.py that called event/start/end, not this file
-        self._mllogger = mllog.MLLogger(logger=logger, default_stack_offset=2, root_dir=root)
+        # stack offset 2: the metadata names the line that called event/start/end, not this class
+        self._mllogger = MLLogger(logger=logger, default_stack_offset=2, root_dir=root)
 
     def event(self, key: str, value: Any = None, **metadata: Any) -> None:
         if self._mllogger is not None:

@@ -1,0 +1,100 @@
+"""Build a run's parts from the frozen config: torch settings, loaders, the model.
+
+Shared by `train/main.py` and the dry runs (`train/dry_run.py`), so both train exactly
+the same thing. Every function takes what it needs as arguments; nothing reads env vars.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import build_model
+from pipeline.loader import build_loader
+from pipeline.shard_format import read_manifest
+from train.config import Config, ConfigError
+from train.distributed import DistributedContext
+
+log = logging.getLogger(__name__)
+
+
+def configure_torch(train_cfg: Config, seed: int, rank: int) -> None:
+    """Threads, determinism and seeds (each rank its own stream, reproducible per rank)."""
+    if train_cfg.num_threads > 0:
+        torch.set_num_threads(train_cfg.num_threads)
+    if train_cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
+    if global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} is not divisible by the {world_size} processes; pick a multiple")
+    return global_batch // world_size
+
+
+def require_shards(path: str, key: str) -> Path:
+    """A shard folder named by `key` must exist and hold a manifest."""
+    if not path:
+        raise ConfigError(f"{key} is empty; pass a shard folder written by tools/shard_coco.py")
+    folder = Path(path)
+    if not (folder / "manifest.json").is_file():
+        raise ConfigError(f"{key}={path} is not a shard folder (no manifest.json); write one with tools/shard_coco.py")
+    return folder
+
+
+def require_file(path: str, key: str, what: str) -> Path:
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"{key}={path!r} is not a file; pass {what}")
+    return Path(path)
+
+
+def build_train_loader(cfg: Config, ctx: DistributedContext) -> Any:
+    shards = require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+    return build_loader(
+        cfg.data,
+        shards,
+        training=True,
+        batch_size=per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.seed,
+        device=str(ctx.device),
+    )
+
+
+def build_val_loader(cfg: Config, ctx: DistributedContext) -> Any:
+    shards = require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
+    return build_loader(
+        cfg.data,
+        shards,
+        training=False,
+        batch_size=per_rank_batch(cfg.eval.ims_per_batch, ctx.world_size, "eval.ims_per_batch"),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.seed,
+        device=str(ctx.device),
+    )
+
+
+def num_classes_of(shard_dir: str | Path) -> int:
+    """Categories in the shards' manifest plus background."""
+    return len(read_manifest(Path(shard_dir))["categories"]) + 1
+
+
+def build_training_model(cfg: Config, device: torch.device, num_classes: int) -> torch.nn.Module:
+    """The model with its initial weights, on `device`, in channels_last."""
+    model = build_model(cfg.model, num_classes=num_classes)
+    if cfg.train.weights:
+        from model.weights import load_weights
+
+        load_weights(model, require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict"))
+    return model.to(device).to(memory_format=torch.channels_last)

@@ -1,0 +1,54 @@
+"""Capture the model's static part (backbone + FPN + RPN head) as CUDA graphs.
+
+With static shapes every training batch is one of a few bucket shapes, so the static
+part sees a fixed input shape per bucket and can be replayed from a CUDA graph with one
+launch instead of hundreds. `torch.cuda.make_graphed_callables` captures forward and
+backward (after its own warm-up iterations on a side stream); we capture once per bucket
+through the model's `StaticPartCapture` view and register each graph in
+`model.static_part.graphs`, which its forward consults by input shape (model/maskrcnn.py).
+Anything else (CPU, dynamic shapes, graphs turned off) runs eagerly, and the reason is
+returned for the log. The captures share the static part's parameters, so the state_dict,
+the optimizer and DDP see the same tensors whether or not graphs are on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from model.maskrcnn import StaticPartCapture
+
+
+def graph_static_part(
+    model: nn.Module,
+    *,
+    enabled: bool,
+    device: torch.device,
+    static_shapes: bool,
+    buckets: Sequence[Sequence[int]],
+    images_per_rank: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> str:
+    """Capture `model.static_part` per bucket; returns what was done, or why not, for the log.
+
+    `autocast` must be the training step's context, built with cache_enabled=False (autocast's
+    weight-cast cache cannot live across graph capture and replay).
+    """
+    if not enabled:
+        return "eager: train.cuda_graphs is false"
+    if device.type != "cuda":
+        return "eager: CUDA graphs need a CUDA device"
+    if not static_shapes:
+        return "eager: data.static_shapes is false, so input shapes vary"
+    static_part = model.static_part
+    for height, width in buckets:
+        sample = torch.randn(images_per_rank, 3, height, width, device=device)
+        sample = sample.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            graphed = torch.cuda.make_graphed_callables(StaticPartCapture(static_part), (sample,), num_warmup_iters=3)
+        static_part.graphs[tuple(sample.shape)] = graphed
+    shapes = ", ".join(f"{h}x{w}" for h, w in buckets)
+    return f"CUDA graphs: static part captured for {images_per_rank} images per rank at {shapes}"
