@@ -1,0 +1,329 @@
+"""The DALI backend: one pipeline per orientation group, read as a line of stages.
+
+`detection_pipeline` is the whole per-sample path: webdataset reader (this rank's range, seeded
+shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip image,
+boxes and polygons with that coin -> resize (reference sizes, integer maths shared with the
+torch fallback) -> normalize and pad -> ground truth padded to the manifest's maxima.
+
+`DaliLoader` runs one such pipeline per group, picks the group of each batch from the shared
+epoch plan (pipeline/sampling.py) and turns DALI's outputs into a `Batch` on the device.
+Pipelines are rebuilt every epoch with seeds derived from (seed, epoch, rank, group), so an
+epoch depends only on those, and a mid-epoch position is saved with DALI's own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.backend import TensorListGPU
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+from pipeline.batch import Batch
+from pipeline.sampling import batches_per_rank, derive_seed, group_order, reader_shard
+from pipeline.settings import LoaderSettings
+from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
+from pipeline.shard_format import GROUPS
+from pipeline.timing import StageTimer
+from pipeline.transforms import resized_size
+
+READER_NAME = "reader"
+COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
+DTYPES = [types.UINT8, types.UINT8, types.FLOAT, types.INT32, types.INT32, types.FLOAT]
+
+
+def _as_float(*values: Any) -> Any:
+    return fn.cast(fn.stack(*values), dtype=types.FLOAT)
+
+
+@pipeline_def(enable_checkpointing=True)
+def detection_pipeline(
+    shards: GroupShards,
+    shard_id: int,
+    num_shards: int,
+    settings: LoaderSettings,
+    bucket: tuple[int, int] | None,
+    max_instances: int,
+    max_polygons: int,
+    max_vertices: int,
+    decode_on_gpu: bool,
+    output_on_gpu: bool,
+):
+    jpegs, meta, boxes, labels, polys, verts = fn.readers.webdataset(
+        paths=[str(p) for p in shards.tars],
+        index_paths=[str(p) for p in shards.indices],
+        ext=COMPONENTS,
+        dtypes=DTYPES,
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,  # the epoch plan moves ranks between ranges, one pipeline per epoch
+        pad_last_batch=True,  # every rank yields the same number of batches (repeats its last sample)
+        random_shuffle=settings.shuffle_buffer > 0,
+        initial_fill=max(settings.shuffle_buffer, 1),
+        name=READER_NAME,
+    )
+    boxes = fn.reshape(boxes, shape=[-1, 4])
+    polys = fn.reshape(polys, shape=[-1, 3])
+    verts = fn.reshape(verts, shape=[-1, 2])
+
+    # The one random draw per image: image, boxes and polygons are flipped by the same coin.
+    coin = fn.random.coin_flip(probability=settings.flip_prob)
+    flips = settings.flip_prob > 0
+
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # [h, w, c], from the JPEG header
+    height, width = shape[0], shape[1]
+    new_h, new_w = resized_size(height, width, settings.min_size, settings.max_size)
+
+    # Pixels. COCO annotations refer to the stored pixel grid, so EXIF orientation is ignored.
+    images = fn.decoders.image(
+        jpegs,
+        device="mixed" if decode_on_gpu else "cpu",
+        output_type=types.BGR if settings.normalization.channel_order == "BGR" else types.RGB,
+        adjust_orientation=False,
+    )
+    if flips:
+        images = fn.flip(images, horizontal=coin)
+    images = fn.resize(
+        images,
+        resize_x=fn.cast(new_w, dtype=types.FLOAT),
+        resize_y=fn.cast(new_h, dtype=types.FLOAT),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+    # HWC float output: a [B, H, W, 3] batch viewed as [B, 3, H, W] is already channels_last.
+    norm = dict(dtype=types.FLOAT, output_layout="HWC", mean=settings.normalization.mean, std=settings.normalization.std)
+    if bucket is not None:
+        # A crop window anchored at the top-left and larger than the image pads bottom and right with 0.
+        images = fn.crop_mirror_normalize(
+            images, crop=bucket, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0, **norm
+        )
+    else:
+        images = fn.pad(fn.crop_mirror_normalize(images, **norm), axes=(0, 1), align=max(settings.size_divisibility, 1))
+    if output_on_gpu and not decode_on_gpu:
+        images = images.gpu()
+
+    # Ground truth: flipped in relative coordinates (bb_flip/coord_flip map x -> 1 - x), then
+    # scaled to the resized image, which is x -> W - x in pixels.
+    boxes_rel = boxes / _as_float(width, height, width, height)
+    verts_rel = verts / _as_float(width, height)
+    if flips:
+        boxes_rel = fn.bb_flip(boxes_rel, ltrb=True, horizontal=coin)
+        verts_rel = fn.coord_flip(verts_rel, layout="xy", flip_x=coin)
+    boxes = boxes_rel * _as_float(new_w, new_h, new_w, new_h)
+    verts = verts_rel * _as_float(new_w, new_h)
+
+    num_boxes = boxes.shape()[0]
+    num_polys = polys.shape()[0]
+    return (
+        images,
+        meta,
+        fn.stack(height, width),
+        fn.stack(new_h, new_w),
+        coin,
+        fn.pad(boxes, axes=(0,), shape=(max_instances,), fill_value=0.0),
+        fn.pad(labels, axes=(0,), shape=(max_instances,), fill_value=0),
+        num_boxes,
+        fn.pad(verts, axes=(0,), shape=(max_vertices,), fill_value=0.0),
+        fn.pad(polys, axes=(0,), shape=(max_polygons,), fill_value=-1),
+        num_polys,
+    )
+
+
+class DaliLoader:
+    """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        settings: LoaderSettings,
+        *,
+        training: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.shard_set = shard_set
+        self.manifest = shard_set.manifest
+        self.settings = settings
+        self.training = training
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = device
+        self.decode_on_gpu = device.type == "cuda" and settings.decode_device != "cpu"
+        self.batches = {
+            g: batches_per_rank(s.samples, world_size, batch_size) for g, s in shard_set.groups.items()
+        }
+        self.timer = StageTimer(hidden=("read", "decode", "augment"))
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch already handed out
+        self._pipes: dict[str, Any] = {}
+        self._resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return sum(self.batches.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields; keeps a loaded resume point for that same epoch."""
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the batches already yielded in it, and each group pipeline's DALI checkpoint."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "checkpoints": {g: pipe.checkpoint() for g, pipe in self._pipes.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration continues epoch `state['epoch']` after its first `position` batches."""
+        self._resume = dict(state)
+        self._epoch = state["epoch"]
+
+    def timings(self) -> dict[str, object]:
+        return self.timer.report()
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start, checkpoints = self._epoch, 0, {}
+        if self._resume is not None:
+            start, checkpoints = self._resume["position"], self._resume["checkpoints"]
+            self._resume = None
+        self._pipes = {
+            g: self._build(g, epoch, checkpoints.get(g)) for g in GROUPS if self.batches[g] > 0
+        }
+        self._position = start
+        for group in group_order(self.batches, self.seed, epoch)[start:]:
+            with self.timer.measure("wait"):
+                outputs = self._run(group)
+            with self.timer.measure("collate"):
+                batch = self._to_batch(outputs)
+            self.timer.count(len(batch))
+            self._position += 1
+            yield batch
+
+    def _build(self, group: str, epoch: int, checkpoint: str | None):
+        shards = self.shard_set.groups[group]
+        pipe = detection_pipeline(
+            shards=shards,
+            shard_id=reader_shard(self.rank, self.world_size, epoch, self.training),
+            num_shards=self.world_size,
+            settings=self.settings,
+            bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+            max_instances=max(self.shard_set.max_instances, 1),
+            max_polygons=max(self.shard_set.max_polygons, 1),
+            max_vertices=max(self.shard_set.max_vertices, 1),
+            decode_on_gpu=self.decode_on_gpu,
+            output_on_gpu=self.device.type == "cuda",
+            batch_size=self.batch_size,
+            num_threads=self.settings.num_threads,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            seed=derive_seed(self.seed, epoch, self.rank, GROUPS.index(group)),
+            prefetch_queue_depth=self.settings.prefetch,
+            checkpoint=checkpoint,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise _read_error(e, shards) from None
+        return pipe
+
+    def _run(self, group: str):
+        try:
+            return self._pipes[group].run()
+        except RuntimeError as e:
+            self._pipes.pop(group)  # a failed DALI pipeline cannot run again
+            raise _read_error(e, self.shard_set.groups[group]) from None
+
+    def _to_batch(self, outputs) -> Batch:
+        images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            images = _dense(images, self.device, stream)
+            host = {
+                "original": _dense(original),
+                "resized": _dense(resized),
+                "flipped": _dense(coin),
+                "boxes": _dense(boxes),
+                "labels": _dense(labels),
+                "num_boxes": _dense(num_boxes),
+                "verts": _dense(verts),
+                "polys": _dense(polys),
+                "num_polys": _dense(num_polys),
+            }
+            _check_maxima(host, self.shard_set)
+            ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
+            original, resized = host["original"].int(), host["resized"].int()
+            polys = host["polys"]
+            polys[..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
+            batch = Batch(
+                images=images.permute(0, 3, 1, 2),
+                image_sizes=resized,
+                original_sizes=original,
+                scales=resized.float() / original.float(),
+                flipped=host["flipped"].bool(),
+                image_ids=ids.long(),
+                boxes=host["boxes"],
+                labels=host["labels"].long(),
+                num_boxes=host["num_boxes"].int(),
+                verts=host["verts"],
+                polys=polys.int(),
+                num_polys=host["num_polys"].int(),
+            ).to(self.device, non_blocking=True)
+        if stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for value in vars(batch).values():
+                value.record_stream(current)
+        return batch
+
+
+def _dense(tensor_list, device: torch.device | None = None, stream=None) -> torch.Tensor:
+    """Copy a uniform-shape DALI TensorList into a new torch tensor (DALI reuses its buffers)."""
+    dense = tensor_list.as_tensor()
+    on_gpu = isinstance(tensor_list, TensorListGPU)
+    out = torch.empty(
+        dense.shape(), dtype=to_torch_type[dense.dtype], device=device if on_gpu else torch.device("cpu")
+    )
+    feed_ndarray(dense, out, cuda_stream=stream.cuda_stream if on_gpu and stream is not None else None)
+    return out
+
+
+def _check_maxima(host: dict[str, torch.Tensor], shard_set: ShardSet) -> None:
+    # fn.pad never crops, but a manifest that understates the maxima must not pass silently.
+    if int(host["num_boxes"].max()) > max(shard_set.max_instances, 1) or int(host["num_polys"].max()) > max(
+        shard_set.max_polygons, 1
+    ):
+        raise ShardReadError(
+            f"{shard_set.folder}/manifest.json: max_instances/max_polygons are smaller than a sample's; "
+            f"re-run tools/shard_coco.py to rewrite the manifest"
+        )
+
+
+_SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")
+
+
+def _read_error(error: RuntimeError, shards: GroupShards) -> ShardReadError:
+    """One sentence from a DALI failure: the shard and sample key when DALI names them."""
+    text = str(error)
+    detail = next(
+        (line.strip() for line in text.splitlines() if "Assert" in line or "fail" in line.lower() or "Error" in line),
+        text.strip().splitlines()[0] if text.strip() else "unknown DALI error",
+    )
+    detail = re.sub(r"\s*C\+\+ context:.*", "", detail)
+    source = _SOURCE.search(text)
+    if source:
+        return shard_error(source.group(1), f"DALI could not read or decode this sample ({detail})", source.group(2))
+    folder = shards.tars[0].parent if shards.tars else "the shard folder"
+    return shard_error(folder, f"DALI failed on one of the shards {', '.join(t.name for t in shards.tars)} ({detail})")

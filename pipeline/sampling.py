@@ -1,0 +1,52 @@
+"""Which samples each rank reads in an epoch, in which order: the plan both backends share.
+
+- Ranks: the samples of each orientation group are split into contiguous ranges exactly as
+  DALI's readers split them (`shard_range`); in training the range a rank reads moves by one
+  every epoch (`reader_shard`), as DALI does without `stick_to_shard`, so every rank sees the
+  whole set over `world_size` epochs.
+- Length: every rank yields the same number of batches per group (`batches_per_rank`), the
+  shortest ranges being padded by repeating their last sample (DALI's `pad_last_batch`), so
+  distributed ranks never wait on each other at the end of an epoch. In evaluation the padded
+  entries are recognizable as image ids already seen earlier on the same rank.
+- Order: which group the next batch comes from is drawn in proportion to the batches each group
+  has left (`group_order`), seeded by (seed, epoch) only, so every rank uses the same bucket
+  shape at the same step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed for one (seed, epoch, rank, ...) combination; DALI takes non-negative int seeds."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
+    """The sample positions DALI gives reader shard `shard_id` of `num_shards`."""
+    return range(num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards)
+
+
+def reader_shard(rank: int, world_size: int, epoch: int, training: bool) -> int:
+    return (rank + epoch) % world_size if training else rank
+
+
+def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields for a group: the largest range, rounded up to whole batches."""
+    largest = -(-num_samples // world_size)
+    return -(-largest // batch_size)
+
+
+def group_order(batches: dict[str, int], seed: int, epoch: int) -> list[str]:
+    """The group of every batch of an epoch, drawn in proportion to the batches each has left."""
+    rng = np.random.default_rng([seed, epoch])
+    remaining = dict(batches)
+    order = []
+    for _ in range(sum(batches.values())):
+        names = [g for g, n in remaining.items() if n > 0]
+        counts = np.array([remaining[g] for g in names], dtype=np.float64)
+        group = names[rng.choice(len(names), p=counts / counts.sum())]
+        remaining[group] -= 1
+        order.append(group)
+    return order

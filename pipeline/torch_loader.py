@@ -1,0 +1,348 @@
+"""The torch fallback: the same `Batch` contract without DALI, and the in-repo baseline for benchmarks.
+
+Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
+when the training device is CUDA) -> flip image, boxes and polygons with one coin -> resize
+(pipeline/transforms.py) -> normalize -> pad; DataLoader workers do the per-sample work.
+
+Samples are read by random access with the shards' DALI indices (`.idx` offsets) rather than
+streamed with the `webdataset` library: an exact per-epoch permutation, the same per-rank
+sample ranges as DALI's readers, and a mid-epoch resume that skips batches without reading
+them all need random access, which a tar stream cannot give.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipeline.batch import Batch
+from pipeline.sampling import batches_per_rank, group_order, reader_shard, shard_range
+from pipeline.settings import LoaderSettings
+from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
+from pipeline.shard_set import ShardReadError, ShardSet, shard_error
+from pipeline.timing import StageTimer
+from pipeline.transforms import (
+    flip_boxes,
+    flip_vertices,
+    resized_size,
+    round_up,
+    scale_boxes,
+    scale_vertices,
+    transform_image,
+)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's components sit: its tar and component -> (offset, size) from the index."""
+
+    tar: Path
+    members: dict[str, tuple[int, int]]
+
+
+def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
+    """Every sample of each group, in the order DALI's reader numbers them (shard order, then index order)."""
+    return {
+        group: [SampleRef(tar, sample) for tar, index in zip(shards.tars, shards.indices) for sample in read_index(index)]
+        for group, shards in shard_set.groups.items()
+    }
+
+
+def epoch_plan(
+    shard_set: ShardSet,
+    *,
+    training: bool,
+    flip_prob: float,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+) -> list[list[tuple[str, int, bool]]]:
+    """This rank's batches for an epoch: lists of (group, sample position, flip)."""
+    per_group: dict[str, list[list[tuple[str, int, bool]]]] = {}
+    batches = {g: batches_per_rank(s.samples, world_size, batch_size) for g, s in shard_set.groups.items()}
+    for group_index, group in enumerate(GROUPS):
+        if not batches[group]:
+            continue
+        rng = np.random.default_rng([seed, epoch, rank, group_index])
+        positions = np.array(
+            shard_range(shard_set.groups[group].samples, reader_shard(rank, world_size, epoch, training), world_size)
+        )
+        if training:
+            positions = rng.permutation(positions)
+        total = batches[group] * batch_size
+        positions = np.concatenate([positions, np.full(total - len(positions), positions[-1])])
+        coins = rng.random(total) < flip_prob
+        entries = [(group, int(p), bool(c)) for p, c in zip(positions, coins)]
+        per_group[group] = [entries[i : i + batch_size] for i in range(0, total, batch_size)]
+    cursors = {g: iter(b) for g, b in per_group.items()}
+    return [next(cursors[g]) for g in group_order(batches, seed, epoch)]
+
+
+class ShardSamples(torch.utils.data.Dataset):
+    """Map-style dataset: (group, position, flip) -> one transformed sample, or the error it raised."""
+
+    def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool):
+        self.refs = refs
+        self.settings = settings
+        self.decode = decode  # False: hand the JPEG bytes to the main process (GPU decode)
+
+    def __getitem__(self, item: tuple[str, int, bool]) -> dict[str, Any]:
+        group, position, flip = item
+        ref = self.refs[group][position]
+        try:
+            return self._load(ref, flip)
+        except ShardReadError as e:
+            return {"error": e}  # raised in the main process, as one sentence
+
+    def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
+        start = time.perf_counter()
+        sample = _read_sample(ref)
+        height, width = sample.height, sample.width
+        new_h, new_w = resized_size(height, width, self.settings.min_size, self.settings.max_size)
+        sx, sy = new_w / width, new_h / height
+        boxes = scale_boxes(torch.from_numpy(sample.boxes.copy()), sx, sy)
+        verts = scale_vertices(torch.from_numpy(sample.verts.copy()), sx, sy)
+        if flip:
+            boxes, verts = flip_boxes(boxes, new_w), flip_vertices(verts, new_w)
+        out = {
+            "image_id": sample.image_id,
+            "original": (height, width),
+            "resized": (new_h, new_w),
+            "flipped": flip,
+            "boxes": boxes,
+            "labels": torch.from_numpy(sample.labels.astype(np.int64)),
+            "verts": verts,
+            "polys": torch.from_numpy(sample.polys.copy()),
+            "jpeg": torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8),
+            "source": (ref.tar, sample.key),
+            "times": {"read": time.perf_counter() - start},
+        }
+        if self.decode:
+            decode_and_transform([out], self.settings, torch.device("cpu"))
+        return out
+
+
+def _read_sample(ref: SampleRef):
+    try:
+        with open(ref.tar, "rb") as f:
+            members = {}
+            for component, (offset, size) in ref.members.items():
+                f.seek(offset)
+                members[component] = f.read(size)
+        if any(len(members[c]) != ref.members[c][1] for c in members):
+            raise ShardFormatError("the tar ends before a member the index lists")
+        return decode_sample(members)
+    except (OSError, ValueError) as e:
+        raise shard_error(ref.tar, f"cannot read this sample ({e})") from None
+
+
+def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings, device: torch.device) -> None:
+    """Decode each sample's JPEG on `device` (batched on CUDA) and apply flip/resize/normalize in place."""
+    start = time.perf_counter()
+    try:
+        images = decode_jpeg([s["jpeg"] for s in samples], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = [_decode_one(s, device) for s in samples]  # find and name the sample that fails
+    decoded = time.perf_counter()
+    for sample, image in zip(samples, images):
+        if tuple(image.shape[1:]) != sample["original"]:
+            tar, key = sample["source"]
+            raise shard_error(tar, f"the JPEG is {tuple(image.shape[1:])} but its json says {sample['original']}", key)
+        sample["image"] = transform_image(image, sample["resized"], sample["flipped"], settings.normalization)
+        del sample["jpeg"]
+    per_sample = 1.0 / len(samples)
+    for sample in samples:
+        sample["times"]["decode"] = (decoded - start) * per_sample
+        sample["times"]["augment"] = (time.perf_counter() - decoded) * per_sample
+
+
+def _decode_one(sample: dict[str, Any], device: torch.device) -> torch.Tensor:
+    try:
+        return decode_jpeg(sample["jpeg"], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        tar, key = sample["source"]
+        raise shard_error(tar, f"the JPEG does not decode ({e})", key) from None
+
+
+def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the samples as a list; images are padded once they exist (after a GPU decode, if any)."""
+    return samples
+
+
+def pad_batch(
+    samples: list[dict[str, Any]],
+    settings: LoaderSettings,
+    bucket: tuple[int, int] | None,
+    maxima: tuple[int, int, int],
+) -> Batch:
+    """Pad images (to the bucket or the batch's largest size rounded up) and ground truth (to the maxima)."""
+    max_instances, max_polygons, max_vertices = maxima
+    if bucket is None:
+        divisor = max(settings.size_divisibility, 1)
+        bucket = (
+            round_up(max(s["resized"][0] for s in samples), divisor),
+            round_up(max(s["resized"][1] for s in samples), divisor),
+        )
+    images = samples[0]["image"].new_zeros((len(samples), 3, *bucket)).contiguous(memory_format=torch.channels_last)
+    for i, s in enumerate(samples):
+        h, w = s["resized"]
+        images[i, :, :h, :w] = s["image"]
+
+    def padded(name: str, rows: int, fill: float) -> torch.Tensor:
+        first = samples[0][name]
+        out = first.new_full((len(samples), rows, *first.shape[1:]), fill)
+        for i, s in enumerate(samples):
+            out[i, : len(s[name])] = s[name]
+        return out
+
+    num_boxes = torch.tensor([len(s["boxes"]) for s in samples], dtype=torch.int32)
+    num_polys = torch.tensor([len(s["polys"]) for s in samples], dtype=torch.int32)
+    if int(num_boxes.max()) > max_instances or int(num_polys.max()) > max_polygons:
+        tar, key = samples[int(torch.argmax(num_boxes))]["source"]
+        raise shard_error(tar, "a sample has more instances than manifest.json's maxima", key)
+    polys = padded("polys", max_polygons, 0)
+    polys[..., 0][torch.arange(max_polygons) >= num_polys[:, None]] = -1  # padding rows are (-1, 0, 0)
+    original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
+    resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
+    return Batch(
+        images=images,
+        image_sizes=resized,
+        original_sizes=original,
+        scales=resized.float() / original.float(),
+        flipped=torch.tensor([s["flipped"] for s in samples]),
+        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        boxes=padded("boxes", max_instances, 0.0),
+        labels=padded("labels", max_instances, 0),
+        num_boxes=num_boxes,
+        verts=padded("verts", max_vertices, 0.0),
+        polys=polys.int(),
+        num_polys=num_polys,
+    )
+
+
+class _PlanSampler:
+    """The batch sampler handed to the DataLoader: the current epoch's remaining plan."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[str, int, bool]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TorchLoader:
+    """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        settings: LoaderSettings,
+        *,
+        training: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.shard_set = shard_set
+        self.manifest = shard_set.manifest
+        self.settings = settings
+        self.training = training
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = device
+        self.decode_on_device = device.type == "cuda" and settings.decode_device != "cpu"
+        self.maxima = tuple(max(m, 1) for m in (shard_set.max_instances, shard_set.max_polygons, shard_set.max_vertices))
+        self.timer = StageTimer()
+        self._epoch = 0
+        self._position = 0
+        self._resume: dict[str, Any] | None = None
+        self._sampler = _PlanSampler()
+        workers = settings.num_threads
+        self._loader = torch.utils.data.DataLoader(
+            ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device),
+            batch_sampler=self._sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=settings.prefetch if workers > 0 else None,
+        )
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return sum(batches_per_rank(s.samples, self.world_size, self.batch_size) for s in self.shard_set.groups.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+        self._epoch = state["epoch"]
+
+    def timings(self) -> dict[str, object]:
+        return self.timer.report()
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = self._resume["position"] if self._resume is not None else 0
+        self._resume = None
+        plan = epoch_plan(
+            self.shard_set,
+            training=self.training,
+            flip_prob=self.settings.flip_prob,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self._epoch,
+        )
+        self._sampler.batches = plan[start:]
+        self._position = start
+        batches = iter(self._loader)
+        for entries in self._sampler.batches:
+            with self.timer.measure("wait"):
+                samples = next(batches)
+            with self.timer.measure("collate"):
+                batch = self._finish(samples, entries[0][0])
+            self.timer.count(len(batch))
+            self._position += 1
+            yield batch
+
+    def _finish(self, samples: list[dict[str, Any]], group: str) -> Batch:
+        for s in samples:
+            if "error" in s:
+                raise s["error"]
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if self.decode_on_device:
+                decode_and_transform(samples, self.settings, self.device)
+            for s in samples:
+                for stage, seconds in s["times"].items():
+                    self.timer.add(stage, seconds)
+            bucket = None if self.settings.buckets is None else self.settings.buckets[group]
+            batch = pad_batch(samples, self.settings, bucket, self.maxima).to(self.device, non_blocking=True)
+        if stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for value in vars(batch).values():
+                value.record_stream(current)
+        return batch

@@ -1,0 +1,133 @@
+"""Geometry and pixel constants shared by the DALI pipeline and the torch fallback.
+
+Sizes follow the reference (maskrcnn-benchmark `Resize.get_size`): the shorter side becomes
+`min_size` unless the longer side would then exceed `max_size`, in which case the shorter side
+becomes `round(max_size * short / long)` (Python's round, half to even); the longer side is then
+`int(short_new * long / short)` (truncated). Boxes and polygon vertices are scaled by the same
+per-axis factors as the image (sx = new_w / w, sy = new_h / h), and a horizontal flip maps
+x -> W - x on continuous coordinates (pipeline/batch.py).
+
+Padding: to a multiple of `size_divisibility` (dynamic shapes), or to a static bucket per
+orientation. Bucket rule: the tight bucket of an orientation holds its largest resized image,
+(ceil_d(min_size), ceil_d(max_size)) for landscape and the transpose for portrait. A configured
+bucket is kept when it holds the tight bucket and is at most one `size_divisibility` step larger
+in each dimension (the reference's 800x1344 / 1344x800 are exactly tight for 800/1333/32);
+otherwise the tight bucket replaces it, so demo sizes such as 160/267 get 160x288 and 288x160
+instead of images padded to 800x1344.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel (x - mean) / std on 0-255 pixels, in the channel order the weights expect."""
+
+    channel_order: str  # "BGR" or "RGB"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+NORMALIZATIONS = {
+    # Detectron's MSRA R-50.pkl (the reference's provided weights): BGR 0-255, mean subtraction only.
+    "bgr255": Normalization("BGR", (102.9801, 115.9465, 122.7717), (1.0, 1.0, 1.0)),
+    # torchvision ImageNet weights: RGB mean/std on 0-1 pixels, rescaled here to 0-255.
+    "rgb": Normalization(
+        "RGB",
+        (0.485 * 255, 0.456 * 255, 0.406 * 255),
+        (0.229 * 255, 0.224 * 255, 0.225 * 255),
+    ),
+}
+
+
+def normalization(name: str) -> Normalization:
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"data.normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}")
+    return NORMALIZATIONS[name]
+
+
+def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
+    # Branch-free choice: works on Python ints, torch tensors and DALI graph nodes alike.
+    return if_false + condition * (if_true - if_false)
+
+
+def resized_size(height: Any, width: Any, min_size: int, max_size: int) -> tuple[Any, Any]:
+    """(new_h, new_w) by the reference rule, in integer arithmetic only.
+
+    Written branch-free with `//`, `*`, `+`, `-` and comparisons so the same function runs on
+    Python ints (torch fallback) and on DALI integer nodes inside the pipeline graph; integer
+    maths also makes both backends agree exactly, with no float rounding at the boundaries.
+    """
+    is_portrait = width < height
+    short = _select(is_portrait, width, height)
+    long = _select(is_portrait, height, width)
+    # round(max_size * short / long) with ties to even, as Python's round in the reference.
+    quotient = (max_size * short) // long
+    twice_remainder = 2 * (max_size * short - quotient * long)
+    odd = quotient - (quotient // 2) * 2
+    round_up = (twice_remainder > long) | ((twice_remainder == long) & (odd == 1))
+    capped = quotient + round_up
+    target = _select(long * min_size > max_size * short, capped, min_size)
+    new_long = (target * long) // short
+    return _select(is_portrait, new_long, target), _select(is_portrait, target, new_long)
+
+
+def round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def bucket_shapes(
+    min_size: int, max_size: int, size_divisibility: int, configured: Sequence[Sequence[int]] = ()
+) -> dict[str, tuple[int, int]]:
+    """The padded (h, w) of each orientation group under static shapes (rule in the module doc)."""
+    divisor = max(size_divisibility, 1)
+    tight = {
+        "landscape": (round_up(min_size, divisor), round_up(max_size, divisor)),
+        "portrait": (round_up(max_size, divisor), round_up(min_size, divisor)),
+    }
+    buckets = {}
+    for group, (tight_h, tight_w) in tight.items():
+        fitting = [
+            (int(h), int(w))
+            for h, w in configured
+            if tight_h <= h < tight_h + divisor and tight_w <= w < tight_w + divisor
+        ]
+        buckets[group] = fitting[0] if fitting else (tight_h, tight_w)
+    return buckets
+
+
+def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+
+
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """x -> W - x on both edges, so (x1, y1, x2, y2) becomes (W - x2, y1, W - x1, y2)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def scale_vertices(verts: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    return verts * verts.new_tensor([scale_x, scale_y])
+
+
+def flip_vertices(verts: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.stack([width - verts[:, 0], verts[:, 1]], dim=1)
+
+
+def transform_image(
+    image: torch.Tensor, size: tuple[int, int], flip: bool, norm: Normalization
+) -> torch.Tensor:
+    """uint8 [3, h, w] RGB -> float [3, H, W] resized (bilinear, antialiased), flipped, normalized."""
+    if flip:
+        image = TF.horizontal_flip(image)
+    image = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if norm.channel_order == "BGR":
+        image = image.flip(0)
+    mean = torch.tensor(norm.mean, device=image.device).view(3, 1, 1)
+    std = torch.tensor(norm.std, device=image.device).view(3, 1, 1)
+    return (image.float() - mean) / std
