@@ -1,0 +1,103 @@
+"""Box arithmetic on padded, batched tensors, written so that nothing waits for the host.
+
+torchvision's `BoxCoder` builds small device tensors from Python numbers on every call
+(a host-to-device copy the CUDA sync check flags) and its `nms` copies a mask to the host,
+so the coder, the clipping and the NMS used between the image and the losses are ours; the
+arithmetic follows torchvision's operation by operation so results agree to the bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou, nms
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # largest log-scale change a decoded box may take
+
+
+def encode_boxes(targets: Tensor, references: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
+    """Deltas (dx, dy, dw, dh) that turn `references` [..., 4] into `targets` [..., 4] (xyxy)."""
+    wx, wy, ww, wh = weights
+    ref_w = references[..., 2] - references[..., 0]
+    ref_h = references[..., 3] - references[..., 1]
+    ref_x = references[..., 0] + 0.5 * ref_w
+    ref_y = references[..., 1] + 0.5 * ref_h
+    gt_w = targets[..., 2] - targets[..., 0]
+    gt_h = targets[..., 3] - targets[..., 1]
+    gt_x = targets[..., 0] + 0.5 * gt_w
+    gt_y = targets[..., 1] + 0.5 * gt_h
+    dx = wx * (gt_x - ref_x) / ref_w
+    dy = wy * (gt_y - ref_y) / ref_h
+    dw = ww * torch.log(gt_w / ref_w)
+    dh = wh * torch.log(gt_h / ref_h)
+    return torch.stack((dx, dy, dw, dh), dim=-1)
+
+
+def decode_boxes(deltas: Tensor, references: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
+    """Boxes [..., C, 4] from deltas [..., C*4] relative to `references` [..., 4] (C boxes each)."""
+    references = references.to(deltas.dtype)
+    deltas = deltas.unflatten(-1, (-1, 4))
+    wx, wy, ww, wh = weights
+    widths = (references[..., 2] - references[..., 0]).unsqueeze(-1)
+    heights = (references[..., 3] - references[..., 1]).unsqueeze(-1)
+    ctr_x = references[..., 0].unsqueeze(-1) + 0.5 * widths
+    ctr_y = references[..., 1].unsqueeze(-1) + 0.5 * heights
+    dx = deltas[..., 0] / wx
+    dy = deltas[..., 1] / wy
+    dw = torch.clamp(deltas[..., 2] / ww, max=BBOX_XFORM_CLIP)
+    dh = torch.clamp(deltas[..., 3] / wh, max=BBOX_XFORM_CLIP)
+    pred_ctr_x = dx * widths + ctr_x
+    pred_ctr_y = dy * heights + ctr_y
+    half_w = 0.5 * (torch.exp(dw) * widths)
+    half_h = 0.5 * (torch.exp(dh) * heights)
+    return torch.stack(
+        (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=-1
+    )
+
+
+def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clip boxes [B, ..., 4] to each image's (h, w) in `image_sizes` [B, 2]."""
+    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
+    h = image_sizes[:, 0].to(boxes.dtype).view(shape)
+    w = image_sizes[:, 1].to(boxes.dtype).view(shape)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(
+        (x1.clamp(min=0).minimum(w), y1.clamp(min=0).minimum(h), x2.clamp(min=0).minimum(w), y2.clamp(min=0).minimum(h)),
+        dim=-1,
+    )
+
+
+def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU [B, N, M] of boxes1 [B, N, 4] against boxes2 [B, M, 4] (torchvision's formula)."""
+    return torch.vmap(box_iou)(boxes1, boxes2)
+
+
+def padded_nms(boxes: Tensor, valid: Tensor, iou_threshold: float, sync_free: bool) -> Tensor:
+    """Greedy NMS on fixed-size sets: keep mask [S, N] for boxes [S, N, 4] sorted by descending score.
+
+    Without `sync_free` this is torchvision's `nms` on each set's valid boxes. With it, greedy
+    NMS is solved as a fixed point instead (the "Cluster-NMS" iteration): box i is kept unless
+    a kept box j ranked above it overlaps it by more than the threshold, iterated from "all
+    valid kept". Each step settles at least the next box in score order and the fixed point is
+    exactly greedy NMS; real proposal sets settle in a few steps, and we run
+    SYNC_FREE_NMS_STEPS of them without looking, so the host never waits.
+    """
+    if not sync_free:
+        keep = torch.zeros_like(valid)
+        for i in range(boxes.shape[0]):
+            index = torch.where(valid[i])[0]
+            keep[i, index[nms(boxes[i, index], -index.to(boxes.dtype), iou_threshold)]] = True
+        return keep
+    iou = batched_box_iou(boxes, boxes)
+    upper = torch.ones(iou.shape[-2:], dtype=torch.bool, device=boxes.device).triu(1)
+    suppresses = ((iou > iou_threshold) & upper).to(torch.float32)  # [S, j, i]: j ranks above i, overlaps it
+    keep = valid
+    for _ in range(SYNC_FREE_NMS_STEPS):
+        suppressed = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1) > 0
+        keep = valid & ~suppressed
+    return keep
+
+
+SYNC_FREE_NMS_STEPS = 16

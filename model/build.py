@@ -1,0 +1,80 @@
+"""The one place where the `model:` config section becomes modules and plain numbers."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+
+from model.backbone import build_backbone
+from model.maskrcnn import MaskRCNN, StaticPart
+from model.pooler import MultiLevelRoIAlign
+from model.roi_heads import RoIHeads, init_reference_heads
+from model.rpn import Anchors, RegionProposals
+
+
+def _plain(value: Any) -> Any:
+    """A frozen `Config` (or any mapping/sequence) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) -> MaskRCNN:
+    """Mask R-CNN from the `model:` config section; `num_classes` (K+1 with background) overrides it."""
+    cfg = _plain(model_cfg)
+    if num_classes is not None:
+        cfg["num_classes"] = num_classes
+    bb, rpn, roi = cfg["backbone"], cfg["rpn"], cfg["roi_heads"]
+    backbone = build_backbone(
+        bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
+    )
+    strides = tuple(rpn["anchor_strides"])
+    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides)
+    static_part = StaticPart(backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
+    proposals = RegionProposals(
+        anchors,
+        fg_iou=rpn["fg_iou"],
+        bg_iou=rpn["bg_iou"],
+        batch_size_per_image=rpn["batch_size_per_image"],
+        positive_fraction=rpn["positive_fraction"],
+        smooth_l1_beta=rpn["smooth_l1_beta"],
+        nms_thresh=rpn["nms_thresh"],
+        pre_nms_top_n={"training": rpn["pre_nms_top_n_train"], "testing": rpn["pre_nms_top_n_test"]},
+        post_nms_top_n={"training": rpn["post_nms_top_n_train"], "testing": rpn["post_nms_top_n_test"]},
+        post_nms_per_batch=rpn["post_nms_per_batch"],
+        min_size=rpn["min_size"],
+        straddle_thresh=rpn["straddle_thresh"],
+    )
+    box_strides = strides[:-1]  # RoIs pool from P2-P5
+    pool_args = dict(canonical_scale=roi["canonical_scale"], canonical_level=roi["canonical_level"])
+    resolution = roi["pooler_resolution"]
+    box_head = TwoMLPHead(cfg["fpn_channels"] * resolution**2, roi["box_head_dim"])
+    box_predictor = FastRCNNPredictor(roi["box_head_dim"], cfg["num_classes"])
+    init_reference_heads(box_head, box_predictor)
+    mask_channels = roi["mask_head_channels"]
+    roi_heads = RoIHeads(
+        box_pool=MultiLevelRoIAlign(resolution, roi["pooler_sampling_ratio"], box_strides, **pool_args),
+        box_head=box_head,
+        box_predictor=box_predictor,
+        mask_pool=MultiLevelRoIAlign(
+            roi["mask_pooler_resolution"], roi["pooler_sampling_ratio"], box_strides, **pool_args
+        ),
+        mask_head=MaskRCNNHeads(cfg["fpn_channels"], mask_channels, dilation=1),
+        mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], cfg["num_classes"]),
+        fg_iou=roi["fg_iou"],
+        bg_iou=roi["bg_iou"],
+        batch_size_per_image=roi["batch_size_per_image"],
+        positive_fraction=roi["positive_fraction"],
+        bbox_reg_weights=tuple(roi["bbox_reg_weights"]),
+        smooth_l1_beta=roi["smooth_l1_beta"],
+        mask_resolution=roi["mask_resolution"],
+        score_thresh=roi["score_thresh"],
+        nms_thresh=roi["nms_thresh"],
+        detections_per_img=roi["detections_per_img"],
+    )
+    return MaskRCNN(static_part, proposals, roi_heads, cfg)

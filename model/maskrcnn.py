@@ -1,0 +1,108 @@
+"""Mask R-CNN: a graph-capturable static part, then sync-free proposals, heads and losses.
+
+Module names follow torchvision's `maskrcnn_resnet50_fpn` under `static_part`
+(`static_part.backbone.body.*`, `static_part.backbone.fpn.*`, `static_part.rpn_head.*`)
+and `roi_heads` (`box_head`, `box_predictor`, `mask_head`, `mask_predictor`), so weights
+move between the two by a prefix (model/weights.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.rpn import RPNHead
+
+from model.detections import Detections
+from model.rpn import RegionProposals, flatten_head_outputs
+from model.roi_heads import RoIHeads
+from pipeline.batch import Batch
+
+NUM_LEVELS = 5  # P2-P6
+
+
+class StaticPart(nn.Module):
+    """Backbone + FPN + RPN head: padded images [B, 3, H, W] -> a flat tuple of tensors.
+
+    Output: 5 FPN features (P2..P6), then 5 objectness maps [B, A, h, w], then 5 delta maps
+    [B, 4A, h, w]. Its shapes depend only on the input shape, so the trainer can capture it
+    as one CUDA graph per bucket shape and register it here:
+
+        capture = StaticPartCapture(model.static_part)       # one per bucket shape
+        graphed = torch.cuda.make_graphed_callables(capture, (sample_images,))
+        model.static_part.graphs[tuple(sample_images.shape)] = graphed
+
+    `forward` then replays the graph whose input shape matches (in the mode it was captured
+    in) and runs eagerly otherwise. Graphs are not part of the state dict.
+    """
+
+    def __init__(self, backbone: BackboneWithFPN, rpn_head: RPNHead):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn_head = rpn_head
+        self.graphs: dict[tuple[int, ...], Callable[[Tensor], tuple[Tensor, ...]]] = {}
+
+    def compute(self, images: Tensor) -> tuple[Tensor, ...]:
+        features = list(self.backbone(images).values())
+        objectness, deltas = self.rpn_head(features)
+        return (*features, *objectness, *deltas)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        graphed = self.graphs.get(tuple(images.shape))
+        return graphed(images) if graphed is not None else self.compute(images)
+
+
+class StaticPartCapture(nn.Module):
+    """A capturable view of a `StaticPart` (its eager computation, sharing its parameters)."""
+
+    def __init__(self, static_part: StaticPart):
+        super().__init__()
+        self.static_part = static_part
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return self.static_part.compute(images)
+
+
+class MaskRCNN(nn.Module):
+    """`model(batch)`: dict of the five losses in training, `Detections` in eval."""
+
+    def __init__(self, static_part: StaticPart, proposals: RegionProposals, roi_heads: RoIHeads, config: dict[str, Any]):
+        super().__init__()
+        self.static_part = static_part
+        self.proposals = proposals
+        self.roi_heads = roi_heads
+        self.config = config  # the resolved `model:` section it was built from, for checkpoints
+
+    def forward(self, batch: Batch) -> dict[str, Tensor] | Detections:
+        outputs = self.static_part(batch.images)
+        features = list(outputs[:NUM_LEVELS])
+        objectness, deltas = flatten_head_outputs(
+            list(outputs[NUM_LEVELS : 2 * NUM_LEVELS]), list(outputs[2 * NUM_LEVELS :])
+        )
+        anchors = self.proposals.anchors([tuple(f.shape[-2:]) for f in features], batch.images.device)
+        # On CUDA in training, every step after the static part avoids host synchronization.
+        sync_free = self.training and batch.images.is_cuda
+        proposals, proposal_valid = self.proposals.propose(
+            objectness, deltas, anchors, batch.image_sizes, sync_free
+        )
+        box_features = features[:-1]  # RoIs pool from P2-P5; P6 only feeds the RPN
+        if not self.training:
+            return self.roi_heads.detect(box_features, proposals, proposal_valid, batch.image_sizes)
+        gt_valid = torch.arange(batch.boxes.shape[1], device=batch.boxes.device)[None, :] < batch.num_boxes[:, None]
+        losses = self.proposals.losses(objectness, deltas, anchors, batch.image_sizes, batch.boxes, gt_valid)
+        losses.update(
+            self.roi_heads.losses(
+                box_features,
+                proposals,
+                proposal_valid,
+                batch.boxes,
+                batch.labels,
+                gt_valid,
+                batch.verts,
+                batch.polys,
+                batch.num_polys,
+            )
+        )
+        return losses

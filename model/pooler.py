@@ -1,0 +1,54 @@
+"""Multi-level RoIAlign over FPN levels P2-P5 that never needs the host.
+
+torchvision's `MultiScaleRoIAlign` picks each level's RoIs with `torch.where` (a host
+synchronization on CUDA). Ours keeps its level rule (`LevelMapper`: canonical level 4 at
+224 pixels) and `roi_align`, but on the sync-free path pools every RoI on every level and
+keeps the right one with a mask (a fixed-size computation); otherwise it pools only the
+RoIs of each level, as torchvision does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
+
+
+class MultiLevelRoIAlign(nn.Module):
+    def __init__(
+        self, output_size: int, sampling_ratio: int, strides: tuple[int, ...], canonical_scale: int, canonical_level: int
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.scales = [1.0 / s for s in strides]
+        levels = [round(math.log2(s)) for s in strides]
+        self.mapper = LevelMapper(levels[0], levels[-1], canonical_scale=canonical_scale, canonical_level=canonical_level)
+
+    def forward(self, features: list[Tensor], rois: Tensor, sync_free: bool) -> Tensor:
+        """Pool rois [R, 5] (image index, x1, y1, x2, y2 in input pixels) -> [R, C, S, S]."""
+        levels = self.mapper([rois[:, 1:]])
+        size = self.output_size
+        result = None
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            if sync_free:
+                pooled = roi_align(feature, rois, size, scale, self.sampling_ratio, aligned=False)
+                pooled = pooled * (levels == level).to(pooled.dtype)[:, None, None, None]
+                result = pooled if result is None else result + pooled
+                continue
+            index = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[index], size, scale, self.sampling_ratio, aligned=False)
+            if result is None:
+                result = pooled.new_zeros((rois.shape[0],) + pooled.shape[1:])
+            result = result.index_put((index,), pooled)
+        return result
+
+
+def boxes_to_rois(boxes: Tensor) -> Tensor:
+    """Padded boxes [B, N, 4] -> rois [B*N, 5] with the image index in front."""
+    batch, num_boxes = boxes.shape[:2]
+    image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num_boxes)
+    return torch.cat([image_index[:, None], boxes.reshape(-1, 4)], dim=1)

@@ -1,0 +1,168 @@
+"""Box and mask heads: sampling, losses and inference on padded per-image tensors.
+
+The heads are torchvision's modules (`TwoMLPHead`, `FastRCNNPredictor`, `MaskRCNNHeads`,
+`MaskRCNNPredictor`) with the reference's initialization; sampling, losses and the mask
+targets are written for fixed-size tensors so the training step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import batched_nms, remove_small_boxes
+
+from model.box_ops import batched_box_iou, clip_boxes, decode_boxes, encode_boxes
+from model.detections import Detections
+from model.mask_targets import polygon_mask_targets
+from model.pooler import MultiLevelRoIAlign, boxes_to_rois
+from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
+
+MIN_DETECTION_SIZE = 1e-2  # torchvision drops detections thinner than this before NMS
+
+
+class RoIHeads(nn.Module):
+    def __init__(
+        self,
+        box_pool: MultiLevelRoIAlign,
+        box_head: TwoMLPHead,
+        box_predictor: FastRCNNPredictor,
+        mask_pool: MultiLevelRoIAlign,
+        mask_head: MaskRCNNHeads,
+        mask_predictor: MaskRCNNPredictor,
+        fg_iou: float,
+        bg_iou: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: tuple[float, float, float, float],
+        smooth_l1_beta: float,
+        mask_resolution: int,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+    ):
+        super().__init__()
+        self.box_pool, self.box_head, self.box_predictor = box_pool, box_head, box_predictor
+        self.mask_pool, self.mask_head, self.mask_predictor = mask_pool, mask_head, mask_predictor
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.bbox_reg_weights = tuple(bbox_reg_weights)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.mask_resolution = mask_resolution
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def box_logits(self, features: list[Tensor], boxes: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+        """Class logits [B, N, K] and class-specific deltas [B, N, 4K] for boxes [B, N, 4]."""
+        pooled = self.box_pool(features, boxes_to_rois(boxes), sync_free)
+        class_logits, deltas = self.box_predictor(self.box_head(pooled))
+        return class_logits.unflatten(0, boxes.shape[:2]), deltas.unflatten(0, boxes.shape[:2])
+
+    def mask_logits(self, features: list[Tensor], rois: Tensor, labels: Tensor, sync_free: bool) -> Tensor:
+        """Mask logits [R, S, S] of class `labels` [R] for rois [R, 5] (image index + box)."""
+        logits = self.mask_predictor(self.mask_head(self.mask_pool(features, rois, sync_free)))
+        index = labels.reshape(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
+        return logits.gather(1, index).squeeze(1)
+
+    def losses(
+        self,
+        features: list[Tensor],
+        proposals: Tensor,
+        proposal_valid: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        verts: Tensor,
+        polys: Tensor,
+        num_polys: Tensor,
+    ) -> dict[str, Tensor]:
+        """The reference's box and mask losses over proposals [B, N, 4] plus the ground truth."""
+        boxes = torch.cat([proposals, gt_boxes], dim=1)
+        valid = torch.cat([proposal_valid, gt_valid], dim=1)
+        iou = batched_box_iou(gt_boxes, boxes)
+        gt_index, match = match_to_ground_truth(iou, gt_valid, self.fg_iou, self.bg_iou, allow_low_quality=False)
+        match = torch.where(valid, match, torch.full_like(match, IGNORED))
+        index, is_positive, sampled = sample_balanced(match, self.batch_size_per_image, self.positive_fraction)
+        boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        gt_index = gt_index.gather(1, index)
+        labels = torch.where(is_positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
+        matched = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
+        targets = encode_boxes(matched, boxes, self.bbox_reg_weights)
+        targets = torch.where(is_positive[..., None], targets, torch.zeros_like(targets))
+
+        sync_free = boxes.is_cuda  # losses are computed in training only
+        class_logits, deltas = self.box_logits(features, boxes, sync_free)
+        class_logits, deltas = class_logits.float(), deltas.float()
+        num_sampled = sampled.sum().clamp(min=1)
+        ce = F.cross_entropy(class_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        class_deltas = deltas.unflatten(-1, (-1, 4)).gather(2, labels[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
+        box = F.smooth_l1_loss(class_deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(-1)
+
+        # Positives come first among the samples, so the first max-positive slots hold them all.
+        num_mask = min(int(self.batch_size_per_image * self.positive_fraction), boxes.shape[1])
+        mask_boxes, mask_positive = boxes[:, :num_mask], is_positive[:, :num_mask]
+        mask_targets = polygon_mask_targets(
+            mask_boxes, gt_index[:, :num_mask], verts, polys, num_polys, self.mask_resolution
+        ).flatten(0, 1)
+        rois, mask_labels, mask_positive = boxes_to_rois(mask_boxes), labels[:, :num_mask].flatten(), mask_positive.flatten()
+        if not sync_free:
+            # Off the sync-free path, run the (costly) mask head on real positives only.
+            rows = torch.where(mask_positive)[0]
+            rois, mask_labels, mask_positive, mask_targets = rois[rows], mask_labels[rows], mask_positive[rows], mask_targets[rows]
+        mask_logits = self.mask_logits(features, rois, mask_labels, sync_free).float()
+        bce = F.binary_cross_entropy_with_logits(mask_logits, mask_targets, reduction="none").mean(dim=(1, 2))
+        num_positive = mask_positive.sum().clamp(min=1)
+        return {
+            "loss_classifier": torch.where(sampled, ce, torch.zeros_like(ce)).sum() / num_sampled,
+            "loss_box_reg": torch.where(is_positive, box, torch.zeros_like(box)).sum() / num_sampled,
+            "loss_mask": torch.where(mask_positive, bce, torch.zeros_like(bce)).sum() / num_positive,
+        }
+
+    @torch.no_grad()
+    def detect(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor) -> Detections:
+        """Per image: torchvision's post-processing (score threshold, per-class NMS, top D), padded to D."""
+        class_logits, deltas = self.box_logits(features, proposals, sync_free=False)
+        scores = F.softmax(class_logits.float(), dim=-1)
+        boxes = clip_boxes(decode_boxes(deltas.float(), proposals, self.bbox_reg_weights), image_sizes)
+        batch, num_classes = scores.shape[0], scores.shape[-1]
+        d = self.detections_per_img
+        out_boxes = boxes.new_zeros((batch, d, 4))
+        out_scores = scores.new_zeros((batch, d))
+        out_labels = torch.zeros((batch, d), dtype=torch.int64, device=boxes.device)
+        num_detections = torch.zeros(batch, dtype=torch.int32, device=boxes.device)
+        for i in range(batch):
+            # Eval is not captured or timed per step, so variable-length selection is fine here.
+            image_boxes = boxes[i][proposal_valid[i]][:, 1:].reshape(-1, 4)
+            image_scores = scores[i][proposal_valid[i]][:, 1:].reshape(-1)
+            image_labels = torch.arange(1, num_classes, device=boxes.device).repeat(image_boxes.shape[0] // (num_classes - 1))
+            keep = torch.where(image_scores > self.score_thresh)[0]
+            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
+            keep = remove_small_boxes(image_boxes, MIN_DETECTION_SIZE)
+            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
+            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:d]
+            n = keep.numel()
+            out_boxes[i, :n], out_scores[i, :n], out_labels[i, :n] = image_boxes[keep], image_scores[keep], image_labels[keep]
+            num_detections[i] = n
+        mask_logits = self.mask_logits(features, boxes_to_rois(out_boxes), out_labels.flatten(), sync_free=False)
+        mask_probs = torch.sigmoid(mask_logits.float()).unflatten(0, (batch, d))
+        filled = torch.arange(d, device=boxes.device)[None, :] < num_detections[:, None]
+        mask_probs = mask_probs * filled[..., None, None]
+        return Detections(out_boxes, out_scores, out_labels, mask_probs, num_detections)
+
+
+def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor) -> None:
+    """The reference's initialization where torchvision's modules differ from it.
+
+    maskrcnn-benchmark: box-head FCs kaiming-uniform (a=1), class scores N(0, 0.01), box deltas
+    N(0, 0.001), zero biases (torchvision keeps nn.Linear's defaults). The mask head and
+    predictor already match (kaiming-normal, fan-out).
+    """
+    for fc in (box_head.fc6, box_head.fc7):
+        nn.init.kaiming_uniform_(fc.weight, a=1)
+        nn.init.zeros_(fc.bias)
+    nn.init.normal_(box_predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(box_predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(box_predictor.cls_score.bias)
+    nn.init.zeros_(box_predictor.bbox_pred.bias)

@@ -1,0 +1,163 @@
+"""Region proposals and RPN losses from the static part's outputs, in fixed-size tensors.
+
+The RPN head itself (torchvision's `RPNHead`) runs in the static part; this module turns its
+per-level objectness and deltas into proposals (per-level top-k, decode, clip, NMS per level,
+top-N) and, in training, into the two RPN losses. Anchors are torchvision's
+(`AnchorGenerator`: centred on multiples of the stride, rounded base sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import permute_and_flatten
+from torchvision.ops import box_iou
+
+from model.box_ops import clip_boxes, decode_boxes, encode_boxes, padded_nms
+from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+class Anchors:
+    """Anchors per FPN level for one padded image shape, computed once per shape and device."""
+
+    def __init__(self, sizes: tuple[int, ...], aspect_ratios: tuple[float, ...], strides: tuple[int, ...]):
+        self.generator = AnchorGenerator(tuple((s,) for s in sizes), (tuple(aspect_ratios),) * len(sizes))
+        self.strides = strides
+        self.cache: dict[tuple, list[Tensor]] = {}
+
+    def num_per_location(self) -> int:
+        return self.generator.num_anchors_per_location()[0]
+
+    def __call__(self, grid_sizes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        key = (tuple(grid_sizes), str(device))
+        if key not in self.cache:
+            self.generator.set_cell_anchors(torch.float32, device)
+            strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
+            self.cache[key] = self.generator.grid_anchors(list(grid_sizes), strides)
+        return self.cache[key]
+
+
+def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per level: objectness [B, A, H, W] -> [B, H*W*A]; deltas [B, 4A, H, W] -> [B, H*W*A, 4]."""
+    flat_obj, flat_deltas = [], []
+    for obj, delta in zip(objectness, deltas):
+        b, a, h, w = obj.shape
+        flat_obj.append(permute_and_flatten(obj, b, a, 1, h, w).flatten(1).float())
+        flat_deltas.append(permute_and_flatten(delta, b, a, 4, h, w).float())
+    return flat_obj, flat_deltas
+
+
+class RegionProposals(nn.Module):
+    """Proposals and RPN losses (the reference's RPN without its head).
+
+    post_nms_per_batch: the reference (maskrcnn-benchmark, MLPerf) keeps the top
+    `post_nms_top_n_train` proposals over the whole batch in training, not per image as
+    torchvision does. straddle_thresh: the reference ignores, in the RPN loss, anchors that
+    reach more than this many pixels outside the image (-1: keep all, as torchvision).
+    """
+
+    def __init__(
+        self,
+        anchors: Anchors,
+        fg_iou: float,
+        bg_iou: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        smooth_l1_beta: float,
+        nms_thresh: float,
+        pre_nms_top_n: dict[str, int],
+        post_nms_top_n: dict[str, int],
+        post_nms_per_batch: bool,
+        min_size: float,
+        straddle_thresh: float,
+    ):
+        super().__init__()
+        self.anchors = anchors
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.smooth_l1_beta = smooth_l1_beta
+        self.nms_thresh = nms_thresh
+        self.pre_nms_top_n, self.post_nms_top_n = pre_nms_top_n, post_nms_top_n
+        self.post_nms_per_batch = post_nms_per_batch
+        self.min_size = min_size
+        self.straddle_thresh = straddle_thresh
+
+    def _mode(self) -> str:
+        return "training" if self.training else "testing"
+
+    @torch.no_grad()
+    def propose(
+        self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], image_sizes: Tensor, sync_free: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Proposals [B, N, 4] sorted by score per image, and valid [B, N] (False for padding)."""
+        level_scores, level_boxes = [], []
+        for obj, delta, level_anchors in zip(objectness, deltas, anchors):
+            k = min(self.pre_nms_top_n[self._mode()], obj.shape[1])
+            top_obj, top_index = obj.topk(k, dim=1)
+            top_deltas = delta.gather(1, top_index[..., None].expand(-1, -1, 4))
+            boxes = decode_boxes(top_deltas, level_anchors[top_index], RPN_BOX_WEIGHTS).squeeze(-2)
+            boxes = clip_boxes(boxes, image_sizes)
+            wide = boxes[..., 2] - boxes[..., 0] >= self.min_size
+            tall = boxes[..., 3] - boxes[..., 1] >= self.min_size
+            keep = padded_nms(boxes, wide & tall, self.nms_thresh, sync_free)
+            scores = torch.where(keep, torch.sigmoid(top_obj), torch.full_like(top_obj, -1.0))
+            level_scores.append(scores)
+            level_boxes.append(boxes)
+        scores = torch.cat(level_scores, dim=1)
+        boxes = torch.cat(level_boxes, dim=1)
+        n = min(self.post_nms_top_n[self._mode()], scores.shape[1])
+        scores, index = scores.topk(n, dim=1)
+        boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        valid = scores >= 0
+        if self.training and self.post_nms_per_batch:
+            valid = valid & in_top_n_of_batch(scores, n)
+        return boxes, valid
+
+    def losses(
+        self,
+        objectness: list[Tensor],
+        deltas: list[Tensor],
+        anchors: list[Tensor],
+        image_sizes: Tensor,
+        gt_boxes: Tensor,
+        gt_valid: Tensor,
+    ) -> dict[str, Tensor]:
+        """The reference's RPN losses: BCE over sampled anchors, smooth L1 over sampled positives."""
+        all_anchors = torch.cat(anchors)
+        batch, num_gt = gt_boxes.shape[:2]
+        iou = box_iou(gt_boxes.reshape(-1, 4), all_anchors).view(batch, num_gt, -1)
+        gt_index, label = match_to_ground_truth(iou, gt_valid, self.fg_iou, self.bg_iou, allow_low_quality=True)
+        if self.straddle_thresh >= 0:
+            label = torch.where(self.inside_image(all_anchors, image_sizes), label, torch.full_like(label, IGNORED))
+        index, is_positive, valid = sample_balanced(label, self.batch_size_per_image, self.positive_fraction)
+        obj = torch.cat(objectness, dim=1).gather(1, index)
+        pred_deltas = torch.cat(deltas, dim=1).gather(1, index[..., None].expand(-1, -1, 4))
+        matched = gt_boxes.gather(1, gt_index.gather(1, index)[..., None].expand(-1, -1, 4))
+        targets = encode_boxes(matched, all_anchors[index], RPN_BOX_WEIGHTS)
+        targets = torch.where(is_positive[..., None], targets, torch.zeros_like(targets))
+        num_sampled = valid.sum().clamp(min=1)
+        bce = F.binary_cross_entropy_with_logits(obj, is_positive.to(obj.dtype), reduction="none")
+        box = F.smooth_l1_loss(pred_deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(-1)
+        return {
+            "loss_objectness": torch.where(valid, bce, torch.zeros_like(bce)).sum() / num_sampled,
+            "loss_rpn_box_reg": torch.where(is_positive, box, torch.zeros_like(box)).sum() / num_sampled,
+        }
+
+    def inside_image(self, anchors: Tensor, image_sizes: Tensor) -> Tensor:
+        """[B, A] whether each anchor lies within its image, up to `straddle_thresh` pixels."""
+        h = image_sizes[:, 0:1].to(anchors.dtype)
+        w = image_sizes[:, 1:2].to(anchors.dtype)
+        t = self.straddle_thresh
+        x1, y1, x2, y2 = (c[None, :] for c in anchors.unbind(-1))
+        return (x1 >= -t) & (y1 >= -t) & (x2 <= w + t) & (y2 <= h + t)
+
+
+def in_top_n_of_batch(scores: Tensor, n: int) -> Tensor:
+    """[B, N] mask of the n highest `scores` [B, N] over the whole batch (invalid scores are < 0)."""
+    flat = scores.flatten()
+    top = flat.topk(min(n, flat.numel())).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(0, top, True).view_as(scores)

@@ -1,0 +1,90 @@
+"""Differential test: our Mask R-CNN against torchvision's maskrcnn_resnet50_fpn, same weights, same input.
+
+torchvision is built with random weights (weights=None, weights_backbone=None) and its
+BatchNorms turned into FrozenBatchNorm2d with random statistics, as in its published COCO
+model (built on a pretrained, frozen backbone). Our model takes its state dict through
+`load_torchvision_maskrcnn` with the identity category map (91 classes), and torchvision's
+proposal `min_size` (1e-3; the reference's is 0).
+"""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FrozenBatchNorm2d
+
+from model import build_model
+from model.rpn import flatten_head_outputs
+from model.weights import load_torchvision_maskrcnn
+from tests.model_helpers import batch_from, model_config
+
+H, W = 256, 320
+
+
+def freeze_norms(module: nn.Module, generator: torch.Generator) -> None:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with random affine and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            c = child.num_features
+            frozen.weight.copy_(1 + 0.1 * torch.randn(c, generator=generator))
+            frozen.bias.copy_(0.1 * torch.randn(c, generator=generator))
+            frozen.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+            frozen.running_var.copy_(1 + 0.1 * torch.rand(c, generator=generator))
+            setattr(module, name, frozen)
+        else:
+            freeze_norms(child, generator)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    freeze_norms(theirs, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # Random-weight class scores are ~1/91, under the 0.05 threshold: favour a few classes.
+        bias = theirs.roi_heads.box_predictor.cls_score.bias
+        bias[0] -= 10.0
+        bias[1:8] += 4.0
+    ours = build_model(
+        model_config("model.backbone.stride_in_1x1=false", "model.rpn.min_size=0.001"), num_classes=91
+    ).eval()
+    load_torchvision_maskrcnn(ours, theirs.state_dict(), coco_ids=range(1, 91))
+    images = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2))
+    return theirs, ours, batch_from(images, [[], []], [[], []], [[], []])
+
+
+@torch.no_grad()
+def test_fpn_features_and_rpn_proposals_match(models):
+    theirs, ours, batch = models
+    their_features = theirs.backbone(batch.images)
+    outputs = ours.static_part(batch.images)
+    for ours_f, theirs_f in zip(outputs[:5], their_features.values()):
+        torch.testing.assert_close(ours_f, theirs_f, atol=1e-4, rtol=0)
+
+    their_proposals, _ = theirs.rpn(ImageList(batch.images, [(H, W)] * 2), their_features)
+    objectness, deltas = flatten_head_outputs(list(outputs[5:10]), list(outputs[10:]))
+    anchors = ours.proposals.anchors([tuple(f.shape[-2:]) for f in outputs[:5]], batch.images.device)
+    proposals, valid = ours.proposals.propose(objectness, deltas, anchors, batch.image_sizes, sync_free=False)
+    for i in range(2):
+        assert valid[i].sum() == len(their_proposals[i])
+        torch.testing.assert_close(proposals[i][valid[i]], their_proposals[i], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_eval_detections_match(models):
+    theirs, ours, batch = models
+    features = theirs.backbone(batch.images)
+    image_sizes = [(H, W)] * 2
+    proposals, _ = theirs.rpn(ImageList(batch.images, image_sizes), features)
+    expected, _ = theirs.roi_heads(features, proposals, image_sizes)
+    detections = ours(batch)
+    for i, exp in enumerate(expected):
+        n = int(detections.num_detections[i])
+        assert n == len(exp["boxes"]) > 0
+        torch.testing.assert_close(detections.boxes[i, :n], exp["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(detections.scores[i, :n], exp["scores"], atol=1e-5, rtol=0)
+        assert torch.equal(detections.labels[i, :n], exp["labels"])
+        torch.testing.assert_close(detections.mask_probs[i, :n], exp["masks"][:, 0], atol=1e-4, rtol=0)
+        assert detections.scores[i, n:].eq(0).all() and detections.labels[i, n:].eq(0).all()
