@@ -30,7 +30,7 @@ from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
 from pipeline.shard_format import GROUPS
 from pipeline.timing import StageTimer
-from pipeline.transforms import resized_size
+from pipeline.transforms import check_fits_bucket, resized_size
 
 READER_NAME = "reader"
 COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
@@ -208,7 +208,7 @@ class DaliLoader:
             with self.timer.measure("wait"):
                 outputs = self._run(group)
             with self.timer.measure("collate"):
-                batch = self._to_batch(outputs)
+                batch = self._to_batch(outputs, group)
             self.timer.count(len(batch))
             self._position += 1
             yield batch
@@ -246,7 +246,7 @@ class DaliLoader:
             self._pipes.pop(group)  # a failed DALI pipeline cannot run again
             raise _read_error(e, self.shard_set.groups[group]) from None
 
-    def _to_batch(self, outputs) -> Batch:
+    def _to_batch(self, outputs, group: str) -> Batch:
         images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -265,6 +265,8 @@ class DaliLoader:
             _check_maxima(host, self.shard_set)
             ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
             original, resized = host["original"].int(), host["resized"].int()
+            if self.settings.buckets is not None:
+                check_fits_bucket(resized, self.settings.buckets[group], ids)
             polys = host["polys"]
             polys[..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
             batch = Batch(

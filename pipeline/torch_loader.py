@@ -29,6 +29,7 @@ from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_
 from pipeline.shard_set import ShardReadError, ShardSet, shard_error
 from pipeline.timing import StageTimer
 from pipeline.transforms import (
+    check_fits_bucket,
     flip_boxes,
     flip_vertices,
     resized_size,
@@ -186,7 +187,12 @@ def pad_batch(
 ) -> Batch:
     """Pad images (to the bucket or the batch's largest size rounded up) and ground truth (to the maxima)."""
     max_instances, max_polygons, max_vertices = maxima
-    if bucket is None:
+    original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
+    resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
+    image_ids = torch.tensor([s["image_id"] for s in samples], dtype=torch.int64)
+    if bucket is not None:
+        check_fits_bucket(resized, bucket, image_ids)
+    else:
         divisor = max(settings.size_divisibility, 1)
         bucket = (
             round_up(max(s["resized"][0] for s in samples), divisor),
@@ -211,15 +217,13 @@ def pad_batch(
         raise shard_error(tar, "a sample has more instances than manifest.json's maxima", key)
     polys = padded("polys", max_polygons, 0)
     polys[..., 0][torch.arange(max_polygons) >= num_polys[:, None]] = -1  # padding rows are (-1, 0, 0)
-    original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
-    resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
     return Batch(
         images=images,
         image_sizes=resized,
         original_sizes=original,
         scales=resized.float() / original.float(),
         flipped=torch.tensor([s["flipped"] for s in samples]),
-        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        image_ids=image_ids,
         boxes=padded("boxes", max_instances, 0.0),
         labels=padded("labels", max_instances, 0),
         num_boxes=num_boxes,

@@ -102,6 +102,17 @@ def bucket_shapes(
     return buckets
 
 
+def check_fits_bucket(image_sizes: torch.Tensor, bucket: tuple[int, int], image_ids: torch.Tensor) -> None:
+    """Padding must never crop: extreme aspect ratios (past ~30:1) can exceed max_size by rounding."""
+    too_big = (image_sizes[:, 0] > bucket[0]) | (image_sizes[:, 1] > bucket[1])
+    if bool(too_big.any()):
+        i = int(too_big.nonzero()[0])
+        raise ValueError(
+            f"image {int(image_ids[i])} resizes to {tuple(image_sizes[i].tolist())}, larger than the static bucket "
+            f"{bucket}; set data.static_shapes=false or larger data.buckets"
+        )
+
+
 def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
     return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
 
