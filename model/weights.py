@@ -155,13 +155,12 @@ def load_msra_r50_pkl(model: MaskRCNN, path: str | Path) -> LoadReport:
             if blob is not None:
                 wanted[key] = blob
     _require(list(wanted.values()), blobs, f"MSRA {path}", "blobs")
-    eps = {name[len(BODY) :].rsplit(".", 1)[0]: getattr(m, "eps", 0.0) for name, m in model.named_modules() if name.startswith(BODY[:-1])}
     for key, blob in wanted.items():
         values[key] = torch.from_numpy(np.ascontiguousarray(blobs[blob]))
     for key in own:
         if key.startswith(BODY) and key.endswith((".running_mean", ".running_var")):
-            norm = key[len(BODY) :].rsplit(".", 1)[0]
-            stat = torch.zeros_like(own[key]) if key.endswith("mean") else torch.full_like(own[key], 1.0 - eps[norm])
+            eps = model.get_submodule(key.rsplit(".", 1)[0]).eps
+            stat = torch.zeros_like(own[key]) if key.endswith("mean") else torch.full_like(own[key], 1.0 - eps)
             values[key] = stat
     used = set(wanted.values())
     unexpected = [b for b in blobs if b not in used and not b.startswith("fc1000")]

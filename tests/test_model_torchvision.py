@@ -4,7 +4,8 @@ torchvision is built with random weights (weights=None, weights_backbone=None) a
 BatchNorms turned into FrozenBatchNorm2d with random statistics, as in its published COCO
 model (built on a pretrained, frozen backbone). Our model takes its state dict through
 `load_torchvision_maskrcnn` with the identity category map (91 classes), and torchvision's
-proposal `min_size` (1e-3; the reference's is 0).
+proposal `min_size` (1e-3; the reference's is 0). Both keep 300 proposals and 20 detections
+per image instead of 1000 and 100, to keep the test fast.
 """
 
 import pytest
@@ -40,7 +41,9 @@ def freeze_norms(module: nn.Module, generator: torch.Generator) -> None:
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, rpn_post_nms_top_n_test=300, box_detections_per_img=20
+    ).eval()
     freeze_norms(theirs, torch.Generator().manual_seed(1))
     with torch.no_grad():
         # Random-weight class scores are ~1/91, under the 0.05 threshold: favour a few classes.
@@ -48,7 +51,13 @@ def models():
         bias[0] -= 10.0
         bias[1:8] += 4.0
     ours = build_model(
-        model_config("model.backbone.stride_in_1x1=false", "model.rpn.min_size=0.001"), num_classes=91
+        model_config(
+            "model.backbone.stride_in_1x1=false",
+            "model.rpn.min_size=0.001",
+            "model.rpn.post_nms_top_n_test=300",
+            "model.roi_heads.detections_per_img=20",
+        ),
+        num_classes=91,
     ).eval()
     load_torchvision_maskrcnn(ours, theirs.state_dict(), coco_ids=range(1, 91))
     images = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2))
