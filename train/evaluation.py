@@ -1,0 +1,306 @@
+"""COCO box and mask evaluation: reset/process/evaluate, exact to the official COCO API.
+
+`COCOEvaluator.process` maps each batch's detections back to original image pixels
+(undoing the resize and any flip), turns labels into COCO category ids, and hands the masks
+to worker processes that RLE-encode them from box-sized masks (`train.mask_encoding`), so
+the inference loop never waits on encoding. `evaluate` gathers every rank's results on
+rank 0, keeps one result per image id (padded last batches repeat images), runs COCOeval for
+`bbox` and `segm` with pycocotools (the official API) or faster-coco-eval (same numbers,
+faster), prints the usual table and returns the 12 COCO stats of each type on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.detections import Detections
+from pipeline.batch import Batch
+from pipeline.shard_format import file_sha256, read_manifest
+from train.mask_encoding import encode_masks, init_worker
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("pycocotools", "faster")
+MAX_PENDING_PER_WORKER = 64  # images queued for encoding before process() waits (bounds host memory)
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation inputs that do not fit together (weights, shards, annotations); the message says how to fix it."""
+
+
+@dataclass
+class ImageResult:
+    """One image's detections in COCO terms: original pixels, COCO category ids, RLE masks."""
+
+    boxes_xywh: np.ndarray  # [N, 4] float32
+    scores: np.ndarray  # [N] float32
+    category_ids: np.ndarray  # [N] int64
+    rles: list[dict] | Future  # N COCO RLEs (a Future while a worker encodes them)
+
+
+def check_annotations_match(annotations_file: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Raise EvaluationError unless `annotations_file` is the file the shards were made from."""
+    expected = manifest.get("annotations_sha256")
+    if expected is not None and file_sha256(Path(annotations_file)) != expected:
+        raise EvaluationError(
+            f"{annotations_file} is not the annotation file these shards were made from (sha256 differs "
+            f"from the manifest); pass the instances JSON given to tools/shard_coco.py"
+        )
+
+
+def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes [B, D, 4] in original image pixels and mask probabilities [B, D, M, M] in unflipped boxes.
+
+    Undoes the flip in the network-input frame (x -> W - x, W the resized width), then the resize.
+    """
+    boxes = detections.boxes.float()
+    width = batch.image_sizes[:, 1].to(boxes)[:, None]
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    flipped = batch.flipped.to(boxes.device)
+    boxes = torch.where(flipped[:, None, None], torch.stack([width - x2, y1, width - x1, y2], dim=-1), boxes)
+    sy, sx = batch.scales.to(boxes).unbind(-1)
+    boxes = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
+    # A flipped image's masks are mirrored inside their boxes.
+    masks = detections.mask_probs.float()
+    masks = torch.where(flipped[:, None, None, None], masks.flip(-1), masks)
+    return boxes, masks
+
+
+class COCOEvaluator:
+    """Accumulates detections over a pass of the val set and scores them with COCOeval."""
+
+    def __init__(
+        self,
+        annotations_file: str | Path,
+        categories: Sequence[Mapping[str, Any]],
+        *,
+        backend: str = "pycocotools",
+        num_workers: int = 2,
+        mask_threshold: float = 0.5,
+    ):
+        if backend not in BACKENDS:
+            raise EvaluationError(f"unknown COCO evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.annotations_file = Path(annotations_file)
+        self.backend = backend
+        self.num_workers = num_workers
+        self.mask_threshold = mask_threshold
+        self._coco_gt = _load_ground_truth(self.annotations_file, backend)
+        self._label_to_category = _category_lookup(categories, self._coco_gt, self.annotations_file)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self.reset()
+
+    @classmethod
+    def for_shards(cls, annotations_file: str | Path, shard_dir: str | Path, **kwargs: Any) -> "COCOEvaluator":
+        """An evaluator for a shard folder: its manifest supplies the categories and the annotations' sha256."""
+        manifest = read_manifest(Path(shard_dir))
+        check_annotations_match(annotations_file, manifest)
+        return cls(annotations_file, manifest["categories"], **kwargs)
+
+    def reset(self) -> None:
+        self._images: dict[int, ImageResult] = {}
+
+    def process(self, batch: Batch, detections: Detections) -> None:
+        """Record one batch's detections (network-input frame) in original-image COCO terms."""
+        counts = detections.num_detections.tolist()
+        boxes, masks = to_original_frame(batch, detections)
+        # One copy of each tensor to the host for the whole batch.
+        boxes = boxes.cpu().numpy()
+        masks = masks.cpu().numpy()
+        scores = detections.scores.float().cpu().numpy()
+        category_ids = self._label_to_category[detections.labels.cpu().numpy()]
+        image_ids = batch.image_ids.tolist()
+        heights, widths = batch.original_sizes.cpu().numpy().T.tolist()
+        for i, image_id in enumerate(image_ids):
+            if image_id in self._images:  # a repeat from a padded last batch
+                continue
+            n = counts[i]
+            xyxy = boxes[i, :n]
+            xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+            rles = self._encode(masks[i, :n], xyxy, heights[i], widths[i])
+            self._images[image_id] = ImageResult(xywh, scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
+
+    def results(self) -> dict[int, ImageResult]:
+        """This process's results, image id -> ImageResult, with every worker's RLEs collected."""
+        for result in self._images.values():
+            if isinstance(result.rles, Future):
+                result.rles = result.rles.result()
+        self._pending.clear()
+        return self._images
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Gather all ranks' results on rank 0, score them, and return the metrics on every rank."""
+        per_rank = _gather_to_main(self.results())
+        metrics = self.score(per_rank) if per_rank is not None else None
+        if dist.is_available() and dist.is_initialized():
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def score(self, per_rank: Sequence[Mapping[int, ImageResult]]) -> dict[str, dict[str, float]]:
+        """COCO metrics of the union of some ranks' results, one result per image id (first one wins)."""
+        merged: dict[int, ImageResult] = {}
+        for results in per_rank:
+            for image_id, result in results.items():
+                merged.setdefault(image_id, result)
+        self._check_image_ids(merged)
+        return {iou_type: self._run_cocoeval(merged, iou_type) for iou_type in IOU_TYPES}
+
+    def close(self) -> None:
+        """Stop the encoding workers (they are otherwise kept for the next evaluation)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "COCOEvaluator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _encode(self, masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> list[dict] | Future:
+        if self.num_workers == 0:
+            return encode_masks(masks, boxes, height, width, self.mask_threshold)
+        if self._pool is None:
+            # fork, like DataLoader workers: a spawned worker spends seconds importing torch, and
+            # these workers only run CPU code (never CUDA, which a forked child cannot use).
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("fork"), initializer=init_worker)
+        while len(self._pending) >= MAX_PENDING_PER_WORKER * self.num_workers:
+            self._pending.popleft().result()
+        future = self._pool.submit(encode_masks, masks, boxes, height, width, self.mask_threshold)
+        self._pending.append(future)
+        return future
+
+    def _check_image_ids(self, merged: Mapping[int, ImageResult]) -> None:
+        known = set(self._coco_gt.getImgIds())
+        unknown = merged.keys() - known
+        if unknown:
+            raise EvaluationError(
+                f"{len(unknown)} evaluated images (e.g. id {min(unknown)}) are not in {self.annotations_file}; "
+                f"pass the annotation file these shards were made from"
+            )
+        if len(merged) < len(known):
+            print(
+                f"evaluating {len(merged)} of the {len(known)} images in {self.annotations_file}; "
+                f"the other {len(known) - len(merged)} count as images without detections"
+            )
+
+    def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
+        coco_dt = _load_results(self._coco_gt, _coco_results(merged, iou_type))
+        if self.backend == "faster":
+            from faster_coco_eval import COCOeval_faster
+
+            evaluator = COCOeval_faster(self._coco_gt, coco_dt, iou_type, print_function=print)
+        else:
+            from pycocotools.cocoeval import COCOeval
+
+            evaluator = COCOeval(self._coco_gt, coco_dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        print(f"COCO {iou_type} ({self.backend}):")
+        evaluator.summarize()
+        return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+
+def inference_on_dataset(
+    model: torch.nn.Module, loader: Iterable[Batch], evaluator: COCOEvaluator, *, num_warmup: int = 5
+) -> dict[str, dict[str, float]]:
+    """Run `model` in eval mode over `loader`, feed `evaluator`, and return its metrics.
+
+    The model's train/eval mode is restored afterwards. The printed throughput leaves out the
+    first `num_warmup` batches (allocator growth, cudnn autotuning).
+    """
+    evaluator.reset()
+    was_training = model.training
+    model.eval()
+    num_images = num_timed = 0
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for step, batch in enumerate(loader):
+                if step == num_warmup:
+                    _synchronize(batch)
+                    start, num_timed = time.perf_counter(), 0
+                evaluator.process(batch, model(batch))
+                num_images += len(batch)
+                num_timed += len(batch)
+            if num_images:
+                _synchronize(batch)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    print(f"inference: {num_images} images; {num_timed / max(elapsed, 1e-9):.1f} images/s after warm-up")
+    return evaluator.evaluate()
+
+
+def _synchronize(batch: Batch) -> None:
+    if batch.images.is_cuda:
+        torch.cuda.synchronize(batch.images.device)
+
+
+def _load_ground_truth(annotations_file: Path, backend: str) -> Any:
+    if not annotations_file.is_file():
+        raise EvaluationError(f"{annotations_file} does not exist; pass the COCO instances JSON, e.g. instances_val2017.json")
+    if backend == "faster":
+        from faster_coco_eval import COCO
+    else:
+        from pycocotools.coco import COCO
+    try:
+        return COCO(str(annotations_file))
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise EvaluationError(f"{annotations_file} is not a COCO instances file ({e}); pass instances_val2017.json") from e
+
+
+def _category_lookup(categories: Sequence[Mapping[str, Any]], coco_gt: Any, annotations_file: Path) -> np.ndarray:
+    """Array mapping contiguous labels 1..K (0: padding) to COCO category ids."""
+    lookup = np.zeros(max((int(c["id"]) for c in categories), default=0) + 1, dtype=np.int64)
+    for category in categories:
+        lookup[int(category["id"])] = int(category["coco_id"])
+    missing = set(lookup[1:].tolist()) - set(coco_gt.getCatIds())
+    if missing:
+        raise EvaluationError(
+            f"{annotations_file} lacks COCO categories {sorted(missing)} that the shards use; "
+            f"pass the annotation file these shards were made from"
+        )
+    return lookup
+
+
+def _coco_results(merged: Mapping[int, ImageResult], iou_type: str) -> list[dict]:
+    """COCO results JSON entries of one type (fresh dicts: loadRes adds fields to them)."""
+    entries = []
+    for image_id, result in merged.items():
+        geometry = result.boxes_xywh.tolist() if iou_type == "bbox" else result.rles
+        key = "bbox" if iou_type == "bbox" else "segmentation"
+        for value, category_id, score in zip(geometry, result.category_ids.tolist(), result.scores.tolist()):
+            entries.append({"image_id": image_id, "category_id": category_id, key: value, "score": score})
+    return entries
+
+
+def _load_results(coco_gt: Any, results: list[dict]) -> Any:
+    if results:
+        return coco_gt.loadRes(results)
+    # pycocotools' loadRes fails on an empty list; no detections is a valid result scoring 0.
+    coco_dt = type(coco_gt)()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _gather_to_main(results: dict[int, ImageResult]) -> list[dict[int, ImageResult]] | None:
+    """Every rank's results on rank 0 (None on the others); just this one's without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [results]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(results, gathered, dst=0)
+    return gathered
