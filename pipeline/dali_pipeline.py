@@ -30,6 +30,7 @@ from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
 from pipeline.shard_format import GROUPS
 from pipeline.timing import StageTimer
+from pipeline.torch_loader import find_undecodable_jpeg
 from pipeline.transforms import check_fits_bucket, resized_size
 
 READER_NAME = "reader"
@@ -236,7 +237,7 @@ class DaliLoader:
         try:
             pipe.build()
         except RuntimeError as e:
-            raise _read_error(e, shards) from None
+            raise _read_error(e, group, shards) from None
         return pipe
 
     def _run(self, group: str):
@@ -244,7 +245,7 @@ class DaliLoader:
             return self._pipes[group].run()
         except RuntimeError as e:
             self._pipes.pop(group)  # a failed DALI pipeline cannot run again
-            raise _read_error(e, self.shard_set.groups[group]) from None
+            raise _read_error(e, group, self.shard_set.groups[group]) from None
 
     def _to_batch(self, outputs, group: str) -> Batch:
         images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
@@ -316,16 +317,22 @@ def _check_maxima(host: dict[str, torch.Tensor], shard_set: ShardSet) -> None:
 _SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")
 
 
-def _read_error(error: RuntimeError, shards: GroupShards) -> ShardReadError:
-    """One sentence from a DALI failure: the shard and sample key when DALI names them."""
+def _read_error(error: RuntimeError, group: str, shards: GroupShards) -> ShardReadError:
+    """One sentence from a DALI failure, naming the shard and sample key whenever they can be found."""
     text = str(error)
-    detail = next(
-        (line.strip() for line in text.splitlines() if "Assert" in line or "fail" in line.lower() or "Error" in line),
-        text.strip().splitlines()[0] if text.strip() else "unknown DALI error",
-    )
-    detail = re.sub(r"\s*C\+\+ context:.*", "", detail)
+    lines = [
+        line.strip()
+        for line in text.split("encountered:", 1)[-1].splitlines()
+        if line.strip() and "no longer valid" not in line and not line.strip().startswith("C++ context")
+    ]
+    detail = lines[0] if lines else "unknown DALI error"
     source = _SOURCE.search(text)
     if source:
         return shard_error(source.group(1), f"DALI could not read or decode this sample ({detail})", source.group(2))
-    folder = shards.tars[0].parent if shards.tars else "the shard folder"
-    return shard_error(folder, f"DALI failed on one of the shards {', '.join(t.name for t in shards.tars)} ({detail})")
+    if "decoders.image" in text:
+        # DALI did not say which sample: find it with the Python reader (only on this error path).
+        bad = find_undecodable_jpeg(shards)
+        if bad is not None:
+            return shard_error(bad[0], f"the JPEG does not decode (DALI: {detail})", bad[1])
+    folder = shards.tars[0].parent
+    return shard_error(folder, f"DALI failed while reading the {group} shards ({detail})")

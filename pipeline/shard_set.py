@@ -23,9 +23,12 @@ class ShardReadError(ShardFormatError):
     """A shard cannot be read or decoded; the message names the shard, the sample key where known, and the fix."""
 
 
-def shard_error(shard: Path, problem: str, key: str | None = None) -> ShardReadError:
-    where = f"{shard}" + (f" (sample {key})" if key else "")
-    return ShardReadError(f"{where}: {problem}; {VERIFY_HINT.format(folder=Path(shard).parent)}")
+def shard_error(path: str | Path, problem: str, key: str | None = None) -> ShardReadError:
+    """`path` is a shard, an index or the shard folder itself."""
+    path = Path(path)
+    where = f"{path}" + (f" (sample {key})" if key else "")
+    folder = path if path.is_dir() else path.parent
+    return ShardReadError(f"{where}: {problem}; {VERIFY_HINT.format(folder=folder)}")
 
 
 @dataclass(frozen=True)

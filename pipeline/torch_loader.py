@@ -26,7 +26,7 @@ from pipeline.batch import Batch
 from pipeline.sampling import batches_per_rank, group_order, reader_shard, shard_range
 from pipeline.settings import LoaderSettings
 from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
-from pipeline.shard_set import ShardReadError, ShardSet, shard_error
+from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
 from pipeline.timing import StageTimer
 from pipeline.transforms import (
     check_fits_bucket,
@@ -144,6 +144,18 @@ def _read_sample(ref: SampleRef):
         return decode_sample(members)
     except (OSError, ValueError) as e:
         raise shard_error(ref.tar, f"cannot read this sample ({e})") from None
+
+
+def find_undecodable_jpeg(shards: GroupShards) -> tuple[Path, str] | None:
+    """(tar, sample key) of the first JPEG in `shards` that torchvision cannot decode, if any."""
+    for tar, index in zip(shards.tars, shards.indices):
+        for members in read_index(index):
+            sample = _read_sample(SampleRef(tar, members))
+            try:
+                decode_jpeg(torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                return tar, sample.key
+    return None
 
 
 def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings, device: torch.device) -> None:
