@@ -1,0 +1,108 @@
+"""Training-side behaviour: sync-free pieces against torchvision and hand-worked cases, losses
+under bf16 autocast, and a few optimizer steps on one batch driving the loss down."""
+
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import box_iou, nms
+
+from model import build_model
+from model.box_ops import padded_nms
+from model.rpn import in_top_n_of_batch
+from model.sampling import match_to_ground_truth, sample_balanced
+from model.synthetic import synthetic_batch
+from tests.model_helpers import TINY, model_config
+
+LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+
+
+def random_boxes(generator: torch.Generator, n: int, size: float = 200.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * 60 + 4
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_sync_free_nms_equals_torchvision_nms():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.stack([random_boxes(g, 600) for _ in range(3)])  # clustered like RPN proposals
+    scores = torch.rand(3, 600, generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    valid = torch.rand(3, 600, generator=g) > 0.1
+    for sync_free in (True, False):
+        keep = padded_nms(boxes, valid, 0.5, sync_free=sync_free)
+        for i in range(3):
+            index = torch.where(valid[i])[0]
+            expected = torch.zeros(600, dtype=torch.bool)
+            expected[index[nms(boxes[i, index], -index.float(), 0.5)]] = True
+            assert torch.equal(keep[i], expected)
+
+
+def test_matcher_equals_torchvision_matcher():
+    g = torch.Generator().manual_seed(1)
+    gt = random_boxes(g, 5)
+    preds = random_boxes(g, 400)
+    iou = box_iou(gt, preds)
+    expected = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    padded = torch.cat([iou, torch.rand(3, 400, generator=g)])[None]  # 3 padding rows must not count
+    gt_index, label = match_to_ground_truth(padded, torch.arange(8)[None] < 5, 0.7, 0.3, allow_low_quality=True)
+    assert torch.equal(label[0], torch.where(expected >= 0, 1, torch.where(expected == -1, 0, -1)))
+    positive = expected >= 0
+    assert torch.equal(gt_index[0][positive], expected[positive])
+
+
+def test_balanced_sampling_counts_by_hand():
+    label = torch.zeros(3, 50, dtype=torch.int64)
+    label[0, :10] = 1  # 10 positives, 40 negatives: 4 positives (25% of 16) and 12 negatives
+    label[1, :2] = 1  # 2 positives: both, and 14 negatives
+    label[2, :] = -1
+    label[2, :3] = 1  # 3 positives, 5 negatives, the rest ignored: 3 + 5 and 8 padding slots
+    label[2, 3:8] = 0
+    index, is_positive, valid = sample_balanced(label, 16, 0.25)
+    assert is_positive.sum(1).tolist() == [4, 2, 3]
+    assert valid.sum(1).tolist() == [16, 16, 8]
+    chosen = label.gather(1, index)
+    assert torch.equal(chosen[is_positive], torch.ones(9, dtype=torch.int64))
+    assert chosen[valid & ~is_positive].eq(0).all()
+    for i in range(3):  # no anchor twice
+        assert index[i][valid[i]].unique().numel() == int(valid[i].sum())
+
+
+def test_post_nms_top_n_over_the_whole_batch_by_hand():
+    # The reference keeps the top 3 proposals of the batch, not 3 per image (torchvision).
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.7, -1.0]])
+    assert in_top_n_of_batch(scores, 3).tolist() == [[True, False, False], [True, True, False]]
+
+
+def test_rpn_ignores_anchors_straddling_the_image_by_hand():
+    model = build_model(model_config(*TINY))
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [-1.0, 10.0, 20.0, 20.0], [300.0, 10.0, 320.0, 100.0]])
+    sizes = torch.tensor([[256, 320], [100, 310]], dtype=torch.int32)
+    assert model.proposals.inside_image(anchors, sizes).tolist() == [[True, False, True], [True, False, False]]
+
+
+def test_losses_finite_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model(model_config(*TINY), num_classes=4).train()
+    batch = synthetic_batch(2, (128, 160), num_classes=4, max_gt=3, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    assert set(losses) == LOSSES
+    for name, value in losses.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = build_model(model_config(*TINY), num_classes=4).train()
+    batch = synthetic_batch(2, (96, 128), num_classes=4, max_gt=3, seed=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    totals = []
+    for _ in range(6):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(loss.item())
+    assert totals[-1] < 0.8 * totals[0], totals
