@@ -109,6 +109,7 @@ class COCOEvaluator:
 
     def reset(self) -> None:
         self._images: dict[int, ImageResult] = {}
+        self.gathered: dict[int, ImageResult] = {}  # after evaluate(), on rank 0: every rank's results
 
     def process(self, batch: Batch, detections: Detections) -> None:
         """Record one batch's detections (network-input frame) in original-image COCO terms."""
@@ -141,7 +142,10 @@ class COCOEvaluator:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Gather all ranks' results on rank 0, score them, and return the metrics on every rank."""
         per_rank = _gather_to_main(self.results())
-        metrics = self.score(per_rank) if per_rank is not None else None
+        metrics = None
+        if per_rank is not None:
+            self.gathered = merge_ranks(per_rank)
+            metrics = self._score_merged(self.gathered)
         if dist.is_available() and dist.is_initialized():
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
@@ -150,10 +154,9 @@ class COCOEvaluator:
 
     def score(self, per_rank: Sequence[Mapping[int, ImageResult]]) -> dict[str, dict[str, float]]:
         """COCO metrics of the union of some ranks' results, one result per image id (first one wins)."""
-        merged: dict[int, ImageResult] = {}
-        for results in per_rank:
-            for image_id, result in results.items():
-                merged.setdefault(image_id, result)
+        return self._score_merged(merge_ranks(per_rank))
+
+    def _score_merged(self, merged: Mapping[int, ImageResult]) -> dict[str, dict[str, float]]:
         self._check_image_ids(merged)
         return {iou_type: self._run_cocoeval(merged, iou_type) for iou_type in IOU_TYPES}
 
@@ -213,6 +216,66 @@ class COCOEvaluator:
         return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 
+def merge_ranks(per_rank: Sequence[Mapping[int, ImageResult]]) -> dict[int, ImageResult]:
+    """One result per image id over all ranks; repeats (padded batches) are identical, the first is kept."""
+    merged: dict[int, ImageResult] = {}
+    for results in per_rank:
+        for image_id, result in results.items():
+            merged.setdefault(image_id, result)
+    return merged
+
+
+def coco_results(results: Mapping[int, ImageResult]) -> list[dict]:
+    """A COCO results file's entries: one per detection, with both `bbox` and `segmentation`."""
+    return [
+        {"image_id": image_id, "category_id": category_id, "bbox": box, "segmentation": rle, "score": score}
+        for image_id, result in results.items()
+        for box, rle, category_id, score in zip(
+            result.boxes_xywh.tolist(), result.rles, result.category_ids.tolist(), result.scores.tolist()
+        )
+    ]
+
+
+def build_eval_model(
+    model_cfg: Mapping[str, Any], weights: str | Path, categories: Sequence[Mapping[str, Any]], device: torch.device
+) -> torch.nn.Module:
+    """The model of `model_cfg` for the shards' categories, with `weights` loaded, on `device`.
+
+    `weights` is a trainer checkpoint (train/checkpoint.py) or any file `model.load_weights`
+    reads; one that does not fit the model raises EvaluationError.
+    """
+    from model import build_model
+    from model.weights import WeightsError, load_weights
+
+    model = build_model(model_cfg, num_classes=len(categories) + 1)
+    try:
+        state = _checkpoint_model_state(Path(weights))
+        if state is not None:
+            model.load_state_dict(state)
+        else:
+            load_weights(model, weights, coco_ids=[int(c["coco_id"]) for c in categories])
+    except (WeightsError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise EvaluationError(
+            f"{weights} does not fit the model built from the config for {len(categories)} categories ({reason}); "
+            f"pass the --config and KEY=VALUE overrides the weights were trained with"
+        ) from e
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def _checkpoint_model_state(path: Path) -> Mapping[str, torch.Tensor] | None:
+    """The model state of a trainer checkpoint, or None for any other file."""
+    from train.checkpoint import FORMAT
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file at all: load_weights explains what it expects
+        return None
+    if isinstance(saved, Mapping) and saved.get("format") == FORMAT:
+        return saved["model"]
+    return None
+
+
 def inference_on_dataset(
     model: torch.nn.Module, loader: Iterable[Batch], evaluator: COCOEvaluator, *, num_warmup: int = 5
 ) -> dict[str, dict[str, float]]:
@@ -225,7 +288,7 @@ def inference_on_dataset(
     was_training = model.training
     model.eval()
     num_images = num_timed = 0
-    start = time.perf_counter()
+    first = start = time.perf_counter()
     try:
         with torch.inference_mode():
             for step, batch in enumerate(loader):
@@ -239,8 +302,11 @@ def inference_on_dataset(
                 _synchronize(batch)
     finally:
         model.train(was_training)
-    elapsed = time.perf_counter() - start
-    print(f"inference: {num_images} images; {num_timed / max(elapsed, 1e-9):.1f} images/s after warm-up")
+    end = time.perf_counter()
+    print(
+        f"inference: {num_images} images (padded repeats included) in {end - first:.1f} s, "
+        f"{num_timed / max(end - start, 1e-9):.1f} images/s after {num_warmup} warm-up batches"
+    )
     return evaluator.evaluate()
 
 
