@@ -20,6 +20,7 @@ the JSON is left out and listed in the manifest by file name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -28,7 +29,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -55,7 +56,7 @@ REENCODE_QUALITY = 95
 # Reasons, as they appear in the manifest's `dropped` and `repaired` counts.
 NO_ANNOTATION = "image: no annotation (train filter)"
 ONLY_EMPTY_BOXES = "image: every bbox has width or height <= 1 (train filter)"
-FILE_MISSING = "image: file missing"
+FILE_MISSING = "image: file missing or unreadable"
 UNDECODABLE = "image: does not decode"
 SIZE_MISMATCH = "image: decoded size differs from the annotation file"
 CROWD = "instance: crowd (not used for training; evaluation reads the original annotation file)"
@@ -137,7 +138,7 @@ def load_coco_instances(annotations_file: Path) -> dict[str, Any]:
 def _check_records(path: Path, records: list, kind: str, fields: dict[str, type | tuple[type, ...]]) -> None:
     for record in records:
         if not isinstance(record, dict):
-            raise CocoInputError(f"{path} is not in COCO instances format: an {kind} entry is not an object")
+            raise CocoInputError(f"{path} is not in COCO instances format: one {kind} entry is not an object")
         for name, types in fields.items():
             if not isinstance(record.get(name), types):
                 raise CocoInputError(
@@ -224,7 +225,7 @@ def read_checked_jpeg(job: ImageJob) -> tuple[bytes | None, str | None]:
     """
     try:
         data = job.path.read_bytes()
-    except FileNotFoundError:
+    except OSError:
         return None, FILE_MISSING
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -347,8 +348,11 @@ def shard_coco(
     tasks = assign_shards(jobs, out_dir, split, samples_per_shard, seed)
 
     results = []
-    with tqdm(total=len(jobs), unit="img", desc=f"sharding {split}", disable=not progress) as bar:
-        for result in _run_tasks(tasks, workers):
+    # Workers start before the progress bar's monitor thread exists, so nothing is forked mid-update.
+    with _worker_map(workers, len(tasks)) as run, tqdm(
+        total=len(jobs), unit="img", desc=f"sharding {split}", disable=not progress
+    ) as bar:
+        for result in run(_write_one_shard, tasks):
             results.append(result)
             bar.update(result["images"])
 
@@ -382,13 +386,18 @@ def shard_coco(
     return read_manifest(out_dir)
 
 
-def _run_tasks(tasks: list[tuple[Path, list[ImageJob]]], workers: int) -> Iterator[dict[str, Any]]:
-    if workers == 1 or len(tasks) <= 1:
-        yield from map(_write_one_shard, tasks)
+@contextlib.contextmanager
+def _worker_map(workers: int, num_tasks: int) -> Iterator[Callable]:
+    """A `map` over worker processes, results in completion order; in-process for one worker."""
+    if workers == 1 or num_tasks <= 1:
+        yield map
         return
-    # "spawn" keeps workers free of the parent's threads (DALI, torch) and works on every OS.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(_write_one_shard, tasks)
+    # "fork" where the OS has it: workers start at once and work when the caller is an
+    # interactive session or a `python -` script, which "spawn" would have to re-import.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(min(workers, num_tasks)) as pool:
+        yield pool.imap_unordered
 
 
 def _remove_stale_shards(out_dir: Path, split: str, keep: set[str]) -> None:

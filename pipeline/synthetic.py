@@ -220,9 +220,9 @@ def _draw_scene(
 def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
     """A muted low-frequency colour field with grey clutter: texture that is not any class."""
     coarse = rng.uniform(70, 190, size=(4, 5, 3)).astype(np.uint8)
-    field_ = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-    grey = np.asarray(field_.convert("L"), dtype=np.float32)[..., None]
-    muted = 0.5 * np.asarray(field_, dtype=np.float32) + 0.5 * grey  # desaturate: classes own the colours
+    colour_field = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    grey = np.asarray(colour_field.convert("L"), dtype=np.float32)[..., None]
+    muted = 0.5 * np.asarray(colour_field, dtype=np.float32) + 0.5 * grey  # desaturate: classes own the colours
     image = Image.fromarray(muted.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(4, 10)):

@@ -159,7 +159,7 @@ def odd_coco(synthetic_coco, tmp_path_factory) -> tuple[Path, Path, dict[str, st
 
     annotations = root / "instances_odd.json"
     annotations.write_text(json.dumps(data))
-    left_out = {corrupt: "image: does not decode", truncated: "image: does not decode", missing: "image: file missing"}
+    left_out = {corrupt: "image: does not decode", truncated: "image: does not decode", missing: "image: file missing or unreadable"}
     return images, annotations, left_out
 
 
@@ -244,7 +244,7 @@ def test_filter_and_rules_on_odd_input(odd_coco, odd_shards):
     manifest = read_manifest(odd_shards)
     assert manifest["undecodable"] == sorted(left_out)
     dropped, repaired = manifest["dropped"], manifest["repaired"]
-    assert dropped["image: does not decode"] == 2 and dropped["image: file missing"] == 1
+    assert dropped["image: does not decode"] == 2 and dropped["image: file missing or unreadable"] == 1
     assert dropped["image: no annotation (train filter)"] == sum(
         1 for i in coco.getImgIds() if not coco.getAnnIds(imgIds=i, iscrowd=None)
     )
