@@ -61,7 +61,16 @@ COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (88, "teddy bear", "indoor"), (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
 )
 
-PATTERNS = ("horizontal", "vertical", "diagonal", "antidiagonal", "dots", "checker")
+# Pattern name -> which pixels (x, y) take the darker shade, for a stripe period p.
+PATTERNS = {
+    "horizontal": lambda x, y, p: (y % p) < p // 2,
+    "vertical": lambda x, y, p: (x % p) < p // 2,
+    "diagonal": lambda x, y, p: ((x + y) % p) < p // 2,
+    "antidiagonal": lambda x, y, p: ((x - y) % p) < p // 2,
+    "dots": lambda x, y, p: ((x % p) < 2) & ((y % p) < 2),
+    "checker": lambda x, y, p: ((x // (p // 2) + y // (p // 2)) % 2) == 0,
+}
+PATTERN_NAMES = tuple(PATTERNS)
 PORTRAIT_FRACTION = 0.25
 TINY_FRACTION = 0.1  # share of ordinary objects drawn a few pixels wide
 
@@ -240,20 +249,15 @@ def _add_sensor_noise(rng: np.random.Generator, scene: _Scene) -> None:
     scene.image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def class_texture(class_index: int, num_classes: int, height: int, width: int) -> Image.Image:
-    """The fill of class `class_index`: its own hue with a class-specific stripe or dot pattern."""
+def class_texture(class_index: int, num_classes: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """The fill of class `class_index` over `box` (left, top, right, bottom): its own hue with a
+    class-specific stripe or dot pattern, aligned to image coordinates."""
     hue = class_index / num_classes
     base = np.array(colorsys.hsv_to_rgb(hue, 0.9, 0.95)) * 255
     period = 4 + 2 * ((class_index // len(PATTERNS)) % 3)
-    y, x = np.mgrid[0:height, 0:width]
-    on = {
-        "horizontal": (y % period) < period // 2,
-        "vertical": (x % period) < period // 2,
-        "diagonal": ((x + y) % period) < period // 2,
-        "antidiagonal": ((x - y) % period) < period // 2,
-        "dots": ((x % period) < 2) & ((y % period) < 2),
-        "checker": ((x // (period // 2) + y // (period // 2)) % 2) == 0,
-    }[PATTERNS[class_index % len(PATTERNS)]]
+    left, top, right, bottom = box
+    y, x = np.mgrid[top:bottom, left:right]
+    on = PATTERNS[PATTERN_NAMES[class_index % len(PATTERN_NAMES)]](x, y, period)
     pixels = np.where(on[..., None], base * 0.4, base)
     return Image.fromarray(pixels.astype(np.uint8))
 
@@ -297,8 +301,11 @@ def _rasterize(polygons: list[list[float]], height: int, width: int) -> Image.Im
 
 
 def _paint(scene: _Scene, mask: Image.Image, class_index: int, num_classes: int) -> None:
-    texture = class_texture(class_index, num_classes, scene.height, scene.width)
-    scene.image = Image.composite(texture, scene.image, mask)
+    box = mask.getbbox()
+    if box is None:  # a polygon too thin to cover a pixel
+        return
+    texture = class_texture(class_index, num_classes, box)
+    scene.image.paste(Image.composite(texture, scene.image.crop(box), mask.crop(box)), box)
 
 
 def _add_object(
