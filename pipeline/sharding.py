@@ -125,8 +125,8 @@ def load_coco_instances(annotations_file: Path) -> dict[str, Any]:
             raise CocoInputError(
                 f"{path}: annotation {ann['id']} names unknown category {ann['category_id']}; fix the file"
             )
-        if len(ann["bbox"]) != 4:
-            raise CocoInputError(f"{path}: annotation {ann['id']} has a bbox of {len(ann['bbox'])} numbers, not 4")
+        if len(ann["bbox"]) != 4 or not all(isinstance(v, (int, float)) for v in ann["bbox"]):
+            raise CocoInputError(f"{path}: annotation {ann['id']} has a bbox that is not 4 numbers; fix the file")
         if not ann["iscrowd"] and isinstance(ann["segmentation"], list):
             if any(not isinstance(p, list) or len(p) % 2 for p in ann["segmentation"]):
                 raise CocoInputError(

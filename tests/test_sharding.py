@@ -360,6 +360,7 @@ def _first_annotation(data: dict) -> dict:
         (lambda d: [d], "not in COCO instances format"),
         (lambda d: d.pop("categories") and None, "not in COCO instances format"),
         (lambda d: _first_annotation(d).pop("bbox") and None, "lacks a valid 'bbox'"),
+        (lambda d: _first_annotation(d).update(bbox=[1, 2, "3", 4]), "has a bbox that is not 4 numbers"),
         (lambda d: _first_annotation(d).update(image_id=-5), "names unknown image -5"),
         (lambda d: _first_annotation(d).update(category_id=12345), "names unknown category 12345"),
     ],
