@@ -2,7 +2,7 @@
 
 - `synthetic_coco`: a small synthetic COCO set, 24 train + 12 val images of about 160x200
   (pipeline/synthetic.py, seed 0), as a `SyntheticCoco` with `.root`, `.train_images`,
-  `.train_json`, `.val_images`, `.val_json`.
+  `.train_json`, `.val_images`, `.val_json`, and the image ids `.train_ids`, `.val_ids` (sorted).
 - `train_shards`: a shard folder made from its train split with `--mode train`, 4 samples
   per shard (several shards per orientation group).
 - `val_shards`: the same for the val split with `--mode eval`.
@@ -13,6 +13,7 @@ Treat it as read-only: a test that needs to change data copies it first.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class SyntheticCoco:
     train_json: Path
     val_images: Path
     val_json: Path
+    train_ids: tuple[int, ...]
+    val_ids: tuple[int, ...]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +48,13 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCoco:
         train_json=train_json,
         val_images=root / "val2017",
         val_json=val_json,
+        train_ids=_image_ids(train_json),
+        val_ids=_image_ids(val_json),
     )
+
+
+def _image_ids(annotations: Path) -> tuple[int, ...]:
+    return tuple(sorted(image["id"] for image in json.loads(annotations.read_text())["images"]))
 
 
 @pytest.fixture(scope="session")

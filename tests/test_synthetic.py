@@ -36,7 +36,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 def test_coco_file_naming_and_image_sizes(synthetic_coco, train_coco):
     images = train_coco.dataset["images"]
-    assert len(images) == 24
+    assert len(images) == 24 and synthetic_coco.train_ids == tuple(sorted(train_coco.getImgIds()))
     for image in images:
         assert image["file_name"] == f"{image['id']:012d}.jpg"
         with Image.open(synthetic_coco.train_images / image["file_name"]) as jpeg:
