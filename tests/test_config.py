@@ -47,3 +47,21 @@ def test_config_is_frozen_and_round_trips_through_yaml(tmp_path):
 def test_missing_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_holds_only_what_it_changes_over_its_base(tmp_path):
+    child = tmp_path / "small.yaml"
+    child.write_text(f"base: {REFERENCE}\nsolver:\n  base_lr: 0.01\nmodel:\n  rpn:\n    anchor_sizes: [16, 32, 64, 128, 256]\n")
+    cfg = load_config(child, ["seed=3"])
+    reference = load_config(REFERENCE)
+    assert cfg.solver.base_lr == 0.01 and cfg.seed == 3
+    assert cfg.model.rpn.anchor_sizes == (16, 32, 64, 128, 256)
+    assert cfg.model.roi_heads.to_dict() == reference.model.roi_heads.to_dict()
+    assert "base" not in cfg
+
+
+def test_a_typo_in_a_derived_config_names_the_file_and_the_closest_key(tmp_path):
+    child = tmp_path / "typo.yaml"
+    child.write_text(f"base: {REFERENCE}\nsolver:\n  base_rl: 0.01\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'solver.base_rl'; did you mean 'solver.base_lr'"):
+        load_config(child)

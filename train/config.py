@@ -2,6 +2,8 @@
 
 Keys are dotted paths into the YAML (`solver.base_lr=0.04`). An override must name a key that
 the file defines and keep its type; an unknown key is an error naming the closest valid one.
+A file may start from another with `base: other.yaml` (relative to itself) and hold only the
+keys it changes, under the same rules, so every default is written once.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like KEY=VALUE, e.g. solver.base_lr=0.04")
     key, raw = override.split("=", 1)
+    _set(data, key, yaml.safe_load(raw) if raw else "")
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node: Any = data
     for part in parents:
@@ -104,12 +110,19 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         close = difflib.get_close_matches(key, _dotted_keys(data), n=1, cutoff=0.0)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}")
-    node[leaf] = _check_type(key, node[leaf], yaml.safe_load(raw) if raw else "")
+    node[leaf] = _check_type(key, node[leaf], value)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config, apply the overrides in order, and freeze the result."""
-    path = Path(path)
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's keys, with its `base:` chain resolved."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one from configs/")
     try:
@@ -118,6 +131,21 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / base)
+    for key, value in _leaves(data):
+        try:
+            _set(merged, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return merged
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (and its `base:` chain), apply the overrides in order, and freeze it."""
+    data = _read_yaml(Path(path))
     for override in overrides:
         apply_override(data, override)
     return Config(data)
