@@ -54,9 +54,11 @@ def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tupl
 class RegionProposals(nn.Module):
     """Proposals and RPN losses (the reference's RPN without its head).
 
-    post_nms_per_batch: the reference (maskrcnn-benchmark, MLPerf) keeps the top
-    `post_nms_top_n_train` proposals over the whole batch in training, not per image as
-    torchvision does. straddle_thresh: the reference ignores, in the RPN loss, anchors that
+    post_nms_per_batch: in training the reference (maskrcnn-benchmark, MLPerf) keeps the top
+    `post_nms_top_n_train` x images proposals over the whole batch (MLPerf's
+    num_image_candidates x images per GPU), not the top `post_nms_top_n_train` of each image
+    as torchvision does. NMS runs per level on the per-level top `pre_nms_top_n`, and keeps all
+    its survivors (the reference's per-level post-NMS cap equals the pre-NMS count). straddle_thresh: the reference ignores, in the RPN loss, anchors that
     reach more than this many pixels outside the image (-1: keep all, as torchvision).
     """
 
@@ -109,11 +111,14 @@ class RegionProposals(nn.Module):
             level_boxes.append(boxes)
         scores = torch.cat(level_scores, dim=1)
         boxes = torch.cat(level_boxes, dim=1)
-        n = min(self.post_nms_top_n[self._mode()], scores.shape[1])
-        scores, index = scores.topk(n, dim=1)
+        n = self.post_nms_top_n[self._mode()]
+        per_batch = self.training and self.post_nms_per_batch
+        if per_batch:  # the reference's top n x images of the whole batch: one image may take them all
+            n *= scores.shape[0]
+        scores, index = scores.topk(min(n, scores.shape[1]), dim=1)
         boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
         valid = scores >= 0
-        if self.training and self.post_nms_per_batch:
+        if per_batch:
             valid = valid & in_top_n_of_batch(scores, n)
         return boxes, valid
 

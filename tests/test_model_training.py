@@ -84,6 +84,23 @@ def test_post_nms_top_n_over_the_whole_batch_by_hand():
     assert in_top_n_of_batch(scores, 3).tolist() == [[True, False, False], [True, True, False]]
 
 
+def test_training_proposals_per_batch_vs_per_image_by_hand():
+    # Six disjoint anchors (no NMS interplay); image 0 holds the four best scores of the batch.
+    anchors = [torch.tensor([[40.0 * i, 0.0, 40.0 * i + 30, 30.0] for i in range(6)])]
+    objectness = [torch.tensor([[5.0, 4.0, 3.0, 2.0, -5.0, -6.0], [1.0, 0.0, -1.0, -2.0, -3.0, -4.0]])]
+    deltas = [torch.zeros(2, 6, 4)]
+    sizes = torch.tensor([[100, 300], [100, 300]], dtype=torch.int32)
+    valid_counts = {}
+    for per_batch in (True, False):
+        cfg = model_config(*TINY, "model.rpn.post_nms_top_n_train=2", f"model.rpn.post_nms_per_batch={str(per_batch).lower()}")
+        rpn = build_model(cfg).proposals.train()
+        boxes, valid = rpn.propose(objectness, deltas, anchors, sizes, sync_free=True)
+        valid_counts[per_batch] = valid.sum(1).tolist()
+        if per_batch:  # 2 per image x 2 images = the batch's best 4, all in image 0, best first
+            assert torch.equal(boxes[0, :4][valid[0, :4]], anchors[0][:4])
+    assert valid_counts == {True: [4, 0], False: [2, 2]}
+
+
 def test_rpn_ignores_anchors_straddling_the_image_by_hand():
     model = build_model(model_config(*TINY))
     anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [-1.0, 10.0, 20.0, 20.0], [300.0, 10.0, 320.0, 100.0]])
