@@ -21,7 +21,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipeline.batch import Batch
@@ -31,7 +30,7 @@ from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_erro
 from pipeline.shard_format import GROUPS
 from pipeline.timing import StageTimer
 from pipeline.torch_loader import find_undecodable_jpeg
-from pipeline.transforms import check_fits_bucket, resized_size
+from pipeline.transforms import check_fits_bucket, pad_images, padded_shape, resized_size
 
 READER_NAME = "reader"
 COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
@@ -48,7 +47,6 @@ def detection_pipeline(
     shard_id: int,
     num_shards: int,
     settings: LoaderSettings,
-    bucket: tuple[int, int] | None,
     max_instances: int,
     max_polygons: int,
     max_vertices: int,
@@ -75,21 +73,28 @@ def detection_pipeline(
 
     # The one random draw per image: image, boxes and polygons are flipped by the same coin.
     coin = fn.random.coin_flip(probability=settings.flip_prob)
-    flips = settings.flip_prob > 0
 
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # [h, w, c], from the JPEG header
     height, width = shape[0], shape[1]
     new_h, new_w = resized_size(height, width, settings.min_size, settings.max_size)
 
     # Pixels. COCO annotations refer to the stored pixel grid, so EXIF orientation is ignored.
+    # Normalizing and flipping before the resize touches the small source image, not the large
+    # resized one; padding happens in the single copy out of DALI (transforms.pad_images).
     images = fn.decoders.image(
         jpegs,
         device="mixed" if decode_on_gpu else "cpu",
         output_type=types.BGR if settings.normalization.channel_order == "BGR" else types.RGB,
         adjust_orientation=False,
     )
-    if flips:
-        images = fn.flip(images, horizontal=coin)
+    images = fn.crop_mirror_normalize(
+        images,
+        mirror=coin,
+        mean=settings.normalization.mean,
+        std=settings.normalization.std,
+        dtype=types.FLOAT,
+        output_layout="HWC",
+    )
     images = fn.resize(
         images,
         resize_x=fn.cast(new_w, dtype=types.FLOAT),
@@ -97,15 +102,6 @@ def detection_pipeline(
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
-    # HWC float output: a [B, H, W, 3] batch viewed as [B, 3, H, W] is already channels_last.
-    norm = dict(dtype=types.FLOAT, output_layout="HWC", mean=settings.normalization.mean, std=settings.normalization.std)
-    if bucket is not None:
-        # A crop window anchored at the top-left and larger than the image pads bottom and right with 0.
-        images = fn.crop_mirror_normalize(
-            images, crop=bucket, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0, **norm
-        )
-    else:
-        images = fn.pad(fn.crop_mirror_normalize(images, **norm), axes=(0, 1), align=max(settings.size_divisibility, 1))
     if output_on_gpu and not decode_on_gpu:
         images = images.gpu()
 
@@ -113,9 +109,8 @@ def detection_pipeline(
     # scaled to the resized image, which is x -> W - x in pixels.
     boxes_rel = boxes / _as_float(width, height, width, height)
     verts_rel = verts / _as_float(width, height)
-    if flips:
-        boxes_rel = fn.bb_flip(boxes_rel, ltrb=True, horizontal=coin)
-        verts_rel = fn.coord_flip(verts_rel, layout="xy", flip_x=coin)
+    boxes_rel = fn.bb_flip(boxes_rel, ltrb=True, horizontal=coin)
+    verts_rel = fn.coord_flip(verts_rel, layout="xy", flip_x=coin)
     boxes = boxes_rel * _as_float(new_w, new_h, new_w, new_h)
     verts = verts_rel * _as_float(new_w, new_h)
 
@@ -221,7 +216,6 @@ class DaliLoader:
             shard_id=reader_shard(self.rank, self.world_size, epoch, self.training),
             num_shards=self.world_size,
             settings=self.settings,
-            bucket=None if self.settings.buckets is None else self.settings.buckets[group],
             max_instances=max(self.shard_set.max_instances, 1),
             max_polygons=max(self.shard_set.max_polygons, 1),
             max_vertices=max(self.shard_set.max_vertices, 1),
@@ -249,40 +243,40 @@ class DaliLoader:
 
     def _to_batch(self, outputs, group: str) -> Batch:
         images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
+        host = {
+            "original": _dense(original).int(),
+            "resized": _dense(resized).int(),
+            "flipped": _dense(coin).bool(),
+            "boxes": _dense(boxes),
+            "labels": _dense(labels).long(),
+            "num_boxes": _dense(num_boxes).int(),
+            "verts": _dense(verts),
+            "polys": _dense(polys),
+            "num_polys": _dense(num_polys).int(),
+        }
+        _check_maxima(host, self.shard_set)
+        ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
+        bucket = None if self.settings.buckets is None else self.settings.buckets[group]
+        if bucket is not None:
+            check_fits_bucket(host["resized"], bucket, ids)
+        shape = padded_shape(host["resized"], bucket, self.settings.size_divisibility)
+        host["polys"][..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            images = _dense(images, self.device, stream)
-            host = {
-                "original": _dense(original),
-                "resized": _dense(resized),
-                "flipped": _dense(coin),
-                "boxes": _dense(boxes),
-                "labels": _dense(labels),
-                "num_boxes": _dense(num_boxes),
-                "verts": _dense(verts),
-                "polys": _dense(polys),
-                "num_polys": _dense(num_polys),
-            }
-            _check_maxima(host, self.shard_set)
-            ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
-            original, resized = host["original"].int(), host["resized"].int()
-            if self.settings.buckets is not None:
-                check_fits_bucket(resized, self.settings.buckets[group], ids)
-            polys = host["polys"]
-            polys[..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
+            # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
             batch = Batch(
-                images=images.permute(0, 3, 1, 2),
-                image_sizes=resized,
-                original_sizes=original,
-                scales=resized.float() / original.float(),
-                flipped=host["flipped"].bool(),
+                images=pad_images([torch.from_dlpack(images[i]) for i in range(len(images))], shape, self.device),
+                image_sizes=host["resized"],
+                original_sizes=host["original"],
+                scales=host["resized"].float() / host["original"].float(),
+                flipped=host["flipped"],
                 image_ids=ids.long(),
                 boxes=host["boxes"],
-                labels=host["labels"].long(),
-                num_boxes=host["num_boxes"].int(),
+                labels=host["labels"],
+                num_boxes=host["num_boxes"],
                 verts=host["verts"],
-                polys=polys.int(),
-                num_polys=host["num_polys"].int(),
+                polys=host["polys"].int(),
+                num_polys=host["num_polys"],
             ).to(self.device, non_blocking=True)
         if stream is not None:
             current = torch.cuda.current_stream(self.device)
@@ -292,14 +286,11 @@ class DaliLoader:
         return batch
 
 
-def _dense(tensor_list, device: torch.device | None = None, stream=None) -> torch.Tensor:
-    """Copy a uniform-shape DALI TensorList into a new torch tensor (DALI reuses its buffers)."""
+def _dense(tensor_list) -> torch.Tensor:
+    """Copy a uniform-shape CPU TensorList into a new torch tensor (DALI reuses its buffers)."""
     dense = tensor_list.as_tensor()
-    on_gpu = isinstance(tensor_list, TensorListGPU)
-    out = torch.empty(
-        dense.shape(), dtype=to_torch_type[dense.dtype], device=device if on_gpu else torch.device("cpu")
-    )
-    feed_ndarray(dense, out, cuda_stream=stream.cuda_stream if on_gpu and stream is not None else None)
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype])
+    feed_ndarray(dense, out)
     return out
 
 

@@ -147,9 +147,42 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
     """
     path = Path(path)
     tmp_tar = path.with_name(path.name + ".tmp")
-    index_rows: list[str] = []
-    count = 0
-    with open(tmp_tar, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with open(tmp_tar, "wb") as raw:
+        hashed = _HashingWriter(raw)
+        index_rows = _write_tar(hashed, samples)
+    index_text = f"v1.2 {len(index_rows)}\n" + "".join(r + "\n" for r in index_rows)
+    tmp_idx = path.with_name(index_name(path.name) + ".tmp")
+    tmp_idx.write_text(index_text)
+    os.replace(tmp_idx, path.with_name(index_name(path.name)))
+    os.replace(tmp_tar, path)
+    return {
+        "name": path.name,
+        "group": path.name.split("-")[-2],
+        "samples": len(index_rows),
+        "bytes": path.stat().st_size,
+        "sha256": hashed.digest.hexdigest(),
+    }
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through, so a shard is never read back to hash it."""
+
+    def __init__(self, raw: io.BufferedWriter):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _write_tar(fileobj: _HashingWriter, samples: Iterable[Sample]) -> list[str]:
+    """Write the samples as a USTAR tar; returns one wds2idx line per sample."""
+    index_rows = []
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
         for sample in samples:
             row = []
             for component, data in encode_sample(sample).items():
@@ -159,19 +192,7 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
                 tar.addfile(_tar_member(member, data), io.BytesIO(data))
                 row.append(f"{component} {data_offset} {len(data)} {member}")
             index_rows.append(" ".join(row))
-            count += 1
-    index_text = f"v1.2 {count}\n" + "".join(r + "\n" for r in index_rows)
-    tmp_idx = path.with_name(index_name(path.name) + ".tmp")
-    tmp_idx.write_text(index_text)
-    os.replace(tmp_idx, path.with_name(index_name(path.name)))
-    os.replace(tmp_tar, path)
-    return {
-        "name": path.name,
-        "group": path.name.split("-")[-2],
-        "samples": count,
-        "bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
-    }
+    return index_rows
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -33,7 +33,8 @@ from pipeline.transforms import (
     flip_boxes,
     flip_vertices,
     resized_size,
-    round_up,
+    pad_images,
+    padded_shape,
     scale_boxes,
     scale_vertices,
     transform_image,
@@ -197,23 +198,15 @@ def pad_batch(
     bucket: tuple[int, int] | None,
     maxima: tuple[int, int, int],
 ) -> Batch:
-    """Pad images (to the bucket or the batch's largest size rounded up) and ground truth (to the maxima)."""
+    """Pad images (to the bucket, or the batch's largest size rounded up) and ground truth (to the maxima)."""
     max_instances, max_polygons, max_vertices = maxima
     original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
     resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
     image_ids = torch.tensor([s["image_id"] for s in samples], dtype=torch.int64)
     if bucket is not None:
         check_fits_bucket(resized, bucket, image_ids)
-    else:
-        divisor = max(settings.size_divisibility, 1)
-        bucket = (
-            round_up(max(s["resized"][0] for s in samples), divisor),
-            round_up(max(s["resized"][1] for s in samples), divisor),
-        )
-    images = samples[0]["image"].new_zeros((len(samples), 3, *bucket)).contiguous(memory_format=torch.channels_last)
-    for i, s in enumerate(samples):
-        h, w = s["resized"]
-        images[i, :, :h, :w] = s["image"]
+    shape = padded_shape(resized, bucket, settings.size_divisibility)
+    images = pad_images([s["image"] for s in samples], shape, samples[0]["image"].device)
 
     def padded(name: str, rows: int, fill: float) -> torch.Tensor:
         first = samples[0][name]

@@ -102,6 +102,31 @@ def bucket_shapes(
     return buckets
 
 
+def padded_shape(
+    image_sizes: torch.Tensor, bucket: tuple[int, int] | None, size_divisibility: int
+) -> tuple[int, int]:
+    """The batch's padded (H, W): the static bucket, or the largest image rounded up to the divisor."""
+    if bucket is not None:
+        return bucket
+    divisor = max(size_divisibility, 1)
+    return round_up(int(image_sizes[:, 0].max()), divisor), round_up(int(image_sizes[:, 1].max()), divisor)
+
+
+def pad_images(images: Sequence[torch.Tensor], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Normalized [h, w, 3] images -> [B, 3, H, W] channels_last, content top-left, zeros elsewhere.
+
+    Written into an NHWC buffer viewed as NCHW, which is exactly the channels_last layout; this
+    copy is also the one out of the producer's buffers, so padding costs no extra pass.
+    """
+    out = torch.empty((len(images), *shape, 3), dtype=torch.float32, device=device)
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        out[i, :h, :w] = image
+        out[i, h:] = 0
+        out[i, :h, w:] = 0
+    return out.permute(0, 3, 1, 2)
+
+
 def check_fits_bucket(image_sizes: torch.Tensor, bucket: tuple[int, int], image_ids: torch.Tensor) -> None:
     """Padding must never crop: extreme aspect ratios (past ~30:1) can exceed max_size by rounding."""
     too_big = (image_sizes[:, 0] > bucket[0]) | (image_sizes[:, 1] > bucket[1])
@@ -133,7 +158,10 @@ def flip_vertices(verts: torch.Tensor, width: int) -> torch.Tensor:
 def transform_image(
     image: torch.Tensor, size: tuple[int, int], flip: bool, norm: Normalization
 ) -> torch.Tensor:
-    """uint8 [3, h, w] RGB -> float [3, H, W] resized (bilinear, antialiased), flipped, normalized."""
+    """uint8 [3, h, w] RGB -> float [H, W, 3] resized (bilinear, antialiased), flipped, normalized.
+
+    The result is HWC (a view), the layout `pad_images` takes from both backends.
+    """
     if flip:
         image = TF.horizontal_flip(image)
     image = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
@@ -141,4 +169,4 @@ def transform_image(
         image = image.flip(0)
     mean = torch.tensor(norm.mean, device=image.device).view(3, 1, 1)
     std = torch.tensor(norm.std, device=image.device).view(3, 1, 1)
-    return (image.float() - mean) / std
+    return ((image.float() - mean) / std).permute(1, 2, 0)
