@@ -262,3 +262,31 @@ def test_mismatched_inputs_get_one_clear_sentence(tmp_path):
     evaluator.process(*eval_set.batch([0, 1]))  # image ids the other file does not have
     with pytest.raises(EvaluationError, match="are not in"):
         evaluator.evaluate()
+
+
+def _evaluate_as_rank(rank, annotations_file, eval_set, rank_batches, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        evaluator = COCOEvaluator(annotations_file, eval_set.categories, num_workers=0)
+        for indices in rank_batches[rank]:
+            evaluator.process(*eval_set.batch(indices))
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(evaluator.evaluate()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_gather_and_broadcast_the_metrics_of_one_rank(tmp_path):
+    eval_set = make_eval_set(tmp_path, num_images=10, dets_per_image=8, seed=7)
+    single = COCOEvaluator(eval_set.annotations_file, eval_set.categories, num_workers=0)
+    for batch, detections in eval_set.batches(4):
+        single.process(batch, detections)
+    expected = single.evaluate()
+    rank_batches = [[[0, 1, 2, 3], [4, 5, 5, 5]], [[6, 7, 8, 9], [9, 9, 2, 9]]]
+    torch.multiprocessing.spawn(
+        _evaluate_as_rank,
+        args=(eval_set.annotations_file, eval_set, rank_batches, tmp_path / "rendezvous", tmp_path),
+        nprocs=2,
+    )
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image
