@@ -50,5 +50,5 @@ class MultiLevelRoIAlign(nn.Module):
 def boxes_to_rois(boxes: Tensor) -> Tensor:
     """Padded boxes [B, N, 4] -> rois [B*N, 5] with the image index in front."""
     batch, num_boxes = boxes.shape[:2]
-    image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num_boxes)
-    return torch.cat([image_index[:, None], boxes.reshape(-1, 4)], dim=1)
+    image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(-1, num_boxes, 1)
+    return torch.cat([image_index, boxes], dim=2).reshape(-1, 5)

@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms, remove_small_boxes
 
 from model.box_ops import batched_box_iou, clip_boxes, decode_boxes, encode_boxes
 from model.detections import Detections
+from model.losses import box_head_losses, mask_loss
 from model.mask_targets import polygon_mask_targets
 from model.pooler import MultiLevelRoIAlign, boxes_to_rois
 from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
@@ -94,30 +95,26 @@ class RoIHeads(nn.Module):
 
         sync_free = boxes.is_cuda  # losses are computed in training only
         class_logits, deltas = self.box_logits(features, boxes, sync_free)
-        class_logits, deltas = class_logits.float(), deltas.float()
-        num_sampled = sampled.sum().clamp(min=1)
-        ce = F.cross_entropy(class_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        class_deltas = deltas.unflatten(-1, (-1, 4)).gather(2, labels[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
-        box = F.smooth_l1_loss(class_deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(-1)
+        loss_classifier, loss_box_reg = box_head_losses(
+            class_logits.float(), deltas.float(), labels, targets, sampled, self.smooth_l1_beta
+        )
 
         # Positives come first among the samples, so the first max-positive slots hold them all.
         num_mask = min(int(self.batch_size_per_image * self.positive_fraction), boxes.shape[1])
-        mask_boxes, mask_positive = boxes[:, :num_mask], is_positive[:, :num_mask]
         mask_targets = polygon_mask_targets(
-            mask_boxes, gt_index[:, :num_mask], verts, polys, num_polys, self.mask_resolution
+            boxes[:, :num_mask], gt_index[:, :num_mask], verts, polys, num_polys, self.mask_resolution
         ).flatten(0, 1)
-        rois, mask_labels, mask_positive = boxes_to_rois(mask_boxes), labels[:, :num_mask].flatten(), mask_positive.flatten()
+        rois, mask_labels = boxes_to_rois(boxes[:, :num_mask]), labels[:, :num_mask].flatten()
+        mask_positive = is_positive[:, :num_mask].flatten()
         if not sync_free:
             # Off the sync-free path, run the (costly) mask head on real positives only.
             rows = torch.where(mask_positive)[0]
             rois, mask_labels, mask_positive, mask_targets = rois[rows], mask_labels[rows], mask_positive[rows], mask_targets[rows]
         mask_logits = self.mask_logits(features, rois, mask_labels, sync_free).float()
-        bce = F.binary_cross_entropy_with_logits(mask_logits, mask_targets, reduction="none").mean(dim=(1, 2))
-        num_positive = mask_positive.sum().clamp(min=1)
         return {
-            "loss_classifier": torch.where(sampled, ce, torch.zeros_like(ce)).sum() / num_sampled,
-            "loss_box_reg": torch.where(is_positive, box, torch.zeros_like(box)).sum() / num_sampled,
-            "loss_mask": torch.where(mask_positive, bce, torch.zeros_like(bce)).sum() / num_positive,
+            "loss_classifier": loss_classifier,
+            "loss_box_reg": loss_box_reg,
+            "loss_mask": mask_loss(mask_logits, mask_targets, mask_positive),
         }
 
     @torch.no_grad()

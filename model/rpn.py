@@ -9,13 +9,13 @@ top-N) and, in training, into the two RPN losses. Anchors are torchvision's
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import permute_and_flatten
 from torchvision.ops import box_iou
 
 from model.box_ops import clip_boxes, decode_boxes, encode_boxes, padded_nms
+from model.losses import rpn_losses
 from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -144,13 +144,10 @@ class RegionProposals(nn.Module):
         matched = gt_boxes.gather(1, gt_index.gather(1, index)[..., None].expand(-1, -1, 4))
         targets = encode_boxes(matched, all_anchors[index], RPN_BOX_WEIGHTS)
         targets = torch.where(is_positive[..., None], targets, torch.zeros_like(targets))
-        num_sampled = valid.sum().clamp(min=1)
-        bce = F.binary_cross_entropy_with_logits(obj, is_positive.to(obj.dtype), reduction="none")
-        box = F.smooth_l1_loss(pred_deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(-1)
-        return {
-            "loss_objectness": torch.where(valid, bce, torch.zeros_like(bce)).sum() / num_sampled,
-            "loss_rpn_box_reg": torch.where(is_positive, box, torch.zeros_like(box)).sum() / num_sampled,
-        }
+        loss_objectness, loss_rpn_box_reg = rpn_losses(
+            obj, pred_deltas, targets, is_positive, valid, self.smooth_l1_beta
+        )
+        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
 
     def inside_image(self, anchors: Tensor, image_sizes: Tensor) -> Tensor:
         """[B, A] whether each anchor lies within its image, up to `straddle_thresh` pixels."""

@@ -3,10 +3,12 @@ under bf16 autocast, and a few optimizer steps on one batch driving the loss dow
 
 import torch
 from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import box_iou, nms
 
 from model import build_model
 from model.box_ops import padded_nms
+from model.losses import box_head_losses
 from model.rpn import in_top_n_of_batch
 from model.sampling import match_to_ground_truth, sample_balanced
 from model.synthetic import synthetic_batch
@@ -106,6 +108,20 @@ def test_rpn_ignores_anchors_straddling_the_image_by_hand():
     anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [-1.0, 10.0, 20.0, 20.0], [300.0, 10.0, 320.0, 100.0]])
     sizes = torch.tensor([[256, 320], [100, 310]], dtype=torch.int32)
     assert model.proposals.inside_image(anchors, sizes).tolist() == [[True, False, True], [True, False, False]]
+
+
+def test_box_head_losses_equal_torchvision_fastrcnn_loss():
+    # torchvision's loss fixes beta at 1/9 and counts every row; ours masks padding rows out.
+    g = torch.Generator().manual_seed(6)
+    logits, deltas = torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, 20, generator=g)
+    labels = torch.randint(0, 5, (2, 7), generator=g)
+    targets = torch.randn(2, 7, 4, generator=g) * (labels[..., None] > 0)
+    sampled = torch.ones(2, 7, dtype=torch.bool)
+    sampled[1, 5:] = False
+    ours = box_head_losses(logits, deltas, labels, targets, sampled, beta=1 / 9)
+    rows = sampled.flatten()
+    theirs = fastrcnn_loss(logits.flatten(0, 1)[rows], deltas.flatten(0, 1)[rows], [labels.flatten()[rows]], [targets.flatten(0, 1)[rows]])
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs))
 
 
 def test_losses_finite_under_bf16_autocast():
