@@ -64,7 +64,7 @@ def detection_pipeline(
         stick_to_shard=True,  # the epoch plan moves ranks between ranges, one pipeline per epoch
         pad_last_batch=True,  # every rank yields the same number of batches (repeats its last sample)
         random_shuffle=settings.shuffle_buffer > 0,
-        initial_fill=max(settings.shuffle_buffer, 1),
+        initial_fill=max(min(settings.shuffle_buffer, shards.samples), 1),  # no use buffering more than the data
         name=READER_NAME,
     )
     boxes = fn.reshape(boxes, shape=[-1, 4])

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
@@ -119,11 +120,17 @@ def pad_images(images: Sequence[torch.Tensor], shape: tuple[int, int], device: t
     copy is also the one out of the producer's buffers, so padding costs no extra pass.
     """
     out = torch.empty((len(images), *shape, 3), dtype=torch.float32, device=device)
+    # On the CPU, numpy's single-threaded copy: torch's OpenMP copy would compete with the
+    # pipeline's own threads for the same cores and stall at its barriers.
+    target = out.numpy() if device.type == "cpu" else out
     for i, image in enumerate(images):
         h, w = image.shape[:2]
-        out[i, :h, :w] = image
-        out[i, h:] = 0
-        out[i, :h, w:] = 0
+        if device.type == "cpu":
+            np.copyto(target[i, :h, :w], image.numpy())
+        else:
+            target[i, :h, :w] = image
+        target[i, h:] = 0
+        target[i, :h, w:] = 0
     return out.permute(0, 3, 1, 2)
 
 
