@@ -290,3 +290,15 @@ def test_two_gloo_ranks_gather_and_broadcast_the_metrics_of_one_rank(tmp_path):
     )
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_bench_tool_reports_both_paths_with_equal_results(tmp_path):
+    from tools.bench_eval import get_args_parser, main
+
+    out = tmp_path / "bench.json"
+    main(get_args_parser().parse_args(["--images", "6", "--dets-per-image", "10", "--json", str(out)]))
+    figures = json.loads(out.read_text())
+    assert {"ours_s", "reference_s", "speedup", "ap_ours", "ap_reference"} <= figures.keys()
+    assert figures["speedup"] == pytest.approx(figures["reference_s"] / figures["ours_s"])
+    assert figures["ap_ours"] == figures["ap_reference"] and set(figures["ap_ours"]) == {"bbox", "segm"}
+    assert figures["identical_rles"] == figures["masks"] == 60
