@@ -109,7 +109,8 @@ class RoIHeads(nn.Module):
         if not sync_free:
             # Off the sync-free path, run the (costly) mask head on real positives only.
             rows = torch.where(mask_positive)[0]
-            rois, mask_labels, mask_positive, mask_targets = rois[rows], mask_labels[rows], mask_positive[rows], mask_targets[rows]
+            rois, mask_labels, mask_targets = rois[rows], mask_labels[rows], mask_targets[rows]
+            mask_positive = mask_positive[rows]
         mask_logits = self.mask_logits(features, rois, mask_labels, sync_free).float()
         return {
             "loss_classifier": loss_classifier,
@@ -133,14 +134,16 @@ class RoIHeads(nn.Module):
             # Eval is not captured or timed per step, so variable-length selection is fine here.
             image_boxes = boxes[i][proposal_valid[i]][:, 1:].reshape(-1, 4)
             image_scores = scores[i][proposal_valid[i]][:, 1:].reshape(-1)
-            image_labels = torch.arange(1, num_classes, device=boxes.device).repeat(image_boxes.shape[0] // (num_classes - 1))
+            labels = torch.arange(1, num_classes, device=boxes.device)
+            image_labels = labels.repeat(image_boxes.shape[0] // (num_classes - 1))
             keep = torch.where(image_scores > self.score_thresh)[0]
             image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
             keep = remove_small_boxes(image_boxes, MIN_DETECTION_SIZE)
             image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
             keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:d]
             n = keep.numel()
-            out_boxes[i, :n], out_scores[i, :n], out_labels[i, :n] = image_boxes[keep], image_scores[keep], image_labels[keep]
+            out_boxes[i, :n], out_scores[i, :n] = image_boxes[keep], image_scores[keep]
+            out_labels[i, :n] = image_labels[keep]
             num_detections[i] = n
         mask_logits = self.mask_logits(features, boxes_to_rois(out_boxes), out_labels.flatten(), sync_free=False)
         mask_probs = torch.sigmoid(mask_logits.float()).unflatten(0, (batch, d))

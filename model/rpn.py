@@ -58,7 +58,8 @@ class RegionProposals(nn.Module):
     `post_nms_top_n_train` x images proposals over the whole batch (MLPerf's
     num_image_candidates x images per GPU), not the top `post_nms_top_n_train` of each image
     as torchvision does. NMS runs per level on the per-level top `pre_nms_top_n`, and keeps all
-    its survivors (the reference's per-level post-NMS cap equals the pre-NMS count). straddle_thresh: the reference ignores, in the RPN loss, anchors that
+    its survivors (the reference's per-level post-NMS cap equals the pre-NMS count).
+    straddle_thresh: the reference ignores, in the RPN loss, anchors that
     reach more than this many pixels outside the image (-1: keep all, as torchvision).
     """
 

@@ -173,7 +173,8 @@ def load_torchvision_resnet50(model: MaskRCNN, state_dict: Mapping[str, Tensor])
     body_keys = [k[len(BODY) :] for k in model.state_dict() if k.startswith(BODY) and not k.endswith("num_batches_tracked")]
     _require(body_keys, state_dict, "the torchvision ResNet state dict", "keys")
     values = {BODY + k: state_dict[k] for k in body_keys}
-    unexpected = [k for k in state_dict if k not in set(body_keys) and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    ignored = set(body_keys)
+    unexpected = [k for k in state_dict if k not in ignored and not k.startswith("fc.") and "num_batches" not in k]
     return _assign(model, values, "torchvision ResNet", unexpected)
 
 
@@ -235,7 +236,9 @@ def load_weights(model: MaskRCNN, path: str | Path, coco_ids: Sequence[int] = CO
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise WeightsError(f"{path} is not a loadable torch weights file ({e}); pass a state dict saved with torch.save") from e
+        raise WeightsError(
+            f"{path} is not a loadable torch weights file ({e}); pass a state dict saved with torch.save"
+        ) from e
     if not isinstance(state_dict, Mapping):
         raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     if any(k.startswith("static_part.") for k in state_dict):

@@ -94,7 +94,8 @@ def test_training_proposals_per_batch_vs_per_image_by_hand():
     sizes = torch.tensor([[100, 300], [100, 300]], dtype=torch.int32)
     valid_counts = {}
     for per_batch in (True, False):
-        cfg = model_config(*TINY, "model.rpn.post_nms_top_n_train=2", f"model.rpn.post_nms_per_batch={str(per_batch).lower()}")
+        flag = str(per_batch).lower()
+        cfg = model_config(*TINY, "model.rpn.post_nms_top_n_train=2", f"model.rpn.post_nms_per_batch={flag}")
         rpn = build_model(cfg).proposals.train()
         boxes, valid = rpn.propose(objectness, deltas, anchors, sizes, sync_free=True)
         valid_counts[per_batch] = valid.sum(1).tolist()
@@ -120,7 +121,9 @@ def test_box_head_losses_equal_torchvision_fastrcnn_loss():
     sampled[1, 5:] = False
     ours = box_head_losses(logits, deltas, labels, targets, sampled, beta=1 / 9)
     rows = sampled.flatten()
-    theirs = fastrcnn_loss(logits.flatten(0, 1)[rows], deltas.flatten(0, 1)[rows], [labels.flatten()[rows]], [targets.flatten(0, 1)[rows]])
+    theirs = fastrcnn_loss(
+        logits.flatten(0, 1)[rows], deltas.flatten(0, 1)[rows], [labels.flatten()[rows]], [targets.flatten(0, 1)[rows]]
+    )
     torch.testing.assert_close(torch.stack(ours), torch.stack(theirs))
 
 

@@ -116,9 +116,8 @@ def test_torchvision_maskrcnn_checkpoint_with_old_names_and_coco_ids(tmp_path):
     # The published checkpoint predates Conv2dNormActivation: old names for the RPN conv, FPN and mask head.
     old = {}
     for k, v in state.items():
-        k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace(".0.weight", ".weight").replace(".0.bias", ".bias") if (
-            k.startswith("rpn.head.conv") or k.startswith("backbone.fpn.")
-        ) else k
+        if k.startswith(("rpn.head.conv", "backbone.fpn.")):
+            k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace(".0.weight", ".weight").replace(".0.bias", ".bias")
         for i in range(4):
             k = k.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
         old[k] = v
@@ -129,14 +128,17 @@ def test_torchvision_maskrcnn_checkpoint_with_old_names_and_coco_ids(tmp_path):
     load_weights(model, path)
     ours = model.state_dict()
     rows = torch.tensor([0, *COCO_CATEGORY_IDS])
-    assert torch.equal(ours["roi_heads.box_predictor.cls_score.weight"], state["roi_heads.box_predictor.cls_score.weight"][rows])
-    assert torch.equal(
-        ours["roi_heads.box_predictor.bbox_pred.bias"].view(-1, 4), state["roi_heads.box_predictor.bbox_pred.bias"].view(-1, 4)[rows]
-    )
-    assert torch.equal(ours["roi_heads.mask_predictor.mask_fcn_logits.weight"], state["roi_heads.mask_predictor.mask_fcn_logits.weight"][rows])
-    assert torch.equal(ours["static_part.rpn_head.conv.0.0.weight"], state["rpn.head.conv.0.0.weight"])
-    assert torch.equal(ours["static_part.backbone.fpn.inner_blocks.2.0.weight"], state["backbone.fpn.inner_blocks.2.0.weight"])
-    assert torch.equal(ours["roi_heads.mask_head.3.0.weight"], state["roi_heads.mask_head.3.0.weight"])
+    for key in ("box_predictor.cls_score.weight", "mask_predictor.mask_fcn_logits.weight"):
+        assert torch.equal(ours[f"roi_heads.{key}"], state[f"roi_heads.{key}"][rows]), key
+    box_bias = "roi_heads.box_predictor.bbox_pred.bias"
+    assert torch.equal(ours[box_bias].view(-1, 4), state[box_bias].view(-1, 4)[rows])
+    renamed = {
+        "static_part.rpn_head.conv.0.0.weight": "rpn.head.conv.0.0.weight",
+        "static_part.backbone.fpn.inner_blocks.2.0.weight": "backbone.fpn.inner_blocks.2.0.weight",
+        "roi_heads.mask_head.3.0.weight": "roi_heads.mask_head.3.0.weight",
+    }
+    for our_key, their_key in renamed.items():
+        assert torch.equal(ours[our_key], state[their_key]), our_key
     assert torch.equal(ours[BODY + "bn1.running_var"], state["backbone.body.bn1.running_var"])
 
 

@@ -27,7 +27,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
     parser.add_argument("--iters", type=int, default=3, help="timed steps per model (after one warm-up step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--config", type=Path, default=Path("configs/reference.yaml"), help="config whose model: section we build")
+    parser.add_argument(
+        "--config", type=Path, default=Path("configs/reference.yaml"), help="config whose model: section we build"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.backbone.depth=26")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return parser
