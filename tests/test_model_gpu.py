@@ -34,10 +34,9 @@ def test_graphed_static_part_matches_eager_outputs_and_gradients():
     graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images.clone(),))
     model.static_part.graphs[tuple(images.shape)] = graphed
     graph_outputs, graph_grads = outputs_and_grads()
-    for e, g in zip(eager_outputs, graph_outputs):
-        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
-    for e, g in zip(eager_grads, graph_grads):
-        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)
+    # Same kernels either way; cuDNN may pick other algorithms, so allow rounding-level differences.
+    for e, g in zip(eager_outputs + list(eager_grads), graph_outputs + list(graph_grads)):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4 * float(e.abs().max()))
 
 
 def test_training_step_makes_no_host_synchronization():
