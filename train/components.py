@@ -6,6 +6,7 @@ the same thing. Every function takes what it needs as arguments; nothing reads e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model import build_model
 from pipeline.loader import build_loader
 from pipeline.shard_format import read_manifest
+from pipeline.transforms import bucket_shapes
 from train.config import Config, ConfigError
 from train.distributed import DistributedContext
 
@@ -55,6 +58,15 @@ def require_file(path: str, key: str, what: str) -> Path:
     if not path or not Path(path).is_file():
         raise ConfigError(f"{key}={path!r} is not a file; pass {what}")
     return Path(path)
+
+
+def require_inputs(cfg: Config) -> None:
+    """Every input a training run reads exists (one clear sentence for the first that does not)."""
+    require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+    require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
+    require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
+    if cfg.train.weights:
+        require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict")
 
 
 def build_train_loader(cfg: Config, ctx: DistributedContext) -> Any:
@@ -98,3 +110,28 @@ def build_training_model(cfg: Config, device: torch.device, num_classes: int) ->
 
         load_weights(model, require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict"))
     return model.to(device).to(memory_format=torch.channels_last)
+
+
+def bucket_list(data_cfg: Config) -> list[tuple[int, int]]:
+    """The padded (h, w) shapes the loader produces under static shapes (the same rule as the loader)."""
+    buckets = bucket_shapes(data_cfg.min_size, data_cfg.max_size, data_cfg.size_divisibility, data_cfg.buckets)
+    return sorted(set(buckets.values()))
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in state_dict order: equal digests, identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_parameter_digests(model: torch.nn.Module, ctx: DistributedContext) -> list[str]:
+    """Every rank's `parameter_digest`, in rank order."""
+    mine = parameter_digest(model)
+    if not ctx.is_distributed:
+        return [mine]
+    digests: list[str] = [""] * ctx.world_size
+    dist.all_gather_object(digests, mine)
+    return digests

@@ -144,7 +144,7 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"the loss was not finite for {self.in_a_row} iterations in a row, the last at iteration "
                 f"{step.iteration} ({', '.join(f'{k}={v:.4g}' for k, v in step.losses.items())}); "
-                "the run stopped and kept its last good checkpoint: lower solver.base_lr or use train.precision=fp32"
+                "the run stopped and kept its last good checkpoint: lower solver.base_lr or lengthen solver.warmup_iters"
             )
 
 

@@ -36,6 +36,7 @@ import torch
 from mlperf_logging.mllog import constants as C
 from torch.nn.parallel import DistributedDataParallel
 
+from model.weights import WeightsError
 from pipeline.shard_format import ShardFormatError, read_manifest
 from train import components
 from train.checkpoint import (
@@ -57,7 +58,7 @@ from train.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from train.evaluation import COCOEvaluator, EvaluationError, inference_on_dataset
+from train.evaluation import COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
 from train.metrics import RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
 from train.solver import build_optimizer, log_closed_division_check
@@ -65,7 +66,7 @@ from train.solver import build_optimizer, log_closed_division_check
 log = logging.getLogger("train")
 
 # Errors a user can cause and fix; main() ends them with one sentence and exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, EvaluationError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -101,6 +102,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         from train.dry_run import run_dry_runs
 
         return run_dry_runs(args.dry_run, cfg, ctx, iters=args.iters, report=args.report)
+    components.require_inputs(cfg)  # before anything is written: a bad path costs nothing
     output_dir = Path(cfg.output_dir)
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Data: training shards sharded by rank; evaluation reads the original annotations.
     train_loader = components.build_train_loader(cfg, ctx)
     val_loader = components.build_val_loader(cfg, ctx)
-    components.require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
     evaluator = COCOEvaluator.for_shards(
         cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers
     )
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
     log.info(graph_static_part(
         model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-        buckets=cfg.data.buckets, images_per_rank=images_per_rank, autocast=autocast,
+        buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
     ))
     trained = DistributedDataParallel(model) if ctx.is_distributed else model
     if checkpoint is not None:
@@ -199,6 +200,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 mlog.start(C.EVAL_START, epoch_num=epoch + 1)
                 eval_start = time.perf_counter()
                 results = inference_on_dataset(model, val_loader, evaluator)
+                if ctx.is_main:  # the latest evaluation's detections, for pictures and tools/visualize.py
+                    (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
                 eval_seconds += time.perf_counter() - eval_start
                 mlog.end(C.EVAL_STOP, epoch_num=epoch + 1)
                 log_eval_accuracy(mlog, epoch=epoch + 1, box_ap=results["bbox"]["AP"], mask_ap=results["segm"]["AP"])
@@ -230,6 +233,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": optimizer_name,
         "precision": precision,
         "world_size": ctx.world_size,
+        # DDP keeps replicas identical; this records that it did (one digest per rank)
+        "parameter_digests": components.gather_parameter_digests(model, ctx),
     }
     if ctx.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -240,6 +245,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def setup_logging(ctx: DistributedContext) -> None:
     """Rank 0 logs at INFO; other ranks only warnings, so the console shows one run."""
     logging.basicConfig(
+        stream=sys.stdout,  # stderr is for the one-sentence errors
         level=logging.INFO if ctx.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {ctx.rank}] %(message)s",
         datefmt="%H:%M:%S",
