@@ -2,7 +2,8 @@
 
     python train/main.py --config C --data SHARDS --dry-run pipeline|model|full|all --iters N [--report OUT.json]
 
-- pipeline: the input pipeline alone, batches pulled as fast as it delivers them;
+- pipeline: the input pipeline alone, batches pulled as fast as it delivers them
+  (pipeline/bench.py, with its per-stage breakdown and, for DALI, the bare-DALI ceiling);
 - model: the training step on one synthetic batch at the first bucket shape, no loading;
 - full: the real training loop (loader + step), without evaluation or checkpoints.
 
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from model.synthetic import synthetic_batch
+from pipeline.bench import run_pipeline_benchmark
 from pipeline.shard_format import read_manifest
 from train import components
 from train.config import Config
@@ -123,16 +125,17 @@ def _model_parts(cfg: Config, ctx: DistributedContext, num_classes: int):
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
-    loader = components.build_train_loader(cfg, ctx)
-    batches = _endless(loader)
-
-    def step(clock: StageClock) -> None:
-        next(batches)
-        clock.lap("next_batch")
-
-    result = measure("pipeline", step, iters=iters, images_per_iter=cfg.solver.ims_per_batch // ctx.world_size, device=ctx.device)
-    if hasattr(loader, "timings"):
-        result["pipeline_stages"] = loader.timings()
+    """The pipeline's own benchmark (pipeline/bench.py) on this rank's share of the batch."""
+    result = run_pipeline_benchmark(
+        cfg.data,
+        components.require_shards(cfg.data.train_shards, "data.train_shards (--data)"),
+        batch_size=components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
+        iters=iters,
+        warmup=WARMUP_ITERS,
+        device=ctx.device,
+    )
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stage_ms_per_image"].items() if v is not None)
+    log.info("dry run pipeline %8.2f images/s  (%s ms per image)", result["images_per_s"], stages)
     return result
 
 
