@@ -287,7 +287,7 @@ def inference_on_dataset(
     evaluator.reset()
     was_training = model.training
     model.eval()
-    num_images = num_timed = 0
+    num_batches = num_images = num_timed = 0
     first = start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -296,16 +296,18 @@ def inference_on_dataset(
                     _synchronize(batch)
                     start, num_timed = time.perf_counter(), 0
                 evaluator.process(batch, model(batch))
+                num_batches += 1
                 num_images += len(batch)
                 num_timed += len(batch)
-            if num_images:
+            if num_batches:
                 _synchronize(batch)
     finally:
         model.train(was_training)
     end = time.perf_counter()
+    warmup = f" after {num_warmup} warm-up batches" if num_batches > num_warmup else ""
     print(
-        f"inference: {num_images} images (padded repeats included) in {end - first:.1f} s, "
-        f"{num_timed / max(end - start, 1e-9):.1f} images/s after {num_warmup} warm-up batches"
+        f"inference: {num_images} images (padded repeats included) in {num_batches} batches, {end - first:.1f} s; "
+        f"{num_timed / max(end - start, 1e-9):.1f} images/s{warmup}"
     )
     return evaluator.evaluate()
 
