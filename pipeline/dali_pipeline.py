@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -24,6 +25,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipeline.batch import Batch
+from pipeline.buffers import BufferPool
 from pipeline.sampling import batches_per_rank, derive_seed, group_order, reader_shard
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
@@ -161,6 +163,7 @@ class DaliLoader:
         }
         self.timer = StageTimer(hidden=("read", "decode", "augment"))
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._buffers = BufferPool()
         self._epoch = 0
         self._position = 0  # batches of the current epoch already handed out
         self._pipes: dict[str, Any] = {}
@@ -243,18 +246,18 @@ class DaliLoader:
 
     def _to_batch(self, outputs, group: str) -> Batch:
         images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
+        folder = self.shard_set.folder
         host = {
-            "original": _dense(original).int(),
-            "resized": _dense(resized).int(),
-            "flipped": _dense(coin).bool(),
-            "boxes": _dense(boxes),
-            "labels": _dense(labels).long(),
-            "num_boxes": _dense(num_boxes).int(),
-            "verts": _dense(verts),
-            "polys": _dense(polys),
-            "num_polys": _dense(num_polys).int(),
+            "original": _dense(original, folder).int(),
+            "resized": _dense(resized, folder).int(),
+            "flipped": _dense(coin, folder).bool(),
+            "boxes": _dense(boxes, folder),
+            "labels": _dense(labels, folder).long(),
+            "num_boxes": _dense(num_boxes, folder).int(),
+            "verts": _dense(verts, folder),
+            "polys": _dense(polys, folder),
+            "num_polys": _dense(num_polys, folder).int(),
         }
-        _check_maxima(host, self.shard_set)
         ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
         bucket = None if self.settings.buckets is None else self.settings.buckets[group]
         if bucket is not None:
@@ -265,7 +268,9 @@ class DaliLoader:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
             batch = Batch(
-                images=pad_images([torch.from_dlpack(images[i]) for i in range(len(images))], shape, self.device),
+                images=pad_images(
+                    [torch.from_dlpack(images[i]) for i in range(len(images))], shape, self.device, self._buffers
+                ),
                 image_sizes=host["resized"],
                 original_sizes=host["original"],
                 scales=host["resized"].float() / host["original"].float(),
@@ -286,23 +291,18 @@ class DaliLoader:
         return batch
 
 
-def _dense(tensor_list) -> torch.Tensor:
+def _dense(tensor_list, folder: Path) -> torch.Tensor:
     """Copy a uniform-shape CPU TensorList into a new torch tensor (DALI reuses its buffers)."""
+    if not tensor_list.is_dense_tensor():
+        # fn.pad never crops: ground truth longer than the manifest's maxima leaves ragged shapes.
+        raise ShardReadError(
+            f"{folder}/manifest.json: a sample has more instances, polygons or vertices than max_instances/"
+            f"max_polygons/max_vertices; re-run tools/shard_coco.py to rewrite the manifest"
+        )
     dense = tensor_list.as_tensor()
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype])
     feed_ndarray(dense, out)
     return out
-
-
-def _check_maxima(host: dict[str, torch.Tensor], shard_set: ShardSet) -> None:
-    # fn.pad never crops, but a manifest that understates the maxima must not pass silently.
-    if int(host["num_boxes"].max()) > max(shard_set.max_instances, 1) or int(host["num_polys"].max()) > max(
-        shard_set.max_polygons, 1
-    ):
-        raise ShardReadError(
-            f"{shard_set.folder}/manifest.json: max_instances/max_polygons are smaller than a sample's; "
-            f"re-run tools/shard_coco.py to rewrite the manifest"
-        )
 
 
 _SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")

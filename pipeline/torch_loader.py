@@ -23,6 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
+from pipeline.buffers import BufferPool
 from pipeline.sampling import batches_per_rank, group_order, reader_shard, shard_range
 from pipeline.settings import LoaderSettings
 from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
@@ -197,6 +198,7 @@ def pad_batch(
     settings: LoaderSettings,
     bucket: tuple[int, int] | None,
     maxima: tuple[int, int, int],
+    buffers: BufferPool | None = None,
 ) -> Batch:
     """Pad images (to the bucket, or the batch's largest size rounded up) and ground truth (to the maxima)."""
     max_instances, max_polygons, max_vertices = maxima
@@ -206,7 +208,7 @@ def pad_batch(
     if bucket is not None:
         check_fits_bucket(resized, bucket, image_ids)
     shape = padded_shape(resized, bucket, settings.size_divisibility)
-    images = pad_images([s["image"] for s in samples], shape, samples[0]["image"].device)
+    images = pad_images([s["image"] for s in samples], shape, samples[0]["image"].device, buffers)
 
     def padded(name: str, rows: int, fill: float) -> torch.Tensor:
         first = samples[0][name]
@@ -215,11 +217,12 @@ def pad_batch(
             out[i, : len(s[name])] = s[name]
         return out
 
+    for s in samples:
+        if len(s["boxes"]) > max_instances or len(s["polys"]) > max_polygons or len(s["verts"]) > max_vertices:
+            tar, key = s["source"]
+            raise shard_error(tar, "the sample has more instances, polygons or vertices than manifest.json's maxima", key)
     num_boxes = torch.tensor([len(s["boxes"]) for s in samples], dtype=torch.int32)
     num_polys = torch.tensor([len(s["polys"]) for s in samples], dtype=torch.int32)
-    if int(num_boxes.max()) > max_instances or int(num_polys.max()) > max_polygons:
-        tar, key = samples[int(torch.argmax(num_boxes))]["source"]
-        raise shard_error(tar, "a sample has more instances than manifest.json's maxima", key)
     polys = padded("polys", max_polygons, 0)
     polys[..., 0][torch.arange(max_polygons) >= num_polys[:, None]] = -1  # padding rows are (-1, 0, 0)
     return Batch(
@@ -292,6 +295,7 @@ class TorchLoader:
             prefetch_factor=settings.prefetch if workers > 0 else None,
         )
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._buffers = BufferPool()
 
     def __len__(self) -> int:
         return sum(batches_per_rank(s.samples, self.world_size, self.batch_size) for s in self.shard_set.groups.values())
@@ -330,8 +334,7 @@ class TorchLoader:
         for entries in self._sampler.batches:
             with self.timer.measure("wait"):
                 samples = next(batches)
-            with self.timer.measure("collate"):
-                batch = self._finish(samples, entries[0][0])
+            batch = self._finish(samples, entries[0][0])
             self.timer.count(len(batch))
             self._position += 1
             yield batch
@@ -348,7 +351,9 @@ class TorchLoader:
                 for stage, seconds in s["times"].items():
                     self.timer.add(stage, seconds)
             bucket = None if self.settings.buckets is None else self.settings.buckets[group]
-            batch = pad_batch(samples, self.settings, bucket, self.maxima).to(self.device, non_blocking=True)
+            with self.timer.measure("collate"):
+                batch = pad_batch(samples, self.settings, bucket, self.maxima, self._buffers)
+                batch = batch.to(self.device, non_blocking=True)
         if stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(stream)

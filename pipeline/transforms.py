@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from pipeline.buffers import BufferPool
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -113,13 +115,16 @@ def padded_shape(
     return round_up(int(image_sizes[:, 0].max()), divisor), round_up(int(image_sizes[:, 1].max()), divisor)
 
 
-def pad_images(images: Sequence[torch.Tensor], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+def pad_images(
+    images: Sequence[torch.Tensor], shape: tuple[int, int], device: torch.device, buffers: BufferPool | None = None
+) -> torch.Tensor:
     """Normalized [h, w, 3] images -> [B, 3, H, W] channels_last, content top-left, zeros elsewhere.
 
     Written into an NHWC buffer viewed as NCHW, which is exactly the channels_last layout; this
     copy is also the one out of the producer's buffers, so padding costs no extra pass.
     """
-    out = torch.empty((len(images), *shape, 3), dtype=torch.float32, device=device)
+    size = (len(images), *shape, 3)
+    out = buffers.empty(size, device) if buffers is not None else torch.empty(size, dtype=torch.float32, device=device)
     # On the CPU, numpy's single-threaded copy: torch's OpenMP copy would compete with the
     # pipeline's own threads for the same cores and stall at its barriers.
     target = out.numpy() if device.type == "cpu" else out

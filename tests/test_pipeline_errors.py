@@ -84,3 +84,14 @@ def test_jpeg_that_does_not_decode_names_shard_and_sample(shards_copy, backend):
     with pytest.raises(ShardReadError) as error:
         load_all(shards_copy, backend)
     assert_one_sentence(error.value, tar.name, f"sample {key}", "does not decode", "tools/shard_coco.py --verify")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ground_truth_beyond_the_manifest_maxima_is_an_error_not_a_truncation(shards_copy, backend):
+    manifest_path = shards_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["max_instances"] = manifest["max_polygons"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardReadError) as error:
+        load_all(shards_copy, backend)
+    assert_one_sentence(error.value, "max", "tools/shard_coco.py")
