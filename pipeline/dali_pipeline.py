@@ -1,9 +1,11 @@
 """The DALI backend: one pipeline per orientation group, read as a line of stages.
 
 `detection_pipeline` is the whole per-sample path: webdataset reader (this rank's range, seeded
-shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip image,
-boxes and polygons with that coin -> resize (reference sizes, integer maths shared with the
-torch fallback) -> normalize and pad -> ground truth padded to the manifest's maxima.
+shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip and
+normalize the image (crop_mirror_normalize), flip boxes and polygons (bb_flip, coord_flip), all
+with that coin -> resize (reference sizes, integer maths shared with the torch fallback) ->
+ground truth padded to the manifest's maxima. Images are padded to their bucket in the one copy
+out of DALI's buffers (`transforms.pad_images`), which costs no extra pass over the pixels.
 
 `DaliLoader` runs one such pipeline per group, picks the group of each batch from the shared
 epoch plan (pipeline/sampling.py) and turns DALI's outputs into a `Batch` on the device.
@@ -26,7 +28,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipeline.batch import Batch
 from pipeline.buffers import BufferPool
-from pipeline.sampling import batches_per_rank, derive_seed, group_order, reader_shard
+from pipeline.sampling import derive_seed, group_batches, group_order, reader_shard
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
 from pipeline.shard_format import GROUPS
@@ -158,9 +160,7 @@ class DaliLoader:
         self.seed = seed
         self.device = device
         self.decode_on_gpu = device.type == "cuda" and settings.decode_device != "cpu"
-        self.batches = {
-            g: batches_per_rank(s.samples, world_size, batch_size) for g, s in shard_set.groups.items()
-        }
+        self.batches = group_batches(shard_set.samples, world_size, batch_size)
         self.timer = StageTimer(hidden=("read", "decode", "augment"))
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._buffers = BufferPool()

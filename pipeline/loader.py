@@ -85,6 +85,13 @@ def build_loader(
     if settings.decode_device == "gpu" and device.type != "cuda":
         raise ValueError("data.decode_device=gpu needs a CUDA training device; use data.decode_device=auto or cpu")
     shard_set = open_shard_set(shard_dir)
+    for group, shards in shard_set.groups.items():
+        if 0 < shards.samples < world_size:
+            # DALI's readers need a sample for every rank; a rank with nothing to read cannot pad.
+            raise ValueError(
+                f"{shard_dir}: the {group} group has {shards.samples} samples, fewer than the {world_size} ranks; "
+                f"use fewer ranks or more images"
+            )
     kwargs = dict(
         training=training, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device
     )

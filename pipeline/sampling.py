@@ -38,6 +38,11 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
     return -(-largest // batch_size)
 
 
+def group_batches(samples: dict[str, int], world_size: int, batch_size: int) -> dict[str, int]:
+    """Batches per rank of each group, from the groups' sample counts."""
+    return {group: batches_per_rank(n, world_size, batch_size) for group, n in samples.items()}
+
+
 def group_order(batches: dict[str, int], seed: int, epoch: int) -> list[str]:
     """The group of every batch of an epoch, drawn in proportion to the batches each has left."""
     rng = np.random.default_rng([seed, epoch])

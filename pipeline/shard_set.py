@@ -54,6 +54,10 @@ class ShardSet:
     groups: dict[str, GroupShards]
 
     @property
+    def samples(self) -> dict[str, int]:
+        return {group: shards.samples for group, shards in self.groups.items()}
+
+    @property
     def max_instances(self) -> int:
         return int(self.manifest["max_instances"])
 

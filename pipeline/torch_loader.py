@@ -24,7 +24,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
 from pipeline.buffers import BufferPool
-from pipeline.sampling import batches_per_rank, group_order, reader_shard, shard_range
+from pipeline.sampling import group_batches, group_order, reader_shard, shard_range
 from pipeline.settings import LoaderSettings
 from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
@@ -33,9 +33,9 @@ from pipeline.transforms import (
     check_fits_bucket,
     flip_boxes,
     flip_vertices,
-    resized_size,
     pad_images,
     padded_shape,
+    resized_size,
     scale_boxes,
     scale_vertices,
     transform_image,
@@ -71,7 +71,7 @@ def epoch_plan(
 ) -> list[list[tuple[str, int, bool]]]:
     """This rank's batches for an epoch: lists of (group, sample position, flip)."""
     per_group: dict[str, list[list[tuple[str, int, bool]]]] = {}
-    batches = {g: batches_per_rank(s.samples, world_size, batch_size) for g, s in shard_set.groups.items()}
+    batches = group_batches(shard_set.samples, world_size, batch_size)
     for group_index, group in enumerate(GROUPS):
         if not batches[group]:
             continue
@@ -202,6 +202,10 @@ def pad_batch(
 ) -> Batch:
     """Pad images (to the bucket, or the batch's largest size rounded up) and ground truth (to the maxima)."""
     max_instances, max_polygons, max_vertices = maxima
+    for s in samples:
+        if len(s["boxes"]) > max_instances or len(s["polys"]) > max_polygons or len(s["verts"]) > max_vertices:
+            tar, key = s["source"]
+            raise shard_error(tar, "the sample has more instances, polygons or vertices than manifest.json's maxima", key)
     original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
     resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
     image_ids = torch.tensor([s["image_id"] for s in samples], dtype=torch.int64)
@@ -217,10 +221,6 @@ def pad_batch(
             out[i, : len(s[name])] = s[name]
         return out
 
-    for s in samples:
-        if len(s["boxes"]) > max_instances or len(s["polys"]) > max_polygons or len(s["verts"]) > max_vertices:
-            tar, key = s["source"]
-            raise shard_error(tar, "the sample has more instances, polygons or vertices than manifest.json's maxima", key)
     num_boxes = torch.tensor([len(s["boxes"]) for s in samples], dtype=torch.int32)
     num_polys = torch.tensor([len(s["polys"]) for s in samples], dtype=torch.int32)
     polys = padded("polys", max_polygons, 0)
@@ -298,7 +298,7 @@ class TorchLoader:
         self._buffers = BufferPool()
 
     def __len__(self) -> int:
-        return sum(batches_per_rank(s.samples, self.world_size, self.batch_size) for s in self.shard_set.groups.values())
+        return sum(group_batches(self.shard_set.samples, self.world_size, self.batch_size).values())
 
     def set_epoch(self, epoch: int) -> None:
         if self._resume is not None and self._resume["epoch"] != epoch:
