@@ -43,13 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def print_report(result: dict) -> None:
-    print(f"{result['backend']}: {result['images_per_s']:.1f} images/s "
+    print(f"{result['backend']}: {result['images_per_s']:.1f} images/s, {result['cpu_ms_per_image']:.1f} CPU ms/image in this process "
           f"(batch {result['batch_size']}, {result['num_threads']} threads, sizes {result['min_size']}/{result['max_size']})")
     for stage, ms in result["stage_ms_per_image"].items():
         print(f"  {stage:8s} {'inside DALI' if ms is None else f'{ms:8.2f} ms/image'}")
     for name, figures in result["baselines"].items():
         if "images_per_s" in figures:
-            print(f"baseline {name}: {figures['images_per_s']:.1f} images/s")
+            cpu = f", {figures['cpu_ms_per_image']:.1f} CPU ms/image" if "cpu_ms_per_image" in figures else ""
+            print(f"baseline {name}: {figures['images_per_s']:.1f} images/s{cpu}")
     for name, ratio in result["ratios"].items():
         print(f"ratio {name}: {ratio:.2f}x")
     machine = result["machine"]
