@@ -180,6 +180,8 @@ class DaliLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the batches already yielded in it, and each group pipeline's DALI checkpoint."""
+        if self._resume is not None:  # loaded but not iterated yet
+            return dict(self._resume)
         return {
             "epoch": self._epoch,
             "position": self._position,

@@ -306,6 +306,9 @@ class TorchLoader:
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
+        """The epoch and the batches already yielded in it (the plan replays the rest without decoding)."""
+        if self._resume is not None:  # loaded but not iterated yet
+            return dict(self._resume)
         return {"epoch": self._epoch, "position": self._position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

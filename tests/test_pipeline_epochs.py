@@ -90,5 +90,6 @@ def test_resume_after_k_batches_yields_the_rest_of_the_epoch(train_shards, backe
     state = interrupted.state_dict()
     resumed = loader(train_shards, backend, training=True, overrides=overrides)
     resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # a checkpoint taken before iterating keeps the resume point
     resumed.set_epoch(2)  # the trainer's usual call keeps the resume point of the same epoch
     assert_same_batches(list(resumed), uninterrupted[k:])
