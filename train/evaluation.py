@@ -11,6 +11,7 @@ faster), prints the usual table and returns the 12 COCO stats of each type on ev
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,10 +23,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from model import build_model
 from model.detections import Detections
+from model.weights import WeightsError, load_weights
 from pipeline.batch import Batch
 from pipeline.shard_format import file_sha256, read_manifest
+from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from train.mask_encoding import encode_masks, init_worker
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -201,14 +207,7 @@ class COCOEvaluator:
 
     def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
         coco_dt = _load_results(self._coco_gt, _coco_results(merged, iou_type))
-        if self.backend == "faster":
-            from faster_coco_eval import COCOeval_faster
-
-            evaluator = COCOeval_faster(self._coco_gt, coco_dt, iou_type, print_function=print)
-        else:
-            from pycocotools.cocoeval import COCOeval
-
-            evaluator = COCOeval(self._coco_gt, coco_dt, iou_type)
+        evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         print(f"COCO {iou_type} ({self.backend}):")
@@ -244,9 +243,6 @@ def build_eval_model(
     `weights` is a trainer checkpoint (train/checkpoint.py) or any file `model.load_weights`
     reads; one that does not fit the model raises EvaluationError.
     """
-    from model import build_model
-    from model.weights import WeightsError, load_weights
-
     model = build_model(model_cfg, num_classes=len(categories) + 1)
     try:
         state = _checkpoint_model_state(Path(weights))
@@ -265,13 +261,11 @@ def build_eval_model(
 
 def _checkpoint_model_state(path: Path) -> Mapping[str, torch.Tensor] | None:
     """The model state of a trainer checkpoint, or None for any other file."""
-    from train.checkpoint import FORMAT
-
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # not a torch file at all: load_weights explains what it expects
         return None
-    if isinstance(saved, Mapping) and saved.get("format") == FORMAT:
+    if isinstance(saved, Mapping) and saved.get("format") == CHECKPOINT_FORMAT:
         return saved["model"]
     return None
 
@@ -320,14 +314,19 @@ def _synchronize(batch: Batch) -> None:
 def _load_ground_truth(annotations_file: Path, backend: str) -> Any:
     if not annotations_file.is_file():
         raise EvaluationError(f"{annotations_file} does not exist; pass the COCO instances JSON, e.g. instances_val2017.json")
-    if backend == "faster":
-        from faster_coco_eval import COCO
-    else:
-        from pycocotools.coco import COCO
     try:
-        return COCO(str(annotations_file))
+        return _coco_api(backend)[0](str(annotations_file))
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise EvaluationError(f"{annotations_file} is not a COCO instances file ({e}); pass instances_val2017.json") from e
+
+
+def _coco_api(backend: str) -> tuple[Any, Any]:
+    """(COCO, COCOeval) of a backend; faster-coco-eval is an optional extra, imported only when asked for."""
+    if backend == "faster":
+        from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
+
+        return FasterCOCO, functools.partial(COCOeval_faster, print_function=print)
+    return COCO, COCOeval
 
 
 def _category_lookup(categories: Sequence[Mapping[str, Any]], coco_gt: Any, annotations_file: Path) -> np.ndarray:
