@@ -15,11 +15,13 @@ from PIL import Image, ImageDraw
 from pipeline.shard_format import GROUPS, Sample, shard_name, write_manifest, write_shard
 from train.config import load_config
 
+REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
+
 
 def data_config(*overrides: str):
     """The reference `data` section with small sizes and one worker thread, plus `overrides`."""
     base = ["data.min_size=96", "data.max_size=160", "data.num_threads=1", "data.shuffle_buffer=8"]
-    return load_config("configs/reference.yaml", [*base, *overrides]).data
+    return load_config(REFERENCE_CONFIG, [*base, *overrides]).data
 
 
 def asymmetric_instances(height: int, width: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
