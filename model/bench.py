@@ -4,7 +4,8 @@ Both models are the benchmark's configuration: ResNet-50-FPN, FrozenBatchNorm, s
 frozen, 81 classes, random weights (speed does not depend on them). torchvision gets the
 same images (its transform set to keep their size) and the same boxes; it needs full-image
 masks, for which it gets the boxes filled (its cost does not depend on mask content). Steps
-alternate between the two models, and the median step time of each is reported.
+alternate between the two models, and the median step time of each is reported (on CPU
+also the median process CPU time, which a busy shared machine disturbs less).
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def torchvision_inputs(batch: Batch) -> tuple[list[torch.Tensor], list[dict[str,
     return images, targets
 
 
-def _timed(step: Callable[[], None], device: torch.device) -> float:
+def _timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _training_step(model: torch.nn.Module, inputs: tuple, amp_dtype: torch.dtype | None) -> Callable[[], None]:
@@ -122,15 +124,20 @@ def run_model_benchmark(
         for _ in range(iters):
             ours_times.append(_timed(ours_step, device))
             their_times.append(_timed(their_step, device))
-        result[f"ours_{prefix}step_s"] = statistics.median(ours_times)
-        result[f"torchvision_{prefix}step_s"] = statistics.median(their_times)
-        result[f"ratio_{prefix}vs_torchvision"] = result[f"ours_{prefix}step_s"] / result[f"torchvision_{prefix}step_s"]
+        ours_wall, ours_cpu = (statistics.median(t) for t in zip(*ours_times))
+        their_wall, their_cpu = (statistics.median(t) for t in zip(*their_times))
+        result[f"ours_{prefix}step_s"] = ours_wall
+        result[f"torchvision_{prefix}step_s"] = their_wall
+        result[f"ratio_{prefix}vs_torchvision"] = ours_wall / their_wall
+        if device.type == "cpu":  # CPU seconds: steadier than wall time on a shared machine
+            result["ours_step_cpu_s"], result["torchvision_step_cpu_s"] = ours_cpu, their_cpu
+            result["ratio_cpu_vs_torchvision"] = ours_cpu / their_cpu
     if device.type == "cuda":
         capture_static_part(ours, batch.images, torch.bfloat16)
         graphed_step = _training_step(ours, (batch,), torch.bfloat16)
         for _ in range(warmup):
             graphed_step()
-        times = [_timed(graphed_step, device) for _ in range(iters)]
+        times = [_timed(graphed_step, device)[0] for _ in range(iters)]
         result["ours_amp_graphed_step_s"] = statistics.median(times)
         result["ratio_amp_graphed_vs_torchvision"] = result["ours_amp_graphed_step_s"] / result["torchvision_amp_step_s"]
     return result
