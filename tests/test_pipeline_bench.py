@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from pipeline_shards import REFERENCE_CONFIG
 from tools import bench_pipeline
 
-SMALL = ["data.min_size=96", "data.max_size=160", "data.num_threads=1"]
+SMALL = ["--config", str(REFERENCE_CONFIG), "data.min_size=96", "data.max_size=160", "data.num_threads=1"]
 
 
 def test_benchmark_reports_rates_stages_and_ratios(train_shards, synthetic_coco, tmp_path, capsys):
@@ -35,6 +36,6 @@ def test_torch_backend_reports_its_own_stages(train_shards):
 
 
 def test_bad_shard_folder_exits_with_one_line(tmp_path, capsys):
-    args = bench_pipeline.get_args_parser().parse_args(["--data", str(tmp_path / "none"), "--iters", "1"])
+    args = bench_pipeline.get_args_parser().parse_args(["--data", str(tmp_path / "none"), "--iters", "1", "--config", str(REFERENCE_CONFIG)])
     assert bench_pipeline.main(args) == 1
     assert capsys.readouterr().err.count("\n") == 1
