@@ -13,7 +13,11 @@ iteration:
 - `state_dict()` / `load_state_dict()`: mid-epoch resume. After loading, the next iteration
   yields exactly the batches an uninterrupted epoch would have yielded after the saved position
   (DALI: the group pipelines' own checkpoints; torch: the plan is replayed without decoding).
+  A state belongs to the backend that saved it. `set_epoch` with the saved epoch keeps it.
 - `timings()`: per-stage totals and per-image milliseconds (pipeline/timing.py).
+
+Batches belong to the consumer: they are copied out of the pipeline's buffers, and a CPU image
+buffer is recycled only once nothing references it any more (pipeline/buffers.py).
 """
 
 from __future__ import annotations
