@@ -30,7 +30,7 @@ def test_hyperparameter_keys_and_values(tmp_path):
     assert values["opt_learning_rate_decay_factor"] == 0.1
     assert values["opt_learning_rate_warmup_steps"] == 500
     assert values["min_image_size"] == 800 and values["max_image_size"] == 1333
-    assert values["num_image_candidates"] == 2000
+    assert values["num_image_candidates"] == cfg.model.rpn.post_nms_top_n_train
     assert values["train_samples"] == 117266 and values["eval_samples"] == 5000
     assert values["gradient_accumulation_steps"] == 1 and values["seed"] == 1
     assert values["eval_accuracy"] == {"BBOX": 0.2, "SEGM": 0.1}

@@ -20,6 +20,7 @@ from model import build_model
 from pipeline.loader import build_loader
 from pipeline.shard_format import read_manifest
 from pipeline.transforms import bucket_shapes
+from train.checkpoint import CheckpointError
 from train.config import Config, ConfigError
 from train.distributed import DistributedContext
 
@@ -135,3 +136,26 @@ def gather_parameter_digests(model: torch.nn.Module, ctx: DistributedContext) ->
     digests: list[str] = [""] * ctx.world_size
     dist.all_gather_object(digests, mine)
     return digests
+
+
+def gather_positions(position: Any, ctx: DistributedContext) -> list[Any] | None:
+    """Every rank's pipeline position (rank order) for rank 0's checkpoint; None at an epoch end."""
+    if position is None:
+        return None
+    if not ctx.is_distributed:
+        return [position]
+    positions: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(positions, position)
+    return positions
+
+
+def this_ranks_position(positions: list[Any] | None, ctx: DistributedContext, path: Path) -> Any:
+    """This rank's saved pipeline position; a mid-epoch checkpoint needs the same process count."""
+    if positions is None:
+        return None
+    if len(positions) != ctx.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written mid-epoch by {len(positions)} processes, this run has {ctx.world_size}; "
+            f"resume with {len(positions)} processes or from an epoch-end checkpoint"
+        )
+    return positions[ctx.rank]

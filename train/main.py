@@ -43,6 +43,7 @@ from train.checkpoint import (
     CheckpointError,
     find_resume_checkpoint,
     load_checkpoint,
+    parameters_are_finite,
     restore_rng_states,
     save_checkpoint,
 )
@@ -140,7 +141,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
-        state.iteration, state.epoch, loader_state = checkpoint["iteration"], checkpoint["epoch"], checkpoint["loader"]
+        state.iteration, state.epoch = checkpoint["iteration"], checkpoint["epoch"]
+        loader_state = components.this_ranks_position(checkpoint["loader"], ctx, resume_path)
         log.info("resumed from %s at iteration %d (epoch %d)", resume_path, state.iteration, state.epoch + 1)
 
     images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
@@ -163,10 +165,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
 
     def save(epoch: int, position: Any) -> None:
+        """Called on every rank: each rank's pipeline position goes into rank 0's checkpoint."""
+        positions = components.gather_positions(position, ctx)
         if ctx.is_main:
             save_checkpoint(
                 output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
-                epoch=epoch, loader_state=position, config=cfg, keep=cfg.train.keep_checkpoints,
+                epoch=epoch, loader_state=positions, config=cfg, keep=cfg.train.keep_checkpoints,
             )
 
     results: dict[str, dict[str, float]] = {}
@@ -192,19 +196,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             reporter.end_epoch()
             mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
-            save(epoch + 1, None)
+            if parameters_are_finite(model):  # a NaN state is never saved over the last good one
+                save(epoch + 1, None)
             epochs_done = epoch + 1
 
             last_epoch = epoch + 1 == cfg.train.max_epochs or state.iteration >= cfg.solver.max_iter
             if epochs_done % cfg.eval.every_epochs == 0 or last_epoch:
-                mlog.start(C.EVAL_START, epoch_num=epoch + 1)
                 eval_start = time.perf_counter()
-                results = inference_on_dataset(model, val_loader, evaluator)
-                if ctx.is_main:  # the latest evaluation's detections, for pictures and tools/visualize.py
-                    (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
+                results = evaluate(model, val_loader, evaluator, mlog, epoch + 1, output_dir if ctx.is_main else None)
                 eval_seconds += time.perf_counter() - eval_start
-                mlog.end(C.EVAL_STOP, epoch_num=epoch + 1)
-                log_eval_accuracy(mlog, epoch=epoch + 1, box_ap=results["bbox"]["AP"], mask_ap=results["segm"]["AP"])
                 reporter.evaluation(epoch + 1, state.iteration, results)
                 reached = results["bbox"]["AP"] >= cfg.eval.box_ap_target and results["segm"]["AP"] >= cfg.eval.mask_ap_target
             mlog.end(C.BLOCK_STOP, first_epoch_num=epoch + 1)
@@ -240,6 +240,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary (%s):\n%s", output_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def evaluate(
+    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None
+) -> dict[str, dict[str, float]]:
+    """COCO box and mask AP on the val shards (every rank takes part), logged for MLPerf.
+
+    With `output_dir` (rank 0) the detections go to <output_dir>/detections.json, for
+    pictures and tools/visualize.py.
+    """
+    mlog.start(C.EVAL_START, epoch_num=epoch_num)
+    results = inference_on_dataset(model, val_loader, evaluator)
+    if output_dir is not None:
+        (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
+    mlog.end(C.EVAL_STOP, epoch_num=epoch_num)
+    log_eval_accuracy(mlog, epoch=epoch_num, box_ap=results["bbox"]["AP"], mask_ap=results["segm"]["AP"])
+    return results
 
 
 def setup_logging(ctx: DistributedContext) -> None:
