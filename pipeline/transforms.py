@@ -181,4 +181,4 @@ def transform_image(
         image = image.flip(0)
     mean = torch.tensor(norm.mean, device=image.device).view(3, 1, 1)
     std = torch.tensor(norm.std, device=image.device).view(3, 1, 1)
-    return ((image.float() - mean) / std).permute(1, 2, 0)
+    return image.float().sub_(mean).div_(std).permute(1, 2, 0)
