@@ -8,7 +8,7 @@ import webdataset
 
 from pipeline.batch import Batch
 from pipeline.loader import build_loader
-from pipeline_shards import data_config
+from pipeline_shards import data_config, write_drawn_shards
 
 BACKENDS = ["dali", "torch"]
 
@@ -93,3 +93,17 @@ def test_resume_after_k_batches_yields_the_rest_of_the_epoch(train_shards, backe
     assert resumed.state_dict() == state  # a checkpoint taken before iterating keeps the resume point
     resumed.set_epoch(2)  # the trainer's usual call keeps the resume point of the same epoch
     assert_same_batches(list(resumed), uninterrupted[k:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uneven_ranks_yield_equal_batch_counts_and_cover_the_set(tmp_path, backend):
+    # 7 landscape and 4 portrait images over 3 ranks: ranges of 2-3 samples, padded to equal batches.
+    samples = write_drawn_shards(tmp_path, [(64, 96)] * 7 + [(96, 64)] * 4, samples_per_shard=2)
+    seen = []
+    for rank in range(3):
+        rank_loader = loader(tmp_path, backend, training=False, rank=rank, world_size=3)
+        batches = list(rank_loader)
+        assert len(batches) == len(rank_loader) == 2 + 1  # ceil(3 / 2) landscape + ceil(2 / 2) portrait
+        seen.append(set(ids_of(batches)))
+    assert sum(len(s) for s in seen) == len(samples)
+    assert set().union(*seen) == {s.image_id for s in samples}
