@@ -68,7 +68,8 @@ def test_evaluate_explains_mismatched_weights_and_annotations(synthetic_coco, va
     assert _run(*common, "--weights", weights, "--annotations", synthetic_coco.train_json) == 1
     assert "not the annotation file these shards were made from" in capsys.readouterr().err
 
-    assert _run(*common, "--weights", weights, "--annotations", synthetic_coco.val_json, "model.fpn_channels=32") == 1
+    other_width = f"model.fpn_channels={2 * load_config(CONFIG).model.fpn_channels}"
+    assert _run(*common, "--weights", weights, "--annotations", synthetic_coco.val_json, other_width) == 1
     assert "does not fit the model built from the config" in capsys.readouterr().err
 
     not_weights = tmp_path / "notes.pt"
