@@ -154,11 +154,14 @@ def run_pipeline_benchmark(
     load_before = os.getloadavg()
     loader = build_loader(data_cfg, shard_dir, training=True, batch_size=batch_size, device=device, backend=backend)
     ours = _loader_rate(loader, warmup=warmup, iters=iters)
+    batches_per_epoch = len(loader)
     del loader
     result: dict[str, Any] = {
         "backend": backend,
         "batch_size": batch_size,
         "iters": iters,
+        "warmup": warmup,
+        "batches_per_epoch": batches_per_epoch,  # warm-up + iters past it include an epoch start (pipelines rebuilt)
         "min_size": settings.min_size,
         "max_size": settings.max_size,
         "num_threads": settings.num_threads,

@@ -11,7 +11,9 @@ decode -> flip -> resize pipeline on the same shards; with --baseline-images/--b
 (the COCO folder and JSON the shards were made from) it also times torchvision's
 reference-style loader, and prints our rate over each baseline's. KEY=VALUE pairs override the
 config (sizes, data.num_threads, data.decode_device, ...). `--json` writes every figure; key
-`images_per_s` holds the selected backend's rate.
+`images_per_s` holds the selected backend's rate. For steady-state figures keep --warmup plus
+--iters within one epoch (the report prints the batches per epoch): each epoch starts fresh
+pipelines.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def print_report(result: dict) -> None:
             print(f"baseline {name}: {figures['images_per_s']:.1f} images/s{cpu}")
     for name, ratio in result["ratios"].items():
         print(f"ratio {name}: {ratio:.2f}x")
+    if result["warmup"] + result["iters"] > result["batches_per_epoch"]:
+        print(f"note: the measurement crossed an epoch start ({result['batches_per_epoch']} batches per epoch)")
     machine = result["machine"]
     print(f"machine: {machine['cpus']} CPUs, load average {machine['loadavg_before'][0]:.1f} -> {machine['loadavg_after'][0]:.1f}")
 
