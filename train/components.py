@@ -31,9 +31,9 @@ def configure_torch(train_cfg: Config, seed: int, rank: int) -> None:
     """Threads, determinism and seeds (each rank its own stream, reproducible per rank)."""
     if train_cfg.num_threads > 0:
         torch.set_num_threads(train_cfg.num_threads)
-    if train_cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(train_cfg.deterministic)
+    # static bucket shapes make cudnn's autotuning pay off; it is not deterministic
+    torch.backends.cudnn.benchmark = not train_cfg.deterministic
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)

@@ -150,7 +150,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
         buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
     ))
-    trained = DistributedDataParallel(model) if ctx.is_distributed else model
+    trained = model
+    if ctx.is_distributed:
+        trained = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if checkpoint is not None:
         restore_rng_states(checkpoint["rng"])  # last, so model building cannot consume the streams
 
