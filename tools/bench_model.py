@@ -2,6 +2,7 @@
 
 Examples:
     python tools/bench_model.py --image-size 512 640 --batch-size 2 --iters 3
+    python tools/bench_model.py --image-size 512 640 --batch-size 2 --iters 2 --threads 1   # shared CPU machine
     python tools/bench_model.py --image-size 800 1344 --batch-size 8 --iters 20 --device cuda --json runs/bench_model.json
 
 Prints median step seconds of each and ratio_vs_torchvision (ours / torchvision; below 1 is
@@ -31,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=Path("configs/reference.yaml"), help="config whose model: section we build"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.backbone.depth=26")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (1 gives steadier figures on a shared machine)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return parser
 
@@ -39,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.batch_size < 1 or min(args.image_size) < 64:
         print("bench_model: --iters and --batch-size must be >= 1 and each image side >= 64", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         model_cfg = load_config(args.config, args.overrides).model
     except ConfigError as e:
