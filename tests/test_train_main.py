@@ -159,8 +159,8 @@ def test_user_errors_are_one_sentence(capsys, reference_run, train_shards, val_s
     missing = tmp_path / "no-such-shards"
     assert str(missing) in _one_sentence_error(capsys, [*base, "--data", str(missing)])
     checkpoint = list_checkpoints(reference_run)[-1]
-    err = _one_sentence_error(capsys, [*base, "model.fpn_channels=32", "--resume", str(checkpoint)])
-    assert "written by another config (model.fpn_channels: 64 -> 32)" in err
+    err = _one_sentence_error(capsys, [*base, "model.fpn_channels=16", "--resume", str(checkpoint)])
+    assert "written by another config (model.fpn_channels: 32 -> 16)" in err
 
 
 def test_dry_runs_name_the_bottleneck(train_shards, tmp_path):
