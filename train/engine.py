@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import parameters_are_finite
@@ -105,7 +106,12 @@ class LossReadback:
     def flush(self) -> list[LoggedStep]:
         if not self._rows:
             return []
-        table = torch.stack(self._rows).cpu().tolist()  # the only host sync of the loop
+        table = torch.stack(self._rows)
+        if dist.is_available() and dist.is_initialized():
+            # the mean over ranks: every rank logs the same values and takes the same NaN decisions
+            dist.all_reduce(table)
+            table /= dist.get_world_size()
+        table = table.cpu().tolist()  # the only host sync of the loop
         steps = []
         n = len(self._names)
         for (iteration, lr), row in zip(self._meta, table):

@@ -136,6 +136,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     state, loader_state = TrainState(), None
     resume_path = find_resume_checkpoint(cfg.train.resume, output_dir)
     checkpoint = load_checkpoint(resume_path, cfg) if resume_path else None
+    if cfg.train.resume == "auto" and checkpoint is None:
+        log.info("no checkpoint in %s yet: starting from iteration 0", output_dir)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
