@@ -48,9 +48,9 @@ def sample_balanced(
     is_positive [B, S], valid [B, S]) with S = min(num_samples, N): the chosen positives come
     first, then the negatives, then padding (valid False).
     """
-    batch, n = label.shape
-    num_samples = min(num_samples, n)
+    n = label.shape[1]
     max_positives = min(int(num_samples * positive_fraction), n)
+    num_samples = min(num_samples, n)
     positive = label == 1
     negative = label == 0
     noise = torch.rand(label.shape, device=label.device, generator=generator)
