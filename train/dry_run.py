@@ -16,6 +16,7 @@ with a verdict: the bottleneck, and the headroom = pipeline images/s / model ima
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -176,14 +177,18 @@ def verdict(pipeline: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     return {"bottleneck": bottleneck, "headroom": headroom, "text": text}
 
 
-RUNNERS = {"pipeline": dry_run_pipeline, "model": dry_run_model, "full": dry_run_full}
+# The model first: a loader left from an earlier run could still hold threads that compete with it.
+RUNNERS = {"model": dry_run_model, "pipeline": dry_run_pipeline, "full": dry_run_full}
 
 
 def run_dry_runs(which: str, cfg: Config, ctx: DistributedContext, *, iters: int, report: str | None) -> dict[str, Any]:
     """Run one dry run (or `all`), print the figures, write `report` as JSON on rank 0."""
     components.configure_torch(cfg.train, cfg.seed, ctx.rank)
     names = list(RUNNERS) if which == "all" else [which]
-    results: dict[str, Any] = {name: RUNNERS[name](cfg, ctx, iters) for name in names}
+    results: dict[str, Any] = {}
+    for name in names:
+        results[name] = RUNNERS[name](cfg, ctx, iters)
+        gc.collect()  # release the run's loader (and its DALI threads) before the next one
     if which == "all":
         results["verdict"] = verdict(results["pipeline"], results["model"])
         log.info("verdict: %s", results["verdict"]["text"])
