@@ -68,11 +68,24 @@ def _losses(output_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(train_shards, val_shards, synthetic_coco, tmp_path_factory):
-    """One uninterrupted tiny run: 6 iterations, checkpoints every 2, evaluation at the end."""
-    out = tmp_path_factory.mktemp("reference_run")
-    subprocess.run(_command(train_shards, val_shards, synthetic_coco, out), check=True, env=ENV, capture_output=True)
-    return out
+def reference_runs(train_shards, val_shards, synthetic_coco, tmp_path_factory):
+    """backend -> an uninterrupted tiny run (6 iterations, checkpoints every 2, evaluation at the end)."""
+    runs = {}
+
+    def run_with(backend: str) -> Path:
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"reference_{backend}")
+            command = _command(train_shards, val_shards, synthetic_coco, out, f"data.backend={backend}")
+            subprocess.run(command, check=True, env=ENV, capture_output=True)
+            runs[backend] = out
+        return runs[backend]
+
+    return run_with
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs):
+    return reference_runs("dali")
 
 
 def test_uninterrupted_run_writes_its_results(reference_run):
@@ -86,8 +99,10 @@ def test_uninterrupted_run_writes_its_results(reference_run):
     assert newest.name == "ckpt-00000006.pt"
 
 
-def test_resume_after_sigkill_reproduces_the_run_bit_for_bit(reference_run, train_shards, val_shards, synthetic_coco, tmp_path):
-    command = _command(train_shards, val_shards, synthetic_coco, tmp_path)
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_resume_after_sigkill_reproduces_the_run_bit_for_bit(backend, reference_runs, train_shards, val_shards, synthetic_coco, tmp_path):
+    reference_run = reference_runs(backend)
+    command = _command(train_shards, val_shards, synthetic_coco, tmp_path, f"data.backend={backend}")
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "checkpoints" / "ckpt-00000002.pt"
     deadline = time.monotonic() + 300

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -181,13 +182,17 @@ def train_one_epoch(
     save_checkpoint: Callable[[], None] | None = None,
     checkpoint_every: int = 0,
     on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None,
+    step_seed: tuple[int, ...] | None = None,
 ) -> None:
     """Step through `batches` until it ends or `max_iter` steps are done.
 
     Every `readback_every` steps (and before each checkpoint) the losses are read back,
     checked by `guard` and handed to `on_logged` (progress bar, metrics file).
     `save_checkpoint` is called every `checkpoint_every` steps, after that check, when
-    every parameter is finite.
+    every parameter is finite. With `step_seed` (e.g. (seed, rank)) torch's generator is
+    seeded from (*step_seed, iteration) before each step, so the step's random draws
+    (proposal sampling) do not depend on what else used the generator: a resumed run draws
+    exactly what the uninterrupted one did, whatever its input pipeline does.
     """
     model.train()
     readback = LossReadback(scaler)
@@ -204,6 +209,8 @@ def train_one_epoch(
         if state.iteration >= max_iter:
             break
         lr = set_learning_rate(optimizer, solver_cfg, state.iteration)
+        if step_seed is not None:
+            torch.manual_seed(int(np.random.SeedSequence([*step_seed, state.iteration]).generate_state(1)[0]))
         scale_before = scale_snapshot(scaler)
         losses = train_step(model, batch, optimizer, scaler, autocast)
         state.iteration += 1

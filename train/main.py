@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 autocast=autocast, guard=guard, readback_every=cfg.train.loss_readback_every,
                 global_batch=cfg.solver.ims_per_batch, max_iter=cfg.solver.max_iter,
                 save_checkpoint=lambda: save(epoch, train_loader.state_dict()),
-                checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps,
+                checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, step_seed=(cfg.seed, ctx.rank),
             )
             reporter.end_epoch()
             mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
