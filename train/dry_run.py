@@ -32,6 +32,7 @@ from pipeline.bench import run_pipeline_benchmark
 from pipeline.shard_format import read_manifest
 from train import components
 from train.config import Config
+from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
 from train.engine import autocast_context, make_grad_scaler, resolve_precision
 from train.solver import build_optimizer, set_learning_rate
@@ -115,14 +116,22 @@ def _training_step(model, optimizer, scaler, autocast) -> Callable[[StageClock, 
     return step
 
 
-def _model_parts(cfg: Config, ctx: DistributedContext, num_classes: int):
+def _model_parts(cfg: Config, ctx: DistributedContext, num_classes: int) -> tuple[Callable[[StageClock, Any], None], str]:
+    """The training step as main.py builds it (precision, CUDA graphs per bucket); no DDP, no data."""
     model = components.build_training_model(cfg, ctx.device, num_classes)
     model.train()
     optimizer, _ = build_optimizer(model, cfg.solver, ctx.device)
     set_learning_rate(optimizer, cfg.solver, cfg.solver.warmup_iters)  # post-warmup LR: the typical step
     precision = resolve_precision(cfg.train.precision, ctx.device)
-    autocast = functools.partial(autocast_context, precision, ctx.device)
-    return _training_step(model, optimizer, make_grad_scaler(precision, ctx.device), autocast)
+    autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
+    graphs = graph_static_part(
+        model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
+        buckets=components.bucket_list(cfg.data),
+        images_per_rank=components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
+        autocast=autocast,
+    )
+    log.info("%s; precision %s", graphs, precision)
+    return _training_step(model, optimizer, make_grad_scaler(precision, ctx.device), autocast), f"{graphs}; precision {precision}"
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
@@ -145,25 +154,25 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
     manifest = read_manifest(Path(cfg.data.train_shards)) if cfg.data.train_shards else None
     num_classes = len(manifest["categories"]) + 1 if manifest else cfg.model.num_classes
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
-    height, width = cfg.data.buckets[0] if cfg.data.static_shapes else (cfg.data.min_size, cfg.data.max_size)
+    height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    train_step = _model_parts(cfg, ctx, num_classes)
+    train_step, setup = _model_parts(cfg, ctx, num_classes)
     result = measure("model", lambda clock: train_step(clock, batch), iters=iters, images_per_iter=images, device=ctx.device)
-    result["image_size"] = [height, width]
-    return result
+    return {**result, "image_size": [height, width], "setup": setup}
 
 
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     loader = components.build_train_loader(cfg, ctx)
     batches = _endless(loader)
-    train_step = _model_parts(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
+    train_step, setup = _model_parts(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
 
     def step(clock: StageClock) -> None:
         batch = next(batches)
         clock.lap("data_wait")
         train_step(clock, batch)
 
-    return measure("full", step, iters=iters, images_per_iter=cfg.solver.ims_per_batch // ctx.world_size, device=ctx.device)
+    result = measure("full", step, iters=iters, images_per_iter=cfg.solver.ims_per_batch // ctx.world_size, device=ctx.device)
+    return {**result, "setup": setup}
 
 
 def verdict(pipeline: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
