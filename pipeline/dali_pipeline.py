@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,12 +26,11 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipeline.batch import Batch
-from pipeline.buffers import BufferPool
-from pipeline.sampling import derive_seed, group_batches, group_order, reader_shard
+from pipeline.loader_base import LoaderBase
+from pipeline.sampling import derive_seed, group_order, reader_shard
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
 from pipeline.shard_format import GROUPS
-from pipeline.timing import StageTimer
 from pipeline.torch_loader import find_undecodable_jpeg
 from pipeline.transforms import check_fits_bucket, pad_images, padded_shape, resized_size
 
@@ -135,83 +133,30 @@ def detection_pipeline(
     )
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
 
-    def __init__(
-        self,
-        shard_set: ShardSet,
-        settings: LoaderSettings,
-        *,
-        training: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device,
-    ):
-        self.shard_set = shard_set
-        self.manifest = shard_set.manifest
-        self.settings = settings
-        self.training = training
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.device = device
-        self.decode_on_gpu = device.type == "cuda" and settings.decode_device != "cpu"
-        self.batches = group_batches(shard_set.samples, world_size, batch_size)
-        self.timer = StageTimer(hidden=("read", "decode", "augment"))
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._buffers = BufferPool()
-        self._epoch = 0
-        self._position = 0  # batches of the current epoch already handed out
+    HIDDEN_STAGES = ("read", "decode", "augment")  # run inside DALI's threads
+
+    def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
+        """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
+        super().__init__(shard_set, settings, **placement)
         self._pipes: dict[str, Any] = {}
-        self._resume: dict[str, Any] | None = None
 
-    def __len__(self) -> int:
-        return sum(self.batches.values())
+    def _backend_state(self) -> dict[str, Any]:
+        """Each group pipeline's DALI checkpoint."""
+        return {"checkpoints": {g: pipe.checkpoint() for g, pipe in self._pipes.items()}}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration yields; keeps a loaded resume point for that same epoch."""
-        if self._resume is not None and self._resume["epoch"] != epoch:
-            self._resume = None
-        self._epoch = epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The epoch, the batches already yielded in it, and each group pipeline's DALI checkpoint."""
-        if self._resume is not None:  # loaded but not iterated yet
-            return dict(self._resume)
-        return {
-            "epoch": self._epoch,
-            "position": self._position,
-            "checkpoints": {g: pipe.checkpoint() for g, pipe in self._pipes.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The next iteration continues epoch `state['epoch']` after its first `position` batches."""
-        self._resume = dict(state)
-        self._epoch = state["epoch"]
-
-    def timings(self) -> dict[str, object]:
-        return self.timer.report()
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, start, checkpoints = self._epoch, 0, {}
-        if self._resume is not None:
-            start, checkpoints = self._resume["position"], self._resume["checkpoints"]
-            self._resume = None
+    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
+        checkpoints = resume["checkpoints"] if resume is not None else {}
         self._pipes = {
             g: self._build(g, epoch, checkpoints.get(g)) for g in GROUPS if self.batches[g] > 0
         }
-        self._position = start
         for group in group_order(self.batches, self.seed, epoch)[start:]:
             with self.timer.measure("wait"):
                 outputs = self._run(group)
             with self.timer.measure("collate"):
                 batch = self._to_batch(outputs, group)
-            self.timer.count(len(batch))
-            self._position += 1
             yield batch
 
     def _build(self, group: str, epoch: int, checkpoint: str | None):
@@ -224,7 +169,7 @@ class DaliLoader:
             max_instances=max(self.shard_set.max_instances, 1),
             max_polygons=max(self.shard_set.max_polygons, 1),
             max_vertices=max(self.shard_set.max_vertices, 1),
-            decode_on_gpu=self.decode_on_gpu,
+            decode_on_gpu=self.decode_on_device,
             output_on_gpu=self.device.type == "cuda",
             batch_size=self.batch_size,
             num_threads=self.settings.num_threads,
@@ -266,8 +211,7 @@ class DaliLoader:
             check_fits_bucket(host["resized"], bucket, ids)
         shape = padded_shape(host["resized"], bucket, self.settings.size_divisibility)
         host["polys"][..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
-        stream = self._copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with self._on_copy_stream():
             # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
             batch = Batch(
                 images=pad_images(
@@ -285,12 +229,7 @@ class DaliLoader:
                 polys=host["polys"].int(),
                 num_polys=host["num_polys"],
             ).to(self.device, non_blocking=True)
-        if stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(stream)
-            for value in vars(batch).values():
-                value.record_stream(current)
-        return batch
+        return self._hand_over(batch)
 
 
 def _dense(tensor_list, folder: Path) -> torch.Tensor:

@@ -13,7 +13,6 @@ them all need random access, which a tar stream cannot give.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,11 +23,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
 from pipeline.buffers import BufferPool
+from pipeline.loader_base import LoaderBase
 from pipeline.sampling import group_batches, group_order, reader_shard, shard_range
 from pipeline.settings import LoaderSettings
 from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
-from pipeline.timing import StageTimer
 from pipeline.transforms import (
     check_fits_bucket,
     flip_boxes,
@@ -254,36 +253,13 @@ class _PlanSampler:
         return len(self.batches)
 
 
-class TorchLoader:
+class TorchLoader(LoaderBase):
     """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
 
-    def __init__(
-        self,
-        shard_set: ShardSet,
-        settings: LoaderSettings,
-        *,
-        training: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device,
-    ):
-        self.shard_set = shard_set
-        self.manifest = shard_set.manifest
-        self.settings = settings
-        self.training = training
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.device = device
-        self.decode_on_device = device.type == "cuda" and settings.decode_device != "cpu"
+    def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
+        """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
+        super().__init__(shard_set, settings, **placement)
         self.maxima = tuple(max(m, 1) for m in (shard_set.max_instances, shard_set.max_polygons, shard_set.max_vertices))
-        self.timer = StageTimer()
-        self._epoch = 0
-        self._position = 0
-        self._resume: dict[str, Any] | None = None
         self._sampler = _PlanSampler()
         workers = settings.num_threads
         self._loader = torch.utils.data.DataLoader(
@@ -294,33 +270,9 @@ class TorchLoader:
             persistent_workers=workers > 0,
             prefetch_factor=settings.prefetch if workers > 0 else None,
         )
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._buffers = BufferPool()
 
-    def __len__(self) -> int:
-        return sum(group_batches(self.shard_set.samples, self.world_size, self.batch_size).values())
-
-    def set_epoch(self, epoch: int) -> None:
-        if self._resume is not None and self._resume["epoch"] != epoch:
-            self._resume = None
-        self._epoch = epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The epoch and the batches already yielded in it (the plan replays the rest without decoding)."""
-        if self._resume is not None:  # loaded but not iterated yet
-            return dict(self._resume)
-        return {"epoch": self._epoch, "position": self._position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = dict(state)
-        self._epoch = state["epoch"]
-
-    def timings(self) -> dict[str, object]:
-        return self.timer.report()
-
-    def __iter__(self) -> Iterator[Batch]:
-        start = self._resume["position"] if self._resume is not None else 0
-        self._resume = None
+    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
+        """The epoch's plan from batch `start` on: a resume replays the plan, skipping batches without decoding."""
         plan = epoch_plan(
             self.shard_set,
             training=self.training,
@@ -329,25 +281,20 @@ class TorchLoader:
             rank=self.rank,
             world_size=self.world_size,
             seed=self.seed,
-            epoch=self._epoch,
+            epoch=epoch,
         )
         self._sampler.batches = plan[start:]
-        self._position = start
         batches = iter(self._loader)
         for entries in self._sampler.batches:
             with self.timer.measure("wait"):
                 samples = next(batches)
-            batch = self._finish(samples, entries[0][0])
-            self.timer.count(len(batch))
-            self._position += 1
-            yield batch
+            yield self._finish(samples, entries[0][0])
 
     def _finish(self, samples: list[dict[str, Any]], group: str) -> Batch:
         for s in samples:
             if "error" in s:
                 raise s["error"]
-        stream = self._copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with self._on_copy_stream():
             if self.decode_on_device:
                 decode_and_transform(samples, self.settings, self.device)
             for s in samples:
@@ -357,9 +304,4 @@ class TorchLoader:
             with self.timer.measure("collate"):
                 batch = pad_batch(samples, self.settings, bucket, self.maxima, self._buffers)
                 batch = batch.to(self.device, non_blocking=True)
-        if stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(stream)
-            for value in vars(batch).values():
-                value.record_stream(current)
-        return batch
+        return self._hand_over(batch)

@@ -1,0 +1,112 @@
+"""What the DALI and torch backends share: the Loader contract's bookkeeping (pipeline/loader.py).
+
+`LoaderBase` holds the constructor's fields, the epoch and the position within it, the resume
+point loaded but not iterated yet, the stage timer, and the side stream the batches are copied
+to the device on. A backend only says how an epoch's batches are made from a start position
+(`_epoch_batches`) and what else a mid-epoch state needs (`_backend_state`): the DALI backend
+rebuilds its pipelines from their checkpoints, the torch backend replays the epoch plan.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.batch import Batch
+from pipeline.buffers import BufferPool
+from pipeline.sampling import group_batches
+from pipeline.settings import LoaderSettings
+from pipeline.shard_set import ShardSet
+from pipeline.timing import StageTimer
+
+
+class LoaderBase:
+    """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
+
+    HIDDEN_STAGES: tuple[str, ...] = ()  # stages the backend cannot time from Python (pipeline/timing.py)
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        settings: LoaderSettings,
+        *,
+        training: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.shard_set = shard_set
+        self.manifest = shard_set.manifest
+        self.settings = settings
+        self.training = training
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = device
+        self.decode_on_device = device.type == "cuda" and settings.decode_device != "cpu"
+        self.batches = group_batches(shard_set.samples, world_size, batch_size)
+        self.timer = StageTimer(hidden=self.HIDDEN_STAGES)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._buffers = BufferPool()
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch already handed out
+        self._resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return sum(self.batches.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields; keeps a loaded resume point for that same epoch."""
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the batches already yielded in it, and what the backend needs to continue from there."""
+        if self._resume is not None:  # loaded but not iterated yet
+            return dict(self._resume)
+        return {"epoch": self._epoch, "position": self._position, **self._backend_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration continues epoch `state['epoch']` after its first `position` batches."""
+        self._resume = dict(state)
+        self._epoch = state["epoch"]
+
+    def timings(self) -> dict[str, object]:
+        return self.timer.report()
+
+    def __iter__(self) -> Iterator[Batch]:
+        resume, self._resume = self._resume, None
+        start = resume["position"] if resume is not None else 0
+        self._position = start
+        for batch in self._epoch_batches(self._epoch, start, resume):
+            self.timer.count(len(batch))
+            self._position += 1
+            yield batch
+
+    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
+        """Batches `start`, `start + 1`, ... of `epoch`; `resume` is the loaded state when resuming."""
+        raise NotImplementedError
+
+    def _backend_state(self) -> dict[str, Any]:
+        """Fields the backend adds to `state_dict()` to resume mid-epoch; none by default."""
+        return {}
+
+    def _on_copy_stream(self) -> AbstractContextManager:
+        """Where host-to-device copies of a batch run: the side stream on CUDA, so they overlap compute."""
+        stream = self._copy_stream
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def _hand_over(self, batch: Batch) -> Batch:
+        """Make the consumer's stream wait for the copies, and keep their memory alive until it has used them."""
+        if self._copy_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._copy_stream)
+            for value in vars(batch).values():
+                value.record_stream(current)
+        return batch
