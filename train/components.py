@@ -70,31 +70,17 @@ def require_inputs(cfg: Config) -> None:
         require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict")
 
 
-def build_train_loader(cfg: Config, ctx: DistributedContext) -> Any:
-    shards = require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+def build_data_loader(cfg: Config, ctx: DistributedContext, *, training: bool) -> Any:
+    """This rank's loader: the train shards (shuffled, flipped) or the val shards (each image once)."""
+    if training:
+        shards = require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+        batch = per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
+    else:
+        shards = require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
+        batch = per_rank_batch(cfg.eval.ims_per_batch, ctx.world_size, "eval.ims_per_batch")
     return build_loader(
-        cfg.data,
-        shards,
-        training=True,
-        batch_size=per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=cfg.seed,
-        device=str(ctx.device),
-    )
-
-
-def build_val_loader(cfg: Config, ctx: DistributedContext) -> Any:
-    shards = require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
-    return build_loader(
-        cfg.data,
-        shards,
-        training=False,
-        batch_size=per_rank_batch(cfg.eval.ims_per_batch, ctx.world_size, "eval.ims_per_batch"),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=cfg.seed,
-        device=str(ctx.device),
+        cfg.data, shards, training=training, batch_size=batch,
+        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, device=str(ctx.device),
     )
 
 

@@ -162,7 +162,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
 
 
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
-    loader = components.build_train_loader(cfg, ctx)
+    loader = components.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
     train_step, setup = _model_parts(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
 

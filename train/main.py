@@ -116,8 +116,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     components.configure_torch(cfg.train, cfg.seed, ctx.rank)
 
     # Data: training shards sharded by rank; evaluation reads the original annotations.
-    train_loader = components.build_train_loader(cfg, ctx)
-    val_loader = components.build_val_loader(cfg, ctx)
+    train_loader = components.build_data_loader(cfg, ctx, training=True)
+    val_loader = components.build_data_loader(cfg, ctx, training=False)
     evaluator = COCOEvaluator.for_shards(
         cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers
     )
