@@ -27,6 +27,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.detections import Detections
 from pipeline.batch import Batch
+from pipeline.transforms import resized_size
 from train.evaluation import COCOEvaluator, ImageResult, to_original_frame
 
 MASK_SIZE = 28
@@ -292,8 +293,7 @@ def _pad_to_network_frame(
     flip_fraction: float,
 ) -> dict[str, np.ndarray]:
     """One image's detections as the model returns them: resized like the pipeline, maybe flipped, padded to D."""
-    scale = min(800 / min(truth.height, truth.width), 1333 / max(truth.height, truth.width))
-    resized = (round(truth.height * scale), round(truth.width * scale))
+    resized = resized_size(truth.height, truth.width, 800, 1333)  # the reference's sizes, by the pipeline's rule
     scales = np.array([resized[0] / truth.height, resized[1] / truth.width], dtype=np.float32)
     boxes = boxes * np.array([scales[1], scales[0], scales[1], scales[0]], dtype=np.float32)
     flipped = rng.random() < flip_fraction
