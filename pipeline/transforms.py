@@ -154,9 +154,12 @@ def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Te
     return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
 
 
-def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """x -> W - x on both edges, so (x1, y1, x2, y2) becomes (W - x2, y1, W - x1, y2)."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+def flip_boxes(boxes: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
+    """x -> W - x on both edges, so (x1, y1, x2, y2) becomes (W - x2, y1, W - x1, y2).
+
+    Boxes are [..., 4]; `width` is a number or a tensor that broadcasts against boxes[..., 0].
+    """
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], dim=-1)
 
 
 def scale_vertices(verts: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:

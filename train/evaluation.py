@@ -31,6 +31,7 @@ from model.detections import Detections
 from model.weights import WeightsError, load_weights
 from pipeline.batch import Batch
 from pipeline.shard_format import file_sha256, read_manifest
+from pipeline.transforms import flip_boxes
 from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from train.mask_encoding import encode_masks, init_worker
 
@@ -71,9 +72,8 @@ def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tenso
     """
     boxes = detections.boxes.float()
     width = batch.image_sizes[:, 1].to(boxes)[:, None]
-    x1, y1, x2, y2 = boxes.unbind(-1)
     flipped = batch.flipped.to(boxes.device)
-    boxes = torch.where(flipped[:, None, None], torch.stack([width - x2, y1, width - x1, y2], dim=-1), boxes)
+    boxes = torch.where(flipped[:, None, None], flip_boxes(boxes, width), boxes)
     sy, sx = batch.scales.to(boxes).unbind(-1)
     boxes = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
     # A flipped image's masks are mirrored inside their boxes.
