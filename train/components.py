@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def configure_torch(train_cfg: Config, seed: int, rank: int) -> None:
-    """Threads, determinism and seeds (each rank its own stream, reproducible per rank)."""
+    """Threads, denormals, determinism and seeds (each rank its own stream, reproducible per rank)."""
+    # On the CPU, near-zero gradients (the reference's N(0, 0.001) box-delta init makes many)
+    # are denormal floats, which cost the FPU ~100x: flushing them halves a CPU training step.
+    # Set before the first parallel op: OpenMP's threads copy the flag from this thread when
+    # they start, and never again.
+    torch.set_flush_denormal(True)
     if train_cfg.num_threads > 0:
         torch.set_num_threads(train_cfg.num_threads)
     torch.use_deterministic_algorithms(train_cfg.deterministic)
