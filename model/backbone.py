@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
@@ -37,6 +38,34 @@ def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
     if norm == "gn":
         return lambda channels: nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels)
     raise BackboneError(f"model.backbone.norm must be frozen_bn, bn or gn, got {norm!r}")
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """`norm(conv(x))`; with a FrozenBatchNorm2d as one convolution, its scale folded into the weights.
+
+    A frozen BN is an affine map per output channel, so conv(x, w) * s + b = conv(x, w * s) + b.
+    Folded, the convolution adds the shift as its bias and the two passes of a separate BN over the
+    activations (and the one in backward) are gone: about a fifth of the backbone's step on a CPU.
+    The fold is recomputed every call (a weight-sized product), so gradients reach `conv.weight`.
+    """
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return norm(conv(x))
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    shift = norm.bias - norm.running_mean * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class FoldedBottleneck(Bottleneck):
+    """torchvision's Bottleneck (same modules and names) running each conv + norm through `conv_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
+        out += identity
+        return self.relu(out)
 
 
 class ResNetBody(nn.Module):
@@ -68,7 +97,7 @@ class ResNetBody(nn.Module):
                         nn.Conv2d(in_channels, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
                         norm_layer(planes * Bottleneck.expansion),
                     )
-                block = Bottleneck(in_channels, planes, stride if i == 0 else 1, downsample, norm_layer=norm_layer)
+                block = FoldedBottleneck(in_channels, planes, stride if i == 0 else 1, downsample, norm_layer=norm_layer)
                 if i == 0 and stride_in_1x1:
                     block.conv1.stride, block.conv2.stride = (stride, stride), (1, 1)
                 blocks.append(block)
@@ -87,7 +116,7 @@ class ResNetBody(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 

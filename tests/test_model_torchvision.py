@@ -70,11 +70,15 @@ def test_fpn_features_and_rpn_proposals_match(models):
     their_features = theirs.backbone(batch.images)
     outputs = ours.static_part(batch.images)
     for ours_f, theirs_f in zip(outputs[:5], their_features.values()):
-        torch.testing.assert_close(ours_f, theirs_f, atol=1e-4, rtol=0)
+        # Our backbone folds each frozen BN into its convolution: the same map, rounded
+        # differently (features reach ~150 here), so the bound is relative to their scale.
+        torch.testing.assert_close(ours_f, theirs_f, atol=1e-4 * float(theirs_f.abs().max()), rtol=0)
 
+    # Proposals from the same features on both sides: our RPN head, decoding, NMS and top-N.
     their_proposals, _ = theirs.rpn(ImageList(batch.images, [(H, W)] * 2), their_features)
-    objectness, deltas = flatten_head_outputs(list(outputs[5:10]), list(outputs[10:]))
-    anchors = ours.proposals.anchors([tuple(f.shape[-2:]) for f in outputs[:5]], batch.images.device)
+    features = list(their_features.values())
+    objectness, deltas = flatten_head_outputs(*ours.static_part.rpn_head(features))
+    anchors = ours.proposals.anchors([tuple(f.shape[-2:]) for f in features], batch.images.device)
     proposals, valid = ours.proposals.propose(objectness, deltas, anchors, batch.image_sizes, sync_free=False)
     for i in range(2):
         assert valid[i].sum() == len(their_proposals[i])
@@ -82,8 +86,11 @@ def test_fpn_features_and_rpn_proposals_match(models):
 
 
 @torch.no_grad()
-def test_eval_detections_match(models):
+def test_eval_detections_match(models, monkeypatch):
     theirs, ours, batch = models
+    # Everything after the backbone, from the same features: ours runs on torchvision's backbone
+    # (the same weights, BNs unfolded), which the test above compares with ours.
+    monkeypatch.setattr(ours.static_part, "backbone", theirs.backbone)
     features = theirs.backbone(batch.images)
     image_sizes = [(H, W)] * 2
     proposals, _ = theirs.rpn(ImageList(batch.images, image_sizes), features)

@@ -1,12 +1,14 @@
 """Training-side behaviour: sync-free pieces against torchvision and hand-worked cases, losses
 under bf16 autocast, and a few optimizer steps on one batch driving the loss down."""
 
+import pytest
 import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.ops import box_iou, nms
+from torchvision.ops import FrozenBatchNorm2d, box_iou, nms
 
 from model import build_model
+from model.backbone import conv_norm
 from model.box_ops import padded_nms
 from model.losses import box_head_losses
 from model.rpn import in_top_n_of_batch
@@ -153,3 +155,24 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down():
         optimizer.step()
         totals.append(loss.item())
     assert totals[-1] < 0.8 * totals[0], totals
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(1, 1, 0), (1, 2, 0), (3, 2, 1)])
+def test_folded_frozen_bn_equals_conv_then_bn(kernel, stride, padding):
+    """conv_norm's fold gives conv + FrozenBatchNorm2d's outputs and weight gradients."""
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride=stride, padding=padding, bias=False)
+    norm = FrozenBatchNorm2d(16)
+    norm.weight.copy_(1 + 0.5 * torch.randn(16, generator=generator))
+    norm.bias.copy_(torch.randn(16, generator=generator))
+    norm.running_mean.copy_(torch.randn(16, generator=generator))
+    norm.running_var.copy_(0.5 + torch.rand(16, generator=generator))
+    x = torch.randn(2, 8, 13, 17, generator=generator)
+    grad = torch.randn_like(norm(conv(x)))
+
+    expected = norm(conv(x))
+    (expected_grad,) = torch.autograd.grad(expected, conv.weight, grad)
+    folded = conv_norm(conv, norm, x)
+    (folded_grad,) = torch.autograd.grad(folded, conv.weight, grad)
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded_grad, expected_grad, atol=1e-4, rtol=1e-5)
