@@ -87,7 +87,9 @@ class MaskRCNN(nn.Module):
         proposals, proposal_valid = self.proposals.propose(
             objectness, deltas, anchors, batch.image_sizes, sync_free
         )
-        box_features = features[:-1]  # RoIs pool from P2-P5; P6 only feeds the RPN
+        # RoIs pool from P2-P5 (P6 only feeds the RPN). roi_align reads NCHW: converting the
+        # channels_last features once here serves both poolers (and sums their gradients in NCHW).
+        box_features = [f.contiguous() for f in features[:-1]]
         if not self.training:
             return self.roi_heads.detect(box_features, proposals, proposal_valid, batch.image_sizes)
         gt_valid = torch.arange(batch.boxes.shape[1], device=batch.boxes.device)[None, :] < batch.num_boxes[:, None]

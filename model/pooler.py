@@ -43,7 +43,7 @@ class MultiLevelRoIAlign(nn.Module):
             pooled = roi_align(feature, rois[index], size, scale, self.sampling_ratio, aligned=False)
             if result is None:
                 result = pooled.new_zeros((rois.shape[0],) + pooled.shape[1:])
-            result = result.index_put((index,), pooled)
+            result.index_put_((index,), pooled)  # in place, as torchvision: no copy of the whole result per level
         return result
 
 
