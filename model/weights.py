@@ -20,18 +20,11 @@ import torch
 from torch import Tensor
 
 from model.maskrcnn import MaskRCNN
+from pipeline.coco_categories import COCO_CATEGORY_IDS
 
 log = logging.getLogger(__name__)
 
 BODY = "static_part.backbone.body."
-# COCO's 80 category ids in contiguous order 1..80 (sorted by id): torchvision's COCO
-# checkpoints index their class outputs by these ids (91 outputs, gaps unused).
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
-    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54,
-    55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81,
-    82, 84, 85, 86, 87, 88, 89, 90,
-)  # fmt: skip
 # The numpy pieces a pickled array needs, under numpy 1 and numpy 2 module names.
 _PICKLE_ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from model import build_model
-from model.weights import COCO_CATEGORY_IDS, WeightsError, load_weights
+from model.weights import WeightsError, load_weights
+from pipeline.coco_categories import COCO_CATEGORY_IDS
 from tests.model_helpers import model_config
 
 BODY = "static_part.backbone.body."

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.synthetic import COCO_CATEGORIES, make_synthetic_coco
+from pipeline.coco_categories import COCO_CATEGORIES
+from pipeline.synthetic import make_synthetic_coco
 
 
 def _load_tool(name: str):

@@ -15,7 +15,8 @@ What the data contains is described in pipeline/synthetic.py.
 import argparse
 from pathlib import Path
 
-from pipeline.synthetic import COCO_CATEGORIES, make_synthetic_coco
+from pipeline.coco_categories import COCO_CATEGORIES
+from pipeline.synthetic import make_synthetic_coco
 
 
 def get_args_parser() -> argparse.ArgumentParser:
