@@ -1,8 +1,11 @@
 """Training-side behaviour: sync-free pieces against torchvision and hand-worked cases, losses
-under bf16 autocast, and a few optimizer steps on one batch driving the loss down."""
+under bf16 autocast, a few optimizer steps on one batch driving the loss down, the frozen-BN
+fold, and (on fake CUDA tensors, no GPU needed) a training forward free of host synchronization."""
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import FrozenBatchNorm2d, box_iou, nms
@@ -176,3 +179,51 @@ def test_folded_frozen_bn_equals_conv_then_bn(kernel, stride, padding):
     (folded_grad,) = torch.autograd.grad(folded, conv.weight, grad)
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded_grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
+class DeviceToHostCopies(TorchDispatchMode):
+    """Records every copy from a CUDA tensor into CPU memory (each one waits for the GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].is_cuda and out.device.type == "cpu":
+            self.copies.append(str(func))
+        if func is torch.ops.aten.copy_.default and args[1].is_cuda and args[0].device.type == "cpu":
+            self.copies.append(str(func))
+        return out
+
+
+def test_cuda_training_forward_makes_no_host_synchronization_without_a_gpu():
+    """The reference model's training forward at the reference bucket, on fake CUDA tensors.
+
+    Fake tensors carry shapes and devices but no data, so every op whose output shape or Python
+    value depends on the data (nonzero, boolean masks, where(cond), .item(), int(), bool()) raises
+    here, as it would wait for the GPU on CUDA; copies to the CPU are recorded. The gpu-marked
+    test checks the whole step, backward and optimizer included, with set_sync_debug_mode.
+    """
+    torch.manual_seed(0)
+    model = build_model(model_config(), num_classes=81).train()
+    batch = synthetic_batch(2, (800, 1344), num_classes=81, max_gt=8, seed=0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, batch = model.to("cuda"), batch.to(torch.device("cuda"))
+        with DeviceToHostCopies() as watch:
+            losses = model(batch)
+    assert set(losses) == LOSSES
+    assert all(loss.is_cuda and loss.shape == () for loss in losses.values())
+    assert watch.copies == []
+
+
+def test_fake_cuda_tensors_catch_host_synchronization():
+    """The check above is live: each kind of synchronizing op is caught."""
+    with FakeTensorMode():
+        x = torch.rand(10, device="cuda")
+        for sync in (lambda: x[x > 0.5], lambda: torch.where(x > 0.5), lambda: int(x.sum()), lambda: bool(x.max() > 1)):
+            with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
+                sync()
+        with DeviceToHostCopies() as watch:
+            x.cpu()
+    assert watch.copies == ["aten._to_copy.default"]
