@@ -5,7 +5,8 @@ and only knows the standard depths, while demo configs need smaller widths and d
 blocks (`Bottleneck`), the FPN (`FeaturePyramidNetwork` + `LastLevelMaxPool`) and the
 feature extraction (`BackboneWithFPN`) are torchvision's, so state dict names match
 torchvision's ResNet (`conv1`, `bn1`, `layer1.0.conv1`, ...) and detection models
-(`body.*`, `fpn.*`).
+(`body.*`, `fpn.*`). The blocks only run differently: each conv + frozen BN as one
+convolution (`conv_norm`), which computes the same map with fewer passes over the activations.
 """
 
 from __future__ import annotations
