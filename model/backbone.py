@@ -46,8 +46,8 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 
     A frozen BN is an affine map per output channel, so conv(x, w) * s + b = conv(x, w * s) + b.
     Folded, the convolution adds the shift as its bias and the two passes of a separate BN over the
-    activations (and the one in backward) are gone: about a fifth of the backbone's step on a CPU.
-    The fold is recomputed every call (a weight-sized product), so gradients reach `conv.weight`.
+    activations (and the one in backward) are gone. The fold is recomputed every call (a
+    weight-sized product), so gradients reach `conv.weight`.
     """
     if not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
@@ -117,7 +117,7 @@ class ResNetBody(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
