@@ -198,12 +198,17 @@ def test_evaluator_with_workers_equals_the_straightforward_path(tmp_path):
     assert evaluator.score([reference]) == metrics
 
 
-def test_two_ranks_with_padded_overlapping_batches_equal_one_rank(tmp_path):
-    eval_set = make_eval_set(tmp_path, num_images=22, dets_per_image=12, seed=4)
+def one_rank_metrics(eval_set) -> dict[str, dict[str, float]]:
+    """The metrics of one process evaluating the whole set in batches of 4: what every rank split must give."""
     single = COCOEvaluator(eval_set.annotations_file, eval_set.categories, num_workers=0)
     for batch, detections in eval_set.batches(4):
         single.process(batch, detections)
-    expected = single.evaluate()
+    return single.evaluate()
+
+
+def test_two_ranks_with_padded_overlapping_batches_equal_one_rank(tmp_path):
+    eval_set = make_eval_set(tmp_path, num_images=22, dets_per_image=12, seed=4)
+    expected = one_rank_metrics(eval_set)
 
     # Each rank reads its half in batches of 4; the last batch of each is padded with repeats,
     # and rank 1 also repeats one of rank 0's images.
@@ -279,10 +284,7 @@ def _evaluate_as_rank(rank, annotations_file, eval_set, rank_batches, init_file,
 @pytest.mark.slow
 def test_two_gloo_ranks_gather_and_broadcast_the_metrics_of_one_rank(tmp_path):
     eval_set = make_eval_set(tmp_path, num_images=10, dets_per_image=8, seed=7)
-    single = COCOEvaluator(eval_set.annotations_file, eval_set.categories, num_workers=0)
-    for batch, detections in eval_set.batches(4):
-        single.process(batch, detections)
-    expected = single.evaluate()
+    expected = one_rank_metrics(eval_set)
     rank_batches = [[[0, 1, 2, 3], [4, 5, 5, 5]], [[6, 7, 8, 9], [9, 9, 2, 9]]]
     torch.multiprocessing.spawn(
         _evaluate_as_rank,
