@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RPNHead
 
 from model.backbone import build_backbone
 from model.maskrcnn import MaskRCNN, StaticPart
+from model.normalization import InputNormalization, normalization
 from model.pooler import MultiLevelRoIAlign
 from model.roi_heads import RoIHeads, init_reference_heads
 from model.rpn import Anchors, RegionProposals
@@ -35,7 +36,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
     )
     strides = tuple(rpn["anchor_strides"])
     anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides)
-    static_part = StaticPart(backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
+    normalize = InputNormalization(normalization(cfg["normalization"]))
+    static_part = StaticPart(normalize, backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
     proposals = RegionProposals(
         anchors,
         fg_iou=rpn["fg_iou"],
