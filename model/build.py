@@ -35,7 +35,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
         bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
     )
     strides = tuple(rpn["anchor_strides"])
-    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides)
+    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides, rpn["anchor_generator"])
     normalize = InputNormalization(normalization(cfg["normalization"]))
     static_part = StaticPart(normalize, backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
     proposals = RegionProposals(
