@@ -163,6 +163,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mlog, cfg,
         train_samples=read_manifest(Path(cfg.data.train_shards))["samples"],
         eval_samples=read_manifest(Path(cfg.data.val_shards))["samples"],
+        images_per_rank=images_per_rank,
     )
     mlog.end(C.INIT_STOP)
     mlog.start(C.RUN_START)
