@@ -48,9 +48,9 @@ def reference_generate_anchors(stride, sizes, aspect_ratios):
 
 def reference_grid_anchors(grid_size, stride, base_anchors):
     h, w = grid_size
-    shift_y, shift_x = np.meshgrid(
-        np.arange(0, h * stride, stride, dtype=np.float32), np.arange(0, w * stride, stride, dtype=np.float32), indexing="ij"
-    )
+    shifts_x = np.arange(0, w * stride, stride, dtype=np.float32)
+    shifts_y = np.arange(0, h * stride, stride, dtype=np.float32)
+    shift_y, shift_x = np.meshgrid(shifts_y, shifts_x, indexing="ij")
     shifts = np.stack([shift_x.ravel(), shift_y.ravel(), shift_x.ravel(), shift_y.ravel()], axis=1)
     return (shifts[:, None, :] + base_anchors[None]).reshape(-1, 4)
 

@@ -21,7 +21,8 @@ CODER = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
 
 def random_objects(generator: torch.Generator, n: int) -> torch.Tensor:
-    wh = torch.exp(torch.empty(n, 2).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(500.0)), generator=generator))
+    log_wh = torch.empty(n, 2).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(500.0)), generator=generator)
+    wh = torch.exp(log_wh)  # 16 to 500 pixels, log-uniform
     xy = torch.rand(n, 2, generator=generator) * (torch.tensor([W, H]) - wh)
     return torch.cat([xy, xy + wh], dim=1)
 
