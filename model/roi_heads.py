@@ -3,6 +3,9 @@
 The heads are torchvision's modules (`TwoMLPHead`, `FastRCNNPredictor`, `MaskRCNNHeads`,
 `MaskRCNNPredictor`) with the reference's initialization; sampling, losses and the mask
 targets are written for fixed-size tensors so the training step never waits for the host.
+On CUDA the mask head runs on every positive slot (batch_size_per_image x positive_fraction
+per image) and padding rows are masked out of the loss: the same loss as the reference's
+mean over the positive RoIs, at a fixed cost (docs/MLPERF.md).
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ class RegionProposals(nn.Module):
     """Proposals and RPN losses (the reference's RPN without its head).
 
     post_nms_per_batch: in training the reference (maskrcnn-benchmark, MLPerf) keeps the top
-    `post_nms_top_n_train` x images proposals over the whole batch (MLPerf's
-    num_image_candidates x images per GPU), not the top `post_nms_top_n_train` of each image
-    as torchvision does. NMS runs per level on the per-level top `pre_nms_top_n`, and keeps all
+    `post_nms_top_n_train` x images proposals over the whole batch (its FPN_POST_NMS_TOP_N_TRAIN
+    in `select_over_all_levels`; MLPerf's num_image_candidates = 1000 x images per GPU), not
+    the top `post_nms_top_n_train` of each image as torchvision does; the rules allow either. NMS runs per level on the per-level top `pre_nms_top_n`, and keeps all
     its survivors (the reference's per-level post-NMS cap equals the pre-NMS count).
     straddle_thresh: the reference ignores, in the RPN loss, anchors that
     reach more than this many pixels outside the image (-1: keep all, as torchvision).

@@ -2,7 +2,9 @@
 
 torchvision's `Matcher` and `BalancedPositiveNegativeSampler` find indices with
 `torch.where`/`randperm` on variable-length sets (host synchronizations on CUDA); these
-versions give the same labels and the same sampling distribution with masks and top-k.
+versions give the same labels and the same sampling distribution with masks and top-k, which
+is what the closed division asks of a reimplementation (the reference's sampler is
+torchvision's, via maskrcnn-benchmark's `BalancedPositiveNegativeSampler`).
 """
 
 from __future__ import annotations
