@@ -87,7 +87,7 @@ def test_anchors_by_hand():
     # (3.5, 3.5) + shift (16, 8): [-20 + 16, -44 + 8, 28 + 16, 52 + 8].
     assert p3[(1 * 168 + 2) * 3 + 2].tolist() == [-4.0, -36.0, 44.0, 60.0]
     # P5, ratio 0.5: ws = round(sqrt(2048)) = 45, hs = round(22.5) = 22 (numpy rounds half to
-    # even), x 8 -> 360x176, not torchvision's 362x181.
+    # even), x 8 -> 360x176, not torchvision's 362x182.
     width, height = (p5[0, 2] - p5[0, 0]).item(), (p5[0, 3] - p5[0, 1]).item()
     assert (width, height) == (360.0, 176.0)
 
