@@ -11,9 +11,10 @@ the budget is recorded as skipped. After every stage OUT_DIR/gpu_check.json is r
     {"mode": "gpu" | "rehearsal", "stages": {NAME: {"status": "ok" | "failed" | "timeout" | "skipped",
      "seconds": ..., "figures": {...}}}, "goals": {...}}
 
-and the stage's output is appended to OUT_DIR/gpu_check.log: two files in all (8 may come back). The training figures come from the trainer's own step
-(`train.engine.train_step`, built as train/main.py builds it) timed between CUDA events
-(train/dry_run.py). `docs/PERFORMANCE.md` lists the stages, their figures and the goals.
+and the stage's output is appended to OUT_DIR/gpu_check.log: two files in all (8 may come
+back). The training figures come from the trainer's own step (`train.engine.train_step`, built
+as train/main.py builds it) timed between CUDA events (train/dry_run.py). docs/PERFORMANCE.md
+lists the stages, their figures and the goals.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
     loop_steps(0, scale.warmup)  # warm-up: allocator, anchors, cudnn autotuning
     readback.flush()
     checked = ctx.device.type == "cuda"
-    figures: dict[str, Any] = {"steps": scale.warmup, "sync_debug_mode": "error" if checked else "not available without CUDA"}
+    mode = "error" if checked else "not available without CUDA"
+    figures: dict[str, Any] = {"steps": scale.warmup, "sync_debug_mode": mode}
     if checked:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -355,8 +357,8 @@ def gpu_tests(scale: Scale) -> dict[str, Any]:
     """`pytest -m gpu`: the gpu-marked tests that need no DALI (its cases skip); their output goes to the log."""
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests"]
-        result = subprocess.run(command, cwd=REPO)
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        result = subprocess.run([*command, "tests"], cwd=REPO)
         figures: dict[str, Any] = {"exit_code": result.returncode, **_junit_counts(junit)}
     if result.returncode not in (0, 5) or figures.get("failed") or figures.get("errors"):  # 5: every test deselected
         raise CheckFailed(f"pytest -m gpu exited with {result.returncode}", figures)
@@ -400,7 +402,8 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], int]] = {
 
 def run_stage(name: str, scale: Scale, result_file: Path) -> int:
     """Run one stage in this process; write {"status", "figures"} (or the error) to `result_file`."""
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         figures = STAGES[name][0](scale)
         outcome = {"status": "ok", "figures": figures}
@@ -443,7 +446,9 @@ def run_all(out_dir: Path, *, rehearse: bool, budget: float, only: list[str], li
     return report
 
 
-def _stage_process(name: str, rehearse: bool, limit: float, result_file: Path, env: dict[str, str], log: Any) -> dict[str, Any]:
+def _stage_process(
+    name: str, rehearse: bool, limit: float, result_file: Path, env: dict[str, str], log: Any
+) -> dict[str, Any]:
     log.write(f"\n==== {name} (limit {limit:.0f} s) {time.strftime('%H:%M:%S')}\n")
     log.flush()
     command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--result", str(result_file),
@@ -477,11 +482,11 @@ def goals(stages: dict[str, Any]) -> dict[str, Any]:
     model = figure("train_bf16_graphs", "images_per_s")
     pipeline = figure("torch_pipeline", "images_per_s")
     headroom = pipeline / model if pipeline and model else None
-    return {
-        "training_images_per_s": {"figure": model, "goal": TRAINING_GOAL, "met": None if model is None else model >= TRAINING_GOAL},
-        "pipeline_over_model": {"figure": headroom, "goal": PIPELINE_GOAL,
-                                "met": None if headroom is None else headroom >= PIPELINE_GOAL},
-    }
+
+    def goal(value: float | None, target: float) -> dict[str, Any]:
+        return {"figure": value, "goal": target, "met": None if value is None else value >= target}
+
+    return {"training_images_per_s": goal(model, TRAINING_GOAL), "pipeline_over_model": goal(headroom, PIPELINE_GOAL)}
 
 
 def _headline(entry: dict[str, Any]) -> str:
@@ -505,7 +510,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rehearse", action="store_true", help="every stage at small sizes, on this machine, DALI hidden")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all stages together")
     parser.add_argument("--only", help="comma-separated stages to run (default: all, in order): " + ", ".join(STAGES))
-    parser.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS", help="another time limit for a stage")
+    parser.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
+                        help="another time limit for a stage (repeatable)")
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # internal: run one stage here
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser
