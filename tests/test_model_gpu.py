@@ -1,5 +1,5 @@
-"""GPU-only model checks: CUDA-graph capture of the static part, no host synchronization in the
-training step, AMP steps, and device mask targets against the CPU ones."""
+"""GPU-only model checks: CUDA-graph capture of the static part, evaluation after capture, no host
+synchronization in the training step, AMP steps, and device mask targets against the CPU ones."""
 
 import functools
 

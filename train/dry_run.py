@@ -184,15 +184,17 @@ def measure_training(
     step: TrainingStep,
     next_batch: Callable[[Callable[[str], None]], Any],
     *,
+    iters: int,
+    images_per_iter: int,
+    device: torch.device,
     warmup: int = WARMUP_ITERS,
     breakdown: int = BREAKDOWN_ITERS,
-    **sizes: Any,
 ) -> dict[str, Any]:
-    """`measure` of `step` on the batches `next_batch(lap)` gives, with the graph replays counted;
-    `sizes`: measure's iters, images_per_iter and device."""
+    """`measure` of `step` on the batches `next_batch(lap)` gives, with the graph replays counted."""
     replays_before = step.graph_replays
-    result = measure(name, lambda lap: step(next_batch(lap), lap), warmup=warmup, breakdown=breakdown, **sizes)
-    steps = warmup + sizes["iters"] + breakdown
+    result = measure(name, lambda lap: step(next_batch(lap), lap), iters=iters, images_per_iter=images_per_iter,
+                     device=device, warmup=warmup, breakdown=breakdown)
+    steps = warmup + iters + breakdown
     return {**result, "setup": step.setup, "graph_replays_per_step": (step.graph_replays - replays_before) / steps}
 
 
