@@ -14,7 +14,7 @@ from model.synthetic import synthetic_batch
 from tests.model_helpers import TINY, model_config
 from train.config import load_config
 from train.distributed import data_parallel, join_process_group
-from train.dry_run import TrainingStep, measure, measure_training, timed_seconds
+from train.dry_run import TrainingStep, measure, timed_seconds
 from train.engine import autocast_context, make_grad_scaler, train_step
 from train.solver import build_optimizer
 
@@ -87,7 +87,7 @@ def test_measure_times_plain_steps_then_breaks_down_separately(monkeypatch):
     assert result["peak_memory_gib"] == 1.0
 
 
-def test_measure_training_counts_graph_replays():
+def test_measure_counts_graph_replays():
     torch.manual_seed(0)
     model = build_model(model_config(*TINY), num_classes=4).train()
     batch = synthetic_batch(2, (96, 128), num_classes=4, max_gt=3, seed=0)
@@ -100,8 +100,8 @@ def test_measure_training_counts_graph_replays():
     model.static_part.register_graph(batch.images, stand_in)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     step = TrainingStep(model, optimizer, None, contextlib.nullcontext, "stand-in graph")
-    result = measure_training("model", step, lambda lap: batch, iters=2, images_per_iter=2, device=CPU,
-                              warmup=1, breakdown=1)
+    result = measure("model", lambda lap: step(batch, lap), iters=2, images_per_iter=2, device=CPU, warmup=1, breakdown=1,
+                     replays=lambda: step.graph_replays)
     assert result["graph_replays_per_step"] == 1.0 and len(calls) == 4
     assert set(result["stages_s_per_iter"]) == {"forward", "backward", "optimizer"}
 

@@ -144,16 +144,16 @@ def training_stage(precision: str, graphs: bool, gt_per_image: int | None = None
     """Training images/s of one precision, with or without CUDA graphs, timed between CUDA events."""
 
     def stage(scale: Scale) -> dict[str, Any]:
-        from train.dry_run import build_training_step, measure_training
+        from train.dry_run import build_training_step, measure
 
         cfg, ctx = _setup(scale, f"train.precision={precision}", f"train.cuda_graphs={str(graphs).lower()}")
         start = time.perf_counter()
         step = build_training_step(cfg, ctx, cfg.model.num_classes)
         build_s = time.perf_counter() - start
         batch = _training_batch(cfg, ctx, gt_per_image)
-        figures = measure_training(precision, step, lambda lap: batch, iters=scale.iters, images_per_iter=len(batch),
-                                   device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup)
-        figures.update(build_and_capture_s=build_s, image_size=list(batch.images.shape[-2:]),
+        figures = measure(precision, lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),
+                          device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup, replays=lambda: step.graph_replays)
+        figures.update(setup=step.setup, build_and_capture_s=build_s, image_size=list(batch.images.shape[-2:]),
                        gt_per_image=batch.num_boxes.tolist(), losses=_finite_losses(step, batch))
         _expect_replays(figures, graphs, ctx)
         return figures
@@ -331,7 +331,7 @@ def torch_pipeline(scale: Scale) -> dict[str, Any]:
 def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     """One rank of DDP over NCCL (gloo without CUDA), joined and wrapped as the trainer does."""
     from train.distributed import data_parallel, join_process_group
-    from train.dry_run import build_training_step, measure_training
+    from train.dry_run import build_training_step, measure
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
     with socket.socket() as s:
@@ -343,9 +343,10 @@ def ddp_one_rank(scale: Scale) -> dict[str, Any]:
         step = build_training_step(cfg, ctx, cfg.model.num_classes)
         step.model = data_parallel(step.model, ctx.device)
         batch = _training_batch(cfg, ctx)
-        figures = measure_training("ddp", step, lambda lap: batch, iters=scale.iters, images_per_iter=len(batch),
-                                   device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup)
-        figures.update(backend=torch.distributed.get_backend(), broadcast_buffers=step.model.broadcast_buffers,
+        figures = measure("ddp", lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),
+                          device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup, replays=lambda: step.graph_replays)
+        figures.update(setup=step.setup, backend=torch.distributed.get_backend(),
+                       broadcast_buffers=step.model.broadcast_buffers,
                        losses=_finite_losses(step, batch))
         _expect_replays(figures, True, ctx)
         return figures

@@ -103,9 +103,12 @@ def measure(
     device: torch.device,
     warmup: int = WARMUP_ITERS,
     breakdown: int = BREAKDOWN_ITERS,
+    replays: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """`step(lap)` `warmup` times untimed, `iters` times timed (images/s), then `breakdown` times
-    with a synchronizing `lap` for the per-stage breakdown."""
+    with a synchronizing `lap` for the per-stage breakdown. With `replays` (a CUDA-graph replay
+    count, such as `TrainingStep.graph_replays`) also the replays per step."""
+    replays_before = replays() if replays else 0
     for _ in range(warmup):
         step(no_lap)
 
@@ -127,6 +130,8 @@ def measure(
         "cpu_ms_per_image": 1000.0 * cpu_seconds / images,
         "stages_s_per_iter": {stage: s / max(breakdown, 1) for stage, s in clock.seconds.items()},
     }
+    if replays:
+        result["graph_replays_per_step"] = (replays() - replays_before) / (warmup + iters + breakdown)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -179,25 +184,6 @@ def build_training_step(cfg: Config, ctx: DistributedContext, num_classes: int) 
     return TrainingStep(model, optimizer, scaler, autocast, setup)
 
 
-def measure_training(
-    name: str,
-    step: TrainingStep,
-    next_batch: Callable[[Callable[[str], None]], Any],
-    *,
-    iters: int,
-    images_per_iter: int,
-    device: torch.device,
-    warmup: int = WARMUP_ITERS,
-    breakdown: int = BREAKDOWN_ITERS,
-) -> dict[str, Any]:
-    """`measure` of `step` on the batches `next_batch(lap)` gives, with the graph replays counted."""
-    replays_before = step.graph_replays
-    result = measure(name, lambda lap: step(next_batch(lap), lap), iters=iters, images_per_iter=images_per_iter,
-                     device=device, warmup=warmup, breakdown=breakdown)
-    steps = warmup + iters + breakdown
-    return {**result, "setup": step.setup, "graph_replays_per_step": (step.graph_replays - replays_before) / steps}
-
-
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     """The pipeline's own benchmark (pipeline/bench.py) on this rank's share of the batch."""
     result = run_pipeline_benchmark(
@@ -221,8 +207,9 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
     step = build_training_step(cfg, ctx, num_classes)
-    result = measure_training("model", step, lambda lap: batch, iters=iters, images_per_iter=images, device=ctx.device)
-    return {**result, "image_size": [height, width]}
+    result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
+                     replays=lambda: step.graph_replays)
+    return {**result, "image_size": [height, width], "setup": step.setup}
 
 
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
@@ -236,7 +223,9 @@ def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, 
         return batch
 
     images = cfg.solver.ims_per_batch // ctx.world_size
-    return measure_training("full", step, next_batch, iters=iters, images_per_iter=images, device=ctx.device)
+    result = measure("full", lambda lap: step(next_batch(lap), lap), iters=iters, images_per_iter=images,
+                     device=ctx.device, replays=lambda: step.graph_replays)
+    return {**result, "setup": step.setup}
 
 
 def verdict(pipeline: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
