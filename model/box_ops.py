@@ -102,10 +102,14 @@ def padded_nms(boxes: Tensor, valid: Tensor, iou_threshold: float, sync_free: bo
         return keep
     iou = batched_box_iou(boxes, boxes)
     upper = torch.ones(iou.shape[-2:], dtype=torch.bool, device=boxes.device).triu(1)
-    suppresses = ((iou > iou_threshold) & upper).to(torch.float32)  # [S, j, i]: j ranks above i, overlaps it
-    keep = valid
-    for _ in range(SYNC_FREE_NMS_STEPS):
-        suppressed = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1) > 0
-        keep = valid & ~suppressed
+    # [S, j, i]: j ranks above i and overlaps it. 0/1 entries, and the counts the products
+    # sum, are exact where it matters in bfloat16 (a positive count never rounds to 0), at
+    # half float32's bytes. Built once with autocast off, so that autocast does not recast
+    # the [S, N, N] matrix on each step.
+    with torch.autocast(boxes.device.type, enabled=False):
+        suppresses = ((iou > iou_threshold) & upper).to(torch.bfloat16)
+        keep = valid
+        for _ in range(SYNC_FREE_NMS_STEPS):
+            suppressed = torch.bmm(keep.to(torch.bfloat16).unsqueeze(1), suppresses).squeeze(1) > 0
+            keep = valid & ~suppressed
     return keep
-

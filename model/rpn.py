@@ -13,6 +13,7 @@ was trained with them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import permute_and_flatten
@@ -153,7 +154,7 @@ class RegionProposals(nn.Module):
         self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], image_sizes: Tensor, sync_free: bool
     ) -> tuple[Tensor, Tensor]:
         """Proposals [B, N, 4] sorted by score per image, and valid [B, N] (False for padding)."""
-        level_scores, level_boxes = [], []
+        level_obj, level_boxes, level_valid = [], [], []
         for obj, delta, level_anchors in zip(objectness, deltas, anchors):
             k = min(self.pre_nms_top_n[self._mode()], obj.shape[1])
             top_obj, top_index = obj.topk(k, dim=1)
@@ -162,10 +163,20 @@ class RegionProposals(nn.Module):
             boxes = clip_boxes(boxes, image_sizes)
             wide = boxes[..., 2] - boxes[..., 0] >= self.min_size
             tall = boxes[..., 3] - boxes[..., 1] >= self.min_size
-            keep = padded_nms(boxes, wide & tall, self.nms_thresh, sync_free)
-            scores = torch.where(keep, torch.sigmoid(top_obj), torch.full_like(top_obj, -1.0))
-            level_scores.append(scores)
+            level_obj.append(top_obj)
             level_boxes.append(boxes)
+            level_valid.append(wide & tall)
+        # NMS runs per level and image: one call over all B x levels sets, each padded to the
+        # largest level's k with invalid boxes (small levels, such as P6, have fewer anchors).
+        k_max = max(b.shape[1] for b in level_boxes)
+        pad = [k_max - b.shape[1] for b in level_boxes]
+        sets = torch.cat([F.pad(b, (0, 0, 0, p)) for b, p in zip(level_boxes, pad)])
+        set_valid = torch.cat([F.pad(v, (0, p), value=False) for v, p in zip(level_valid, pad)])
+        keep = padded_nms(sets, set_valid, self.nms_thresh, sync_free).split(objectness[0].shape[0])
+        level_scores = [
+            torch.where(kept[:, : o.shape[1]], torch.sigmoid(o), torch.full_like(o, -1.0))
+            for kept, o in zip(keep, level_obj)
+        ]
         scores = torch.cat(level_scores, dim=1)
         boxes = torch.cat(level_boxes, dim=1)
         n = self.post_nms_top_n[self._mode()]

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,30 @@ def init_distributed(device_preference: str = "auto", env: Mapping[str, str] | N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        join_process_group(rank, world_size, device)
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def join_process_group(rank: int, world_size: int, device: torch.device) -> None:
+    """NCCL for GPU processes, bound to this process's GPU (its communicator is made now, so a
+    broken NCCL setup fails here, not at the first collective); gloo for CPU ones."""
+    if device.type == "cuda":
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP over the process group, one device per process.
+
+    DDP broadcasts rank 0's buffers before every forward unless told not to: a collective per
+    step. Frozen BN statistics and the input normalization's constants never change, so only a
+    model with trainable BatchNorm layers (whose running statistics each rank updates) pays it.
+    """
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    changing_buffers = any(isinstance(m, batch_norms) and m.track_running_stats for m in model.modules())
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=changing_buffers)
 
 
 def shutdown_distributed() -> None:

@@ -52,25 +52,38 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def no_lap(stage: str) -> None:
+    """The default `lap` hook of `train_step`: nothing."""
+
+
 def train_step(
     model: nn.Module,
     batch: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    lap: Callable[[str], None] = no_lap,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; returns the detached losses, still on the device."""
+    """One optimizer step on one batch; returns the detached losses, still on the device.
+
+    `lap(stage)` is called as forward, backward and optimizer end: the dry runs' per-stage
+    breakdown hooks in there (train/dry_run.py), the training loop leaves it alone.
+    """
     with autocast():
         losses = model(batch)
     total = sum(losses.values())
+    lap("forward")
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         total.backward()
+        lap("backward")
         optimizer.step()
     else:
         scaler.scale(total).backward()
+        lap("backward")
         scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/nan
         scaler.update()
+    lap("optimizer")
     return {name: loss.detach() for name, loss in losses.items()}
 
 

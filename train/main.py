@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from mlperf_logging.mllog import constants as C
-from torch.nn.parallel import DistributedDataParallel
 
 from model.weights import WeightsError
 from pipeline.shard_format import ShardFormatError, read_manifest
@@ -50,7 +49,7 @@ from train.checkpoint import (
 )
 from train.config import Config, ConfigError, load_config
 from train.cuda_graphs import graph_static_part
-from train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from train.distributed import DistributedContext, data_parallel, init_distributed, shutdown_distributed
 from train.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -130,7 +129,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scaler = make_grad_scaler(precision, ctx.device)
 
     # Optimizer and schedule (the LR is set from the iteration inside the loop).
-    optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device)
+    optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device, grad_scaling=scaler is not None)
     log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
 
     # Resume: weights, optimizer, scaler, position and RNG streams of the newest checkpoint.
@@ -155,7 +154,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ))
     trained = model
     if ctx.is_distributed:
-        trained = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        trained = data_parallel(model, ctx.device)
     if checkpoint is not None:
         restore_rng_states(checkpoint["rng"])  # last, so model building cannot consume the streams
 
@@ -209,7 +208,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             last_epoch = epoch + 1 == cfg.train.max_epochs or state.iteration >= cfg.solver.max_iter
             if epochs_done % cfg.eval.every_epochs == 0 or last_epoch:
                 eval_start = time.perf_counter()
-                results = evaluate(model, val_loader, evaluator, mlog, epoch + 1, output_dir if ctx.is_main else None)
+                results = evaluate(model, val_loader, evaluator, mlog, epoch + 1, output_dir if ctx.is_main else None, autocast)
                 eval_seconds += time.perf_counter() - eval_start
                 reporter.evaluation(epoch + 1, state.iteration, results)
                 reached = results["bbox"]["AP"] >= cfg.eval.box_ap_target and results["segm"]["AP"] >= cfg.eval.mask_ap_target
@@ -249,7 +248,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate(
-    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None
+    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None,
+    autocast: Any,
 ) -> dict[str, dict[str, float]]:
     """COCO box and mask AP on the val shards (every rank takes part), logged for MLPerf.
 
@@ -257,7 +257,7 @@ def evaluate(
     pictures and tools/visualize.py.
     """
     mlog.start(C.EVAL_START, epoch_num=epoch_num)
-    results = inference_on_dataset(model, val_loader, evaluator)
+    results = inference_on_dataset(model, val_loader, evaluator, autocast=autocast)  # the training precision
     if output_dir is not None:
         (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
     mlog.end(C.EVAL_STOP, epoch_num=epoch_num)

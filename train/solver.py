@@ -82,12 +82,14 @@ def _apex_fused_sgd():
 
 
 def build_optimizer(
-    model: nn.Module, solver_cfg: Config, device: torch.device
+    model: nn.Module, solver_cfg: Config, device: torch.device, grad_scaling: bool = False
 ) -> tuple[torch.optim.Optimizer, str]:
     """Momentum SGD over `parameter_groups`, the fastest implementation the machine has.
 
-    `solver_cfg.optimizer`: auto (apex FusedSGD on CUDA when apex imports, else
-    torch's fused SGD on CUDA, foreach on CPU) | apex | fused | foreach | plain.
+    `solver_cfg.optimizer`: auto (on CUDA apex FusedSGD when apex imports, else torch's fused
+    SGD; foreach on CPU) | apex | fused | foreach | plain. With `grad_scaling` (fp16's
+    GradScaler) auto takes torch's fused SGD: it unscales and skips inside its kernel, while
+    GradScaler.step reads found-inf on the host every step for any other optimizer (apex's too).
     Returns the optimizer and the name of the implementation chosen.
     """
     groups = parameter_groups(
@@ -102,7 +104,7 @@ def build_optimizer(
         if device.type != "cuda":
             choice = "foreach"
         else:
-            choice = "apex" if _apex_fused_sgd() is not None else "fused"
+            choice = "apex" if _apex_fused_sgd() is not None and not grad_scaling else "fused"
     momentum = solver_cfg.momentum
     if choice == "apex":
         fused_sgd = _apex_fused_sgd()
