@@ -166,7 +166,7 @@ class LivenessWatch:
             ranks = ", ".join(map(str, silent))
             self.on_silent(
                 f"rank {self.ctx.rank}: rank {ranks} stopped answering (no sign of life for "
-                f"{self.silent_after:.0f} s: frozen, stopped, or its host unreachable), so the job ends; "
+                f"{self.silent_after:g} s: frozen, stopped, or its host unreachable), so the job ends; "
                 f"train.collective_timeout_s={self.timeout_s:g} sets this limit"
             )
 

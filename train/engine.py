@@ -163,7 +163,7 @@ class NonFiniteGuard:
                 if newest else "the run stopped before writing any checkpoint"
             )
             raise NonFiniteLossError(
-                f"the loss was not finite for {self.in_a_row} iterations in a row, the last at iteration "
+                f"the loss was not finite for {self.in_a_row} iteration{'s' * (self.in_a_row > 1)} in a row, the last at iteration "
                 f"{step.iteration} ({', '.join(f'{k}={v:.4g}' for k, v in step.losses.items())}); {kept}: "
                 f"check the data with tools/shard_coco.py --verify --out {self.train_shards or 'SHARDS'}, "
                 "then lower solver.base_lr or lengthen solver.warmup_iters"

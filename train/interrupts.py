@@ -47,8 +47,6 @@ class TrainingStopped(Exception):
     def sentence(self) -> str:
         name = signal.Signals(self.signum).name
         where = f" (received by rank {', '.join(map(str, self.ranks))})" if self.world_size > 1 else ""
-        if self.iteration == 0 and self.checkpoint is None:
-            return f"stopped by {name}{where} before this attempt began; nothing was written"
         kept = f"its newest checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
         return f"stopped by {name}{where} after iteration {self.iteration}; {kept}: continue with --resume"
 

@@ -109,11 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, overrides anywhere among the flags; `--resume KEY=VALUE` is `--resume` plus an override."""
-    args = get_args_parser().parse_intermixed_args(argv)
-    if args.resume and "=" in args.resume:
-        args.overrides.insert(0, args.resume)
-        args.resume = "auto"
-    return args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--resume" and "=" in argv[i + 1]:
+            argv[i] = "--resume=auto"  # the next argument stays an override, in its place among the others
+    return get_args_parser().parse_intermixed_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -147,6 +147,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         stop = StopRequest(ctx, cfg.train.loss_readback_every)  # SIGTERM / Ctrl-C: checkpoint, then exit
         stop.install()
         cleanup.callback(stop.restore)
+        # The run folder: rank 0 locks it (its first write, .lock) and decides how this attempt
+        # starts, before anything is built, so that a refusal costs a second; every rank follows.
+        resume = cfg.train.resume or ("auto" if ctx.restart_count else "")
+        if ctx.restart_count:
+            log.info("torchrun restart %d: resuming from the newest checkpoint in %s", ctx.restart_count, output_dir)
+        folder = RunFolder(output_dir) if ctx.is_main else None
+        if folder is not None:
+            cleanup.callback(folder.release)
+        plan = broadcast_from_main(ctx, plan_attempt(folder, cfg, resume) if folder is not None else None)
+        if isinstance(plan, Exception):
+            raise plan
+        if plan.finished:
+            log.info("%s", plan.finished)
+            summary_file = output_dir / "summary.json"
+            return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+
         log_closed_division_check(cfg)
         components.configure_torch(cfg.train, cfg.seed, ctx.rank)
 
@@ -168,24 +184,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # Optimizer and schedule (the LR is set from the iteration inside the loop).
         optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device)
         log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
-
-        # The run folder: rank 0 locks it and decides how this attempt starts; every rank follows.
-        stopping = stop.agreed(at_readback=True)
-        if stopping:
-            raise TrainingStopped(*stopping, iteration=0, world_size=ctx.world_size)
-        resume = cfg.train.resume or ("auto" if ctx.restart_count else "")
-        if ctx.restart_count:
-            log.info("torchrun restart %d: resuming from the newest checkpoint in %s", ctx.restart_count, output_dir)
-        folder = RunFolder(output_dir) if ctx.is_main else None
-        if folder is not None:
-            cleanup.callback(folder.release)
-        plan = broadcast_from_main(ctx, plan_attempt(folder, cfg, resume) if folder is not None else None)
-        if isinstance(plan, Exception):
-            raise plan
-        if plan.finished:
-            log.info("%s", plan.finished)
-            summary_file = output_dir / "summary.json"
-            return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
         # Resume: weights, optimizer, scaler, position and RNG streams of the chosen checkpoint.
         state, loader_state, checkpoint = TrainState(), None, None
@@ -276,7 +274,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if plan.due_evaluation is not None:  # a kill interrupted it: the weights are the checkpoint's
                 log.info("running the evaluation of epoch %d that the previous attempt did not finish", plan.due_evaluation)
+                mlog.start(C.BLOCK_START, first_epoch_num=plan.due_evaluation, epoch_count=1)  # the end of that block
                 results, evaluated_at = run_evaluation(plan.due_evaluation), state.iteration
+                mlog.end(C.BLOCK_STOP, first_epoch_num=plan.due_evaluation)
                 reached = target_reached(results)
             for epoch in range(state.epoch, cfg.train.max_epochs):
                 if reached or state.iteration >= cfg.solver.max_iter:
