@@ -106,6 +106,18 @@ def test_resuming_a_finished_run_or_failing_to_resume_it_touches_nothing(capsys,
     assert code == 0, output
 
 
+def test_a_checkpoint_of_another_run_does_not_resume_into_this_runs_folder(capsys, reference_run, base, tmp_path):
+    out = _copy_run(reference_run, tmp_path)
+    state = _run_state(out)
+    state["run_id"] = "another-run"
+    (out / "run.json").write_text(json.dumps(state))
+    before = _files(out)
+    checkpoint = reference_run / "checkpoints" / "ckpt-00000004.pt"
+    err = _error(capsys, [*base(out), "--resume", checkpoint])
+    assert f"checkpoint {checkpoint} belongs to run " in err and f"output_dir={out} holds run another-run" in err
+    assert _files(out) == before
+
+
 def test_extending_a_finished_run_trains_exactly_as_the_longer_run(reference_run, base, tmp_path):
     out = tmp_path / "run"
     subprocess.run([*MAIN, *base(out, "solver.max_iter=4")], check=True, env=ENV, capture_output=True)

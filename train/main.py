@@ -155,7 +155,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         folder = RunFolder(output_dir) if ctx.is_main else None
         if folder is not None:
             cleanup.callback(folder.release)
-        plan = broadcast_from_main(ctx, plan_attempt(folder, cfg, resume) if folder is not None else None)
+        plan, checkpoint = plan_attempt(folder, cfg, resume) if folder is not None else (None, None)
+        plan = broadcast_from_main(ctx, plan)  # other ranks read the checkpoint that rank 0 chose
         if isinstance(plan, Exception):
             raise plan
         if plan.finished:
@@ -186,9 +187,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
 
         # Resume: weights, optimizer, scaler, position and RNG streams of the chosen checkpoint.
-        state, loader_state, checkpoint = TrainState(), None, None
+        state, loader_state = TrainState(), None
         if plan.checkpoint is not None:
-            checkpoint = load_checkpoint(plan.checkpoint, cfg)
+            checkpoint = checkpoint or load_checkpoint(plan.checkpoint, cfg)
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             if scaler is not None and checkpoint["scaler"]:
@@ -305,8 +306,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if parameters_are_finite(model):  # a NaN state is never saved over the last good one
                     if due and folder is not None:  # recorded first: a kill during the evaluation leaves it due
                         folder.evaluation_due(epochs_done, state.iteration, checkpoint_path(output_dir, state.iteration).name)
-                    # an epoch cut short by solver.max_iter keeps its position, so that an extended run continues it
-                    save(epoch + 1, None) if epoch_ended else save(epoch, train_loader.state_dict())
+                    if epoch_ended:
+                        save(epoch + 1, None)
+                    else:  # cut short by solver.max_iter: its position is kept, so that an extended run continues it
+                        save(epoch, train_loader.state_dict())
                 if due:
                     results, evaluated_at = run_evaluation(epochs_done), state.iteration
                     reached = target_reached(results)
@@ -375,27 +378,30 @@ class AttemptPlan:
     notes: list[str] = field(default_factory=list)  # what this attempt changes (a moved schedule end)
 
 
-def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> AttemptPlan | Exception:
-    """Rank 0: lock the folder and decide where this attempt starts; a user error is returned, to be raised on every rank."""
+def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPlan | Exception, dict[str, Any] | None]:
+    """Rank 0: lock the folder and decide where this attempt starts, with the checkpoint's contents.
+
+    A user error is returned, not raised: every rank raises it once the plan is sent.
+    """
     try:
         folder.lock()
         if not resume:
             folder.require_fresh()
-            return AttemptPlan()
+            return AttemptPlan(), None
         found = newest_readable_checkpoint(folder.path, cfg) if resume == "auto" else (Path(resume), load_checkpoint(resume, cfg))
     except USER_ERRORS as e:
         folder.release()
-        return e
+        return e, None
     if found is None:
         log.info("no checkpoint in %s yet: starting from iteration 0", folder.path)
-        return AttemptPlan(run_id=folder.run_id)
+        return AttemptPlan(run_id=folder.run_id), None
     path, state = found
     if folder.run_id and state.get("run_id") and state["run_id"] != folder.run_id:
         folder.release()
         return RunFolderError(
             f"checkpoint {path} belongs to run {state['run_id']}, but output_dir={folder.path} holds run {folder.run_id}; "
             "resume it into its own folder or a new one"
-        )
+        ), None
     plan = AttemptPlan(run_id=folder.run_id or state.get("run_id") or None, checkpoint=path)
     plan.notes = schedule_changes(state["config"], cfg.to_dict())
     for note in plan.notes:
@@ -423,7 +429,7 @@ def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> AttemptPlan | E
         else:
             plan.finished = finished_sentence(folder.path, cfg, iteration, epoch_num, plan.results, reached)
             folder.release()
-    return plan
+    return plan, state
 
 
 def finished_sentence(

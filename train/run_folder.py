@@ -75,12 +75,14 @@ class RunFolder:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir)
         self._lock: IO[str] | None = None
+        self._created = False  # this process made the folder
         self.state: dict[str, Any] | None = None  # read once the lock is held
 
     # --- the lock -----------------------------------------------------------------------
     def lock(self) -> "RunFolder":
         """Take the folder (creating it), or raise RunFolderError if another trainer has it."""
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / LOCK_FILE, "a+")
         except OSError as e:
@@ -108,9 +110,14 @@ class RunFolder:
         return self
 
     def release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # closing the file drops the POSIX lock
-            self._lock = None
+        """Let the folder go; one that this process made and never wrote to is removed (a refused start leaves nothing)."""
+        if self._lock is None:
+            return
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink()
+            self.path.rmdir()
+        self._lock.close()  # closing the file drops the POSIX lock
+        self._lock = None
 
     def require_fresh(self) -> None:
         """A fresh run must not mix with another run's files (rule 2)."""
