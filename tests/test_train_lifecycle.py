@@ -277,7 +277,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(capsys
     assert summaries[0]["parameter_digests"] == summaries[1]["parameter_digests"]
 
 
-def test_the_nonfinite_stop_says_which_checkpoint_it_kept_and_where_to_look(capsys, base, tmp_path):
+def test_the_nonfinite_stop_names_the_checkpoint_it_kept_and_where_to_look(base, tmp_path):
     diverging = ["solver.base_lr=1000.0", "solver.warmup_iters=0", "train.max_nonfinite_in_a_row=1"]
     out = tmp_path / "run"
     result = subprocess.run([*MAIN, *base(out, *diverging)], env=ENV, capture_output=True, text=True)
@@ -286,13 +286,7 @@ def test_the_nonfinite_stop_says_which_checkpoint_it_kept_and_where_to_look(caps
     newest = list_checkpoints(out)[-1]
     assert f"the run stopped; its newest checkpoint, {newest}, holds finite weights" in err
     assert "tools/shard_coco.py --verify --out" in err and "lower solver.base_lr" in err
-    assert "last good checkpoint" not in err
-    out = tmp_path / "no-checkpoint"
-    result = subprocess.run([*MAIN, *base(out, *diverging, "train.checkpoint_every=100")],
-                            env=ENV, capture_output=True, text=True)
-    err = _one_sentence(result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 2 and "the run stopped before writing any checkpoint" in err
-    assert list_checkpoints(out) == []
+    assert "last good checkpoint" not in err  # with no checkpoint yet it says so: tests/test_train_engine.py
 
 
 # --- ranks and torchrun --------------------------------------------------------------------------------

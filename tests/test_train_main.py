@@ -41,8 +41,8 @@ def test_uninterrupted_run_writes_its_results(reference_run):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_resume_after_sigkill_reproduces_the_run_bit_for_bit(backend, reference_runs, train_shards, val_shards, synthetic_coco, tmp_path):
     reference_run = reference_runs(backend)
-    command = command(train_shards, val_shards, synthetic_coco, tmp_path, f"data.backend={backend}")
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = command(train_shards, val_shards, synthetic_coco, tmp_path, f"data.backend={backend}")
+    process = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "checkpoints" / "ckpt-00000002.pt"
     deadline = time.monotonic() + 300
     while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -53,7 +53,7 @@ def test_resume_after_sigkill_reproduces_the_run_bit_for_bit(backend, reference_
     killed_at = max(losses(tmp_path))
     assert killed_at < 6, "the run finished before it could be killed"
 
-    subprocess.run([*command, "--resume"], check=True, env=ENV, capture_output=True)
+    subprocess.run([*argv, "--resume"], check=True, env=ENV, capture_output=True)
     resumed, reference = losses(tmp_path), losses(reference_run)
     assert sorted(resumed) == sorted(reference)
     for iteration, record in reference.items():
@@ -63,9 +63,9 @@ def test_resume_after_sigkill_reproduces_the_run_bit_for_bit(backend, reference_
 
 
 def test_two_processes_with_gloo_keep_identical_weights(train_shards, val_shards, synthetic_coco, tmp_path):
-    command = command(train_shards, val_shards, synthetic_coco, tmp_path, "solver.ims_per_batch=4", "solver.max_iter=3",
+    argv = command(train_shards, val_shards, synthetic_coco, tmp_path, "solver.ims_per_batch=4", "solver.max_iter=3",
                        "train.checkpoint_every=100", "eval.ims_per_batch=4")
-    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]]
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv[1:]]
     subprocess.run(torchrun, check=True, env=ENV, capture_output=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == 3
