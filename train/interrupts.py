@@ -7,7 +7,10 @@ checkpoint and raises `TrainingStopped`. A signal may reach one rank only, so se
 processes agree through one small all_reduce at the loss read-back points (which wait for the
 device anyway): every rank stops after the same step, within `train.loss_readback_every`
 steps of the signal. One process checks after every step. A second Ctrl-C stops at once,
-without saving.
+without saving; a copy that arrives within REPEAT_S of the first is not a second press:
+torchrun's agent forwards the signal that the terminal already sent to every worker.
+Under torchrun the agent SIGKILLs workers still running 30 s after it forwarded the signal,
+so `train.loss_readback_every` steps and a checkpoint write must take less than that.
 
 The process exits with 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), the
 code a shell gives a process that a signal ended, so a scheduler still sees an interrupted job.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ from train.distributed import DistributedContext
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is torchrun forwarding it
 
 
 class TrainingStopped(Exception):
@@ -58,6 +63,7 @@ class StopRequest:
         self.ctx = ctx
         self.readback_every = readback_every
         self.signum = 0
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -73,10 +79,10 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum:
-            if signum == signal.SIGINT:
+            if signum == signal.SIGINT and time.monotonic() - self._received_at >= REPEAT_S:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
             return
-        self.signum = signum
+        self.signum, self._received_at = signum, time.monotonic()
         when = "after this step" if not self.ctx.is_distributed else f"within {self.readback_every} steps"
         log.warning(
             "%s received: stopping %s with a checkpoint (Ctrl-C again stops at once, without saving)",

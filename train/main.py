@@ -238,7 +238,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         newest = plan.checkpoint  # the newest checkpoint of the run, for the messages of a stop
         guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row, lambda: newest, cfg.data.train_shards)
 
-        def save(epoch: int, position: Any) -> Path:
+        def save(epoch: int, position: Any) -> None:
             """Called on every rank: each rank's pipeline position goes into rank 0's checkpoint."""
             nonlocal newest
             positions = components.gather_positions(position, ctx)
@@ -251,7 +251,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 folder.rotate(checkpoint_dir(output_dir), cfg.train.keep_checkpoints)
             newest = path
-            return path
 
         eval_seconds = 0.0
 
@@ -318,7 +317,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     break  # reached: the quality target, where MLPerf stops the clock
                 stopping = stop.agreed(at_readback=True)
                 if stopping:
-                    raise TrainingStopped(*stopping, iteration=state.iteration, checkpoint=newest)
+                    raise TrainingStopped(*stopping, iteration=state.iteration)
             status, outcome = (C.SUCCESS if reached else C.ABORTED), "finished"
         except TrainingStopped as stopped:
             stopped.checkpoint, stopped.world_size = newest, ctx.world_size  # the engine knows neither
