@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from train.checkpoint import list_checkpoints
 from train.distributed import DistributedContext, LivenessWatch
+from train.interrupts import StopRequest
 from train.main import parse_args, run
 
 from train_runs import DEMO, ENV, PYTHON, REPO, TINY, check_compliance, command, losses
@@ -115,6 +116,15 @@ def test_a_checkpoint_of_another_run_does_not_resume_into_this_runs_folder(capsy
     checkpoint = reference_run / "checkpoints" / "ckpt-00000004.pt"
     err = _error(capsys, [*base(out), "--resume", checkpoint])
     assert f"checkpoint {checkpoint} belongs to run " in err and f"output_dir={out} holds run another-run" in err
+    assert _files(out) == before
+
+
+def test_a_damaged_run_record_is_one_sentence(capsys, reference_run, base, tmp_path):
+    out = _copy_run(reference_run, tmp_path)
+    (out / "run.json").write_text('{"format": "maskrcnn-train-run/1", "run_id": ')  # cut short by hand
+    before = _files(out)
+    err = _error(capsys, [*base(out), "--resume"])
+    assert f"{out / 'run.json'} cannot be read" in err and "move it away" in err
     assert _files(out) == before
 
 
@@ -238,6 +248,24 @@ def test_ctrl_c_stops_with_a_checkpoint_and_no_traceback(base, tmp_path):
     stopped_at = max(losses(out))
     assert stderr.strip().splitlines()[-1].startswith(f"stopped by SIGINT after iteration {stopped_at}; its newest checkpoint is")
     assert list_checkpoints(out)[-1].name == f"ckpt-{stopped_at:08d}.pt"
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback_but_torchruns_copy_does_not(monkeypatch, capsys):
+    stop = StopRequest(DistributedContext(0, 1, 0, torch.device("cpu")), readback_every=50)
+    clock = iter([100.0, 100.2, 101.5])  # the first press, torchrun's forwarded copy, a second press
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)
+    assert stop.agreed(at_readback=False) == (signal.SIGINT, [0])
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("train.main.main", interrupted)
+    assert run([]) == 130
+    assert "stopped at once, without saving" in _one_sentence(capsys.readouterr().err)
 
 
 def test_killed_during_an_evaluation_resume_runs_it(reference_run, base, tmp_path):
