@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -251,6 +252,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_no_traceback(base, tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback_but_torchruns_copy_does_not(monkeypatch, capsys):
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # an earlier in-process run's may write to a closed capture
     stop = StopRequest(DistributedContext(0, 1, 0, torch.device("cpu")), readback_every=50)
     clock = iter([100.0, 100.2, 101.5])  # the first press, torchrun's forwarded copy, a second press
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
@@ -265,7 +267,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback_but_torchruns_copy_do
 
     monkeypatch.setattr("train.main.main", interrupted)
     assert run([]) == 130
-    assert "stopped at once, without saving" in _one_sentence(capsys.readouterr().err)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert "SIGINT received: stopping after this step with a checkpoint" in said[0]
+    assert "stopped at once, without saving" in _one_sentence(said[-1])
 
 
 def test_killed_during_an_evaluation_resume_runs_it(reference_run, base, tmp_path):
