@@ -47,7 +47,7 @@ def torchvision_inputs(batch: Batch) -> tuple[list[torch.Tensor], list[dict[str,
         xs = torch.arange(w, device=boxes.device)[None, None, :] + 0.5
         b = boxes[:, :, None, None]
         masks = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
-        images.append(batch.images[i].contiguous())
+        images.append(batch.images[i].float().div(255).contiguous())  # torchvision normalizes 0-1 RGB itself
         targets.append({"boxes": boxes, "labels": batch.labels[i, :n], "masks": masks.to(torch.uint8)})
     return images, targets
 
@@ -78,10 +78,11 @@ def _training_step(model: torch.nn.Module, inputs: tuple, amp_dtype: torch.dtype
     return step
 
 
-def capture_static_part(model: MaskRCNN, images: torch.Tensor, amp_dtype: torch.dtype | None) -> None:
+def capture_static_part(model: MaskRCNN, batch: Batch, amp_dtype: torch.dtype | None) -> None:
     """Capture the static part for this image shape (as the trainer does) and register it."""
+    images = batch.images
     with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images,))
+        graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images, batch.image_sizes))
     model.static_part.graphs[tuple(images.shape)] = graphed
 
 
@@ -133,7 +134,7 @@ def run_model_benchmark(
             result["ours_step_cpu_s"], result["torchvision_step_cpu_s"] = ours_cpu, their_cpu
             result["ratio_cpu_vs_torchvision"] = ours_cpu / their_cpu
     if device.type == "cuda":
-        capture_static_part(ours, batch.images, torch.bfloat16)
+        capture_static_part(ours, batch, torch.bfloat16)
         graphed_step = _training_step(ours, (batch,), torch.bfloat16)
         for _ in range(warmup):
             graphed_step()

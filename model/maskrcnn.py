@@ -16,6 +16,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.rpn import RPNHead
 
 from model.detections import Detections
+from model.normalization import InputNormalization
 from model.rpn import RegionProposals, flatten_head_outputs
 from model.roi_heads import RoIHeads
 from pipeline.batch import Batch
@@ -24,34 +25,36 @@ NUM_LEVELS = 5  # P2-P6
 
 
 class StaticPart(nn.Module):
-    """Backbone + FPN + RPN head: padded images [B, 3, H, W] -> a flat tuple of tensors.
+    """Normalization + backbone + FPN + RPN head: uint8 padded images [B, 3, H, W] and their
+    sizes [B, 2] -> a flat tuple of tensors.
 
     Output: 5 FPN features (P2..P6), then 5 objectness maps [B, A, h, w], then 5 delta maps
     [B, 4A, h, w]. Its shapes depend only on the input shape, so the trainer can capture it
     as one CUDA graph per bucket shape and register it here:
 
         capture = StaticPartCapture(model.static_part)       # one per bucket shape
-        graphed = torch.cuda.make_graphed_callables(capture, (sample_images,))
+        graphed = torch.cuda.make_graphed_callables(capture, (sample_images, sample_sizes))
         model.static_part.graphs[tuple(sample_images.shape)] = graphed
 
     `forward` then replays the graph whose input shape matches (in the mode it was captured
     in) and runs eagerly otherwise. Graphs are not part of the state dict.
     """
 
-    def __init__(self, backbone: BackboneWithFPN, rpn_head: RPNHead):
+    def __init__(self, normalize: InputNormalization, backbone: BackboneWithFPN, rpn_head: RPNHead):
         super().__init__()
+        self.normalize = normalize
         self.backbone = backbone
         self.rpn_head = rpn_head
-        self.graphs: dict[tuple[int, ...], Callable[[Tensor], tuple[Tensor, ...]]] = {}
+        self.graphs: dict[tuple[int, ...], Callable[[Tensor, Tensor], tuple[Tensor, ...]]] = {}
 
-    def compute(self, images: Tensor) -> tuple[Tensor, ...]:
-        features = list(self.backbone(images).values())
+    def compute(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
+        features = list(self.backbone(self.normalize(images, image_sizes)).values())
         objectness, deltas = self.rpn_head(features)
         return (*features, *objectness, *deltas)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
         graphed = self.graphs.get(tuple(images.shape))
-        return graphed(images) if graphed is not None else self.compute(images)
+        return graphed(images, image_sizes) if graphed is not None else self.compute(images, image_sizes)
 
 
 class StaticPartCapture(nn.Module):
@@ -61,8 +64,8 @@ class StaticPartCapture(nn.Module):
         super().__init__()
         self.static_part = static_part
 
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return self.static_part.compute(images)
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
+        return self.static_part.compute(images, image_sizes)
 
 
 class MaskRCNN(nn.Module):
@@ -76,7 +79,7 @@ class MaskRCNN(nn.Module):
         self.config = config  # the resolved `model:` section it was built from, for checkpoints
 
     def forward(self, batch: Batch) -> dict[str, Tensor] | Detections:
-        outputs = self.static_part(batch.images)
+        outputs = self.static_part(batch.images, batch.image_sizes)
         features = list(outputs[:NUM_LEVELS])
         objectness, deltas = flatten_head_outputs(
             list(outputs[NUM_LEVELS : 2 * NUM_LEVELS]), list(outputs[2 * NUM_LEVELS :])

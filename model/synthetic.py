@@ -19,7 +19,7 @@ def synthetic_batch(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> Batch:
-    """Images of noise with `max_gt` padded ground-truth slots per image, 1..max_gt of them real.
+    """uint8 images of noise with `max_gt` padded ground-truth slots per image, 1..max_gt of them real.
 
     Each instance is one star-shaped polygon (VERTS_PER_POLYGON vertices) inscribed in its box,
     so boxes are the polygons' extents as in real data; objects are drawn brighter than the
@@ -45,13 +45,13 @@ def synthetic_batch(
     polys = torch.where(real[..., None], polys.expand(batch_size, -1, -1), torch.tensor([-1, 0, 0], dtype=torch.int32))
     verts = (verts * real[..., None, None]).reshape(batch_size, -1, 2)
 
-    images = torch.randn(batch_size, 3, h, w, generator=g) * 0.5
+    images = torch.randn(batch_size, 3, h, w, generator=g) * 16 + 96
     for b in range(batch_size):
         for i in range(int(num_boxes[b])):
             x1, y1, x2, y2 = boxes[b, i].round().int().tolist()
-            images[b, :, y1:y2, x1:x2] += 1.0 + labels[b, i].item() / num_classes
+            images[b, :, y1:y2, x1:x2] += 32 + 96 * labels[b, i].item() / num_classes
     return Batch(
-        images=images,
+        images=images.round().clamp(0, 255).to(torch.uint8),
         image_sizes=torch.tensor([[h, w]] * batch_size, dtype=torch.int32),
         original_sizes=torch.tensor([[h, w]] * batch_size, dtype=torch.int32),
         scales=torch.ones(batch_size, 2),

@@ -5,9 +5,13 @@ edge is x, its centre x + 0.5) in the resized image, after the flip. A horizonta
 x -> W - x for both (W is the resized image width, before padding), so a box (x1, y1, x2, y2)
 becomes (W - x2, y1, W - x1, y2) and stays the extent of its flipped polygons.
 
-Padding: images are padded at the bottom and right with zeros after normalization (the mean
-colour); ground truth is padded to fixed per-image maxima taken from the manifest, so every
-tensor has a static shape for a given bucket and the model can avoid host synchronization.
+Images are what the device needs and nothing more: uint8 RGB pixels, resized and flipped,
+padded at the bottom and right with zeros. The model normalizes them on the device as the
+first op of its static part (model/normalization.py: channel order, mean and std are a
+property of the weights), and zeroes the padding after normalization, as the reference does.
+
+Ground truth is padded to fixed per-image maxima taken from the manifest, so every tensor has
+a static shape for a given bucket and the model can avoid host synchronization.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [B, 3, H, W] float, normalized, channels_last memory format
+    images: torch.Tensor  # [B, 3, H, W] uint8 RGB, zero padded, channels_last memory format
     image_sizes: torch.Tensor  # [B, 2] int32 (h, w) after resize, before padding
     original_sizes: torch.Tensor  # [B, 2] int32 (h, w) of the source image
     scales: torch.Tensor  # [B, 2] float32 (sy, sx) = resized size / original size, per axis

@@ -175,7 +175,7 @@ def run_pipeline_benchmark(
         bare = _bare_dali_rates(Path(shard_dir), settings, batch_size=batch_size, device=device, warmup=warmup, iters=iters)
         ms = {stage: 1000.0 / r["images_per_s"] for stage, r in bare.items()}
         # Stages inside DALI's threads, as differences of the prefix pipelines' per-image times
-        # (augment: the bare flip+resize; ours also normalizes, which `wait` then shows).
+        # (augment: the bare flip+resize).
         result["stage_ms_per_image"].update(
             read=ms["read"], decode=ms["decode"] - ms["read"], augment=ms["resize"] - ms["decode"]
         )

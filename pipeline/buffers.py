@@ -1,6 +1,6 @@
 """Batch image buffers reused on the CPU once nothing outside the pool references them.
 
-A fresh 50-100 MB CPU tensor is page-faulted in on every batch, which costs about as much as
+A fresh 10-50 MB CPU tensor is page-faulted in on every batch, which costs about as much as
 filling it (the copy out of the pipeline is the consumer's main cost on a CPU). A buffer is
 handed out again only when its storage has no user besides the pool: no Batch, view or numpy
 array of it is alive, so batches the consumer keeps are never overwritten. CUDA tensors need
@@ -24,13 +24,13 @@ class BufferPool:
         self._buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when only the pool holds it)
 
     def empty(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """An uninitialized float32 tensor of `shape`, reused when one is free."""
+        """An uninitialized uint8 tensor of `shape`, reused when one is free."""
         if device.type != "cpu":
-            return torch.empty(shape, dtype=torch.float32, device=device)
+            return torch.empty(shape, dtype=torch.uint8, device=device)
         for buffer, alone in self._buffers:
             if tuple(buffer.shape) == tuple(shape) and _storage_users(buffer) == alone:
                 return buffer
-        buffer = torch.empty(shape, dtype=torch.float32)
+        buffer = torch.empty(shape, dtype=torch.uint8)
         alone = _storage_users(buffer)
         if alone is not None:
             self._buffers = [*self._buffers, (buffer, alone)][-self.capacity :]

@@ -1,10 +1,10 @@
 """The DALI backend: one pipeline per orientation group, read as a line of stages.
 
 `detection_pipeline` is the whole per-sample path: webdataset reader (this rank's range, seeded
-shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip and
-normalize the image (crop_mirror_normalize), flip boxes and polygons (bb_flip, coord_flip), all
-with that coin -> resize (reference sizes, integer maths shared with the torch fallback) ->
-ground truth padded to the manifest's maxima. Images are padded to their bucket in the one copy
+shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip the
+image (flip), boxes and polygons (bb_flip, coord_flip), all with that coin -> resize (reference
+sizes, integer maths shared with the torch fallback) -> ground truth padded to the manifest's
+maxima. Images stay uint8 RGB: the model normalizes them on the device (pipeline/batch.py). Images are padded to their bucket in the one copy
 out of DALI's buffers (`transforms.pad_images`), which costs no extra pass over the pixels.
 
 `DaliLoader` runs one such pipeline per group, picks the group of each batch from the shared
@@ -80,23 +80,13 @@ def detection_pipeline(
     height, width = shape[0], shape[1]
     new_h, new_w = resized_size(height, width, settings.min_size, settings.max_size)
 
-    # Pixels. COCO annotations refer to the stored pixel grid, so EXIF orientation is ignored.
-    # Normalizing and flipping before the resize touches the small source image, not the large
-    # resized one; padding happens in the single copy out of DALI (transforms.pad_images).
+    # Pixels, uint8 RGB throughout (the model normalizes on the device). COCO annotations refer
+    # to the stored pixel grid, so EXIF orientation is ignored. Flipping before the resize
+    # touches the small source image; padding happens in the one copy out of DALI.
     images = fn.decoders.image(
-        jpegs,
-        device="mixed" if decode_on_gpu else "cpu",
-        output_type=types.BGR if settings.normalization.channel_order == "BGR" else types.RGB,
-        adjust_orientation=False,
+        jpegs, device="mixed" if decode_on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
     )
-    images = fn.crop_mirror_normalize(
-        images,
-        mirror=coin,
-        mean=settings.normalization.mean,
-        std=settings.normalization.std,
-        dtype=types.FLOAT,
-        output_layout="HWC",
-    )
+    images = fn.flip(images, horizontal=coin)
     images = fn.resize(
         images,
         resize_x=fn.cast(new_w, dtype=types.FLOAT),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.transforms import Normalization, bucket_shapes, normalization
+from pipeline.transforms import bucket_shapes
 
 BACKENDS = ("dali", "torch")
 DECODE_DEVICES = ("auto", "gpu", "cpu")
@@ -21,7 +21,6 @@ class LoaderSettings:
     size_divisibility: int
     buckets: dict[str, tuple[int, int]] | None  # padded (h, w) per orientation group; None: pad per batch
     flip_prob: float  # 0 in evaluation
-    normalization: Normalization
     decode_device: str  # auto | gpu | cpu
     num_threads: int  # DALI threads / DataLoader workers
     prefetch: int  # batches prepared ahead
@@ -45,7 +44,6 @@ def settings_from_config(data_cfg: Any, training: bool) -> LoaderSettings:
         size_divisibility=int(data_cfg.size_divisibility),
         buckets=buckets,
         flip_prob=float(data_cfg.flip_prob) if training else 0.0,
-        normalization=normalization(data_cfg.normalization),
         decode_device=data_cfg.decode_device,
         num_threads=max(int(data_cfg.num_threads), 1),
         prefetch=max(int(data_cfg.prefetch), 1),

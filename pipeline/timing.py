@@ -1,7 +1,7 @@
 """Per-stage wall-clock totals of an input pipeline, cheap enough to leave on (a few perf_counter calls per batch).
 
 Stages: `read` (bytes from the shards), `decode` (JPEG -> pixels), `augment` (flip, resize,
-normalize, pad), `collate` (batch assembly and the copy to the device) and `wait` (time the
+pad), `collate` (batch assembly and the copy to the device) and `wait` (time the
 consumer spent blocked waiting for the next batch). Stages that run inside DALI's own threads are
 not visible to Python: for the DALI backend they are reported as None, and `wait` holds what
 they cost the consumer after prefetching; `tools/bench_pipeline.py` measures them separately.

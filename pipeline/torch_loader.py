@@ -2,7 +2,7 @@
 
 Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
 when the training device is CUDA) -> flip image, boxes and polygons with one coin -> resize
-(pipeline/transforms.py) -> normalize -> pad; DataLoader workers do the per-sample work.
+(pipeline/transforms.py) -> pad, in uint8; DataLoader workers do the per-sample work.
 
 Samples are read by random access with the shards' DALI indices (`.idx` offsets) rather than
 streamed with the `webdataset` library: an exact per-epoch permutation, the same per-rank
@@ -160,7 +160,7 @@ def find_undecodable_jpeg(shards: GroupShards) -> tuple[Path, str] | None:
 
 
 def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings, device: torch.device) -> None:
-    """Decode each sample's JPEG on `device` (batched on CUDA) and apply flip/resize/normalize in place."""
+    """Decode each sample's JPEG on `device` (batched on CUDA) and apply flip and resize in place."""
     start = time.perf_counter()
     try:
         images = decode_jpeg([s["jpeg"] for s in samples], mode=ImageReadMode.RGB, device=device)
@@ -171,7 +171,7 @@ def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings
         if tuple(image.shape[1:]) != sample["original"]:
             tar, key = sample["source"]
             raise shard_error(tar, f"the JPEG is {tuple(image.shape[1:])} but its json says {sample['original']}", key)
-        sample["image"] = transform_image(image, sample["resized"], sample["flipped"], settings.normalization)
+        sample["image"] = transform_image(image, sample["resized"], sample["flipped"])
         del sample["jpeg"]
     per_sample = 1.0 / len(samples)
     for sample in samples:

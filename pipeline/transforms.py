@@ -1,4 +1,4 @@
-"""Geometry and pixel constants shared by the DALI pipeline and the torch fallback.
+"""Geometry shared by the DALI pipeline and the torch fallback: sizes, flips, padding.
 
 Sizes follow the reference (maskrcnn-benchmark `Resize.get_size`): the shorter side becomes
 `min_size` unless the longer side would then exceed `max_size`, in which case the shorter side
@@ -18,7 +18,6 @@ instead of images padded to 800x1344.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,33 +25,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipeline.buffers import BufferPool
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel (x - mean) / std on 0-255 pixels, in the channel order the weights expect."""
-
-    channel_order: str  # "BGR" or "RGB"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-NORMALIZATIONS = {
-    # Detectron's MSRA R-50.pkl (the reference's provided weights): BGR 0-255, mean subtraction only.
-    "bgr255": Normalization("BGR", (102.9801, 115.9465, 122.7717), (1.0, 1.0, 1.0)),
-    # torchvision ImageNet weights: RGB mean/std on 0-1 pixels, rescaled here to 0-255.
-    "rgb": Normalization(
-        "RGB",
-        (0.485 * 255, 0.456 * 255, 0.406 * 255),
-        (0.229 * 255, 0.224 * 255, 0.225 * 255),
-    ),
-}
-
-
-def normalization(name: str) -> Normalization:
-    if name not in NORMALIZATIONS:
-        raise ValueError(f"data.normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}")
-    return NORMALIZATIONS[name]
 
 
 def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
@@ -118,13 +90,13 @@ def padded_shape(
 def pad_images(
     images: Sequence[torch.Tensor], shape: tuple[int, int], device: torch.device, buffers: BufferPool | None = None
 ) -> torch.Tensor:
-    """Normalized [h, w, 3] images -> [B, 3, H, W] channels_last, content top-left, zeros elsewhere.
+    """uint8 [h, w, 3] images -> uint8 [B, 3, H, W] channels_last, content top-left, zeros elsewhere.
 
     Written into an NHWC buffer viewed as NCHW, which is exactly the channels_last layout; this
     copy is also the one out of the producer's buffers, so padding costs no extra pass.
     """
     size = (len(images), *shape, 3)
-    out = buffers.empty(size, device) if buffers is not None else torch.empty(size, dtype=torch.float32, device=device)
+    out = buffers.empty(size, device) if buffers is not None else torch.empty(size, dtype=torch.uint8, device=device)
     # On the CPU, numpy's single-threaded copy: torch's OpenMP copy would compete with the
     # pipeline's own threads for the same cores and stall at its barriers.
     target = out.numpy() if device.type == "cpu" else out
@@ -170,18 +142,12 @@ def flip_vertices(verts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([width - verts[:, 0], verts[:, 1]], dim=1)
 
 
-def transform_image(
-    image: torch.Tensor, size: tuple[int, int], flip: bool, norm: Normalization
-) -> torch.Tensor:
-    """uint8 [3, h, w] RGB -> float [H, W, 3] resized (bilinear, antialiased), flipped, normalized.
+def transform_image(image: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """uint8 [3, h, w] RGB -> uint8 [H, W, 3] RGB resized (bilinear, antialiased) and flipped.
 
     The result is HWC (a view), the layout `pad_images` takes from both backends.
     """
     if flip:
         image = TF.horizontal_flip(image)
     image = TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    if norm.channel_order == "BGR":
-        image = image.flip(0)
-    mean = torch.tensor(norm.mean, device=image.device).view(3, 1, 1)
-    std = torch.tensor(norm.std, device=image.device).view(3, 1, 1)
-    return image.float().sub_(mean).div_(std).permute(1, 2, 0)
+    return image.permute(1, 2, 0)

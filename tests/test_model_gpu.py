@@ -20,18 +20,20 @@ def cuda_model(*overrides: str):
 
 def test_graphed_static_part_matches_eager_outputs_and_gradients():
     model = cuda_model("model.backbone.norm=frozen_bn", "model.backbone.freeze_at=2")
-    images = torch.randn(2, 3, *SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (2, 3, *SIZE), dtype=torch.uint8, device="cuda")
+    images = images.contiguous(memory_format=torch.channels_last)
+    sizes = torch.tensor([[SIZE[0], SIZE[1]], [SIZE[0] - 40, SIZE[1] - 56]], dtype=torch.int32, device="cuda")
     params = [p for p in model.static_part.parameters() if p.requires_grad]
 
     def outputs_and_grads():
-        outputs = model.static_part(images)
+        outputs = model.static_part(images, sizes)
         weights = [torch.linspace(0, 1, o.numel(), device="cuda").view_as(o) for o in outputs]
         loss = sum((o.float() * w).sum() for o, w in zip(outputs, weights))
         grads = torch.autograd.grad(loss, params)
         return [o.detach().clone() for o in outputs], grads
 
     eager_outputs, eager_grads = outputs_and_grads()
-    graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images.clone(),))
+    graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images.clone(), sizes.clone()))
     model.static_part.graphs[tuple(images.shape)] = graphed
     graph_outputs, graph_grads = outputs_and_grads()
     # Same kernels either way; cuDNN may pick other algorithms, so allow rounding-level differences.

@@ -3,8 +3,9 @@
 torchvision is built with random weights (weights=None, weights_backbone=None) and its
 BatchNorms turned into FrozenBatchNorm2d with random statistics, as in its published COCO
 model (built on a pretrained, frozen backbone). Our model takes its state dict through
-`load_torchvision_maskrcnn` with the identity category map (91 classes), and torchvision's
-proposal `min_size` (1e-3; the reference's is 0). Both keep 300 proposals and 20 detections
+`load_torchvision_maskrcnn` with the identity category map (91 classes), torchvision's anchors
+(`model.rpn.anchor_generator=torchvision`; the reference's differ, tests/test_model_anchors.py)
+and its proposal `min_size` (1e-3; the reference's is 0). Both keep 300 proposals and 20 detections
 per image instead of 1000 and 100, to keep the test fast.
 """
 
@@ -53,6 +54,8 @@ def models():
     ours = build_model(
         model_config(
             "model.backbone.stride_in_1x1=false",
+            "model.normalization=rgb",
+            "model.rpn.anchor_generator=torchvision",
             "model.rpn.min_size=0.001",
             "model.rpn.post_nms_top_n_test=300",
             "model.roi_heads.detections_per_img=20",
@@ -60,22 +63,27 @@ def models():
         num_classes=91,
     ).eval()
     load_torchvision_maskrcnn(ours, theirs.state_dict(), coco_ids=range(1, 91))
-    images = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2))
+    images = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     return theirs, ours, batch_from(images, [[], []], [[], []], [[], []])
+
+
+def normalized(ours, batch):
+    """What torchvision's transform makes of the images: our normalization is checked separately."""
+    return ours.static_part.normalize(batch.images, batch.image_sizes)
 
 
 @torch.no_grad()
 def test_fpn_features_and_rpn_proposals_match(models):
     theirs, ours, batch = models
-    their_features = theirs.backbone(batch.images)
-    outputs = ours.static_part(batch.images)
+    their_features = theirs.backbone(normalized(ours, batch))
+    outputs = ours.static_part(batch.images, batch.image_sizes)
     for ours_f, theirs_f in zip(outputs[:5], their_features.values()):
         # Our backbone folds each frozen BN into its convolution: the same map, rounded
         # differently (features reach ~150 here), so the bound is relative to their scale.
         torch.testing.assert_close(ours_f, theirs_f, atol=1e-4 * float(theirs_f.abs().max()), rtol=0)
 
     # Proposals from the same features on both sides: our RPN head, decoding, NMS and top-N.
-    their_proposals, _ = theirs.rpn(ImageList(batch.images, [(H, W)] * 2), their_features)
+    their_proposals, _ = theirs.rpn(ImageList(normalized(ours, batch), [(H, W)] * 2), their_features)
     features = list(their_features.values())
     objectness, deltas = flatten_head_outputs(*ours.static_part.rpn_head(features))
     anchors = ours.proposals.anchors([tuple(f.shape[-2:]) for f in features], batch.images.device)
@@ -91,9 +99,9 @@ def test_eval_detections_match(models, monkeypatch):
     # Everything after the backbone, from the same features: ours runs on torchvision's backbone
     # (the same weights, BNs unfolded), which the test above compares with ours.
     monkeypatch.setattr(ours.static_part, "backbone", theirs.backbone)
-    features = theirs.backbone(batch.images)
+    features = theirs.backbone(normalized(ours, batch))
     image_sizes = [(H, W)] * 2
-    proposals, _ = theirs.rpn(ImageList(batch.images, image_sizes), features)
+    proposals, _ = theirs.rpn(ImageList(normalized(ours, batch), image_sizes), features)
     expected, _ = theirs.roi_heads(features, proposals, image_sizes)
     detections = ours(batch)
     for i, exp in enumerate(expected):

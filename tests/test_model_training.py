@@ -85,6 +85,41 @@ def test_balanced_sampling_counts_by_hand():
         assert index[i][valid[i]].unique().numel() == int(valid[i].sum())
 
 
+def test_balanced_sampling_at_the_random_draws_extremes(monkeypatch):
+    """Every random draw at its largest value: a negative must never rank as a positive.
+
+    The float32 keys this replaced (noise + 1.0 for negatives, noise + 2.0 for positives) took
+    every negative whose noise lay within 2^-24 of 1 for a positive; torch.rand returns
+    1 - 2^-24 with probability 2^-24 per anchor, about one wrong RPN positive in 70 images.
+    Both draws are forced to their largest value here (torch.rand for the old keys,
+    torch.randint for the integer keys).
+    """
+    largest_rand = 1.0 - 2.0**-24
+    monkeypatch.setattr(torch, "rand", lambda *size, **kw: torch.full(size[0] if len(size) == 1 else size, largest_rand))
+    monkeypatch.setattr(
+        torch, "randint", lambda low, high, size, **kw: torch.full(size, high - 1, dtype=kw.get("dtype", torch.int64))
+    )
+    label = torch.zeros(2, 40, dtype=torch.int64)
+    label[0, :3] = 1  # 3 positives, 37 negatives
+    label[1, 5:] = -1  # no positive, 5 negatives
+    index, is_positive, valid = sample_balanced(label, 16, 0.5)
+    assert is_positive.sum(1).tolist() == [3, 0]
+    assert valid.sum(1).tolist() == [16, 5]
+    chosen = label.gather(1, index)
+    assert chosen[is_positive].eq(1).all() and chosen[valid & ~is_positive].eq(0).all()
+
+
+def test_balanced_sampling_is_uniform_within_each_class():
+    # 4000 images alike: 10 positives (4 of 16 slots at 0.25) and 40 negatives (the other 12).
+    label = torch.zeros(4000, 50, dtype=torch.int64)
+    label[:, :10] = 1
+    index, _, _ = sample_balanced(label, 16, 0.25, generator=torch.Generator().manual_seed(3))
+    taken = torch.zeros_like(label, dtype=torch.float64).scatter(1, index, 1.0).mean(0)
+    standard_error = (0.4 * 0.6 / 4000) ** 0.5
+    assert (taken[:10] - 4 / 10).abs().max() < 5 * standard_error
+    assert (taken[10:] - 12 / 40).abs().max() < 5 * standard_error
+
+
 def test_post_nms_top_n_over_the_whole_batch_by_hand():
     # The reference keeps the top 3 proposals of the batch, not 3 per image (torchvision).
     scores = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.7, -1.0]])

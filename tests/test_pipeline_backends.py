@@ -33,6 +33,7 @@ def test_backends_give_the_same_samples(train_shards, flip_prob):
         assert torch.allclose(a["verts"], b["verts"], atol=1e-3), image_id
         assert a["images"].shape == b["images"].shape
         # Decoders (DALI's vs libjpeg-turbo in torchvision) and resize kernels differ by a few levels.
-        difference = (a["images"] - b["images"]).abs()
+        assert a["images"].dtype == b["images"].dtype == torch.uint8
+        difference = (a["images"].float() - b["images"].float()).abs()
         assert difference.mean() < 1.0, (image_id, float(difference.mean()))
         assert difference.max() < 16.0, image_id

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pipeline.transforms import NORMALIZATIONS, bucket_shapes, flip_boxes, flip_vertices, resized_size
+from pipeline.transforms import bucket_shapes, flip_boxes, flip_vertices, resized_size
 
 
 def reference_get_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -70,11 +70,3 @@ def test_flip_maps_x_to_width_minus_x():
     assert flip_boxes(boxes, 100).tolist() == [[70.0, 5.0, 90.0, 25.0]]
     verts = torch.tensor([[10.0, 5.0], [30.0, 25.0]])
     assert flip_vertices(verts, 100).tolist() == [[90.0, 5.0], [70.0, 25.0]]
-
-
-def test_normalization_constants():
-    assert NORMALIZATIONS["bgr255"].mean == (102.9801, 115.9465, 122.7717)
-    assert NORMALIZATIONS["bgr255"].std == (1.0, 1.0, 1.0)
-    rgb = NORMALIZATIONS["rgb"]
-    assert np.allclose(np.array(rgb.mean) / 255, [0.485, 0.456, 0.406])
-    assert np.allclose(np.array(rgb.std) / 255, [0.229, 0.224, 0.225])

@@ -8,7 +8,7 @@ by default, faster-coco-eval with --backend faster). Prints the usual COCO table
         --data shards/val --annotations coco/annotations/instances_val2017.json --json runs/eval.json
     torchrun --nproc_per_node=8 tools/evaluate.py --weights maskrcnn_resnet50_fpn_coco.pth \\
         --data shards/val --annotations coco/annotations/instances_val2017.json \\
-        --backend faster model.backbone.stride_in_1x1=false data.normalization=rgb
+        --backend faster model.backbone.stride_in_1x1=false model.normalization=rgb model.rpn.anchor_generator=torchvision
     python tools/evaluate.py --config configs/demo.yaml --weights runs/demo/model.pt \\
         --data runs/demo/shards/val --annotations runs/demo/data/instances_val.json \\
         --results runs/demo/detections.json data.backend=torch

@@ -45,10 +45,13 @@ def graph_static_part(
         return "eager: data.static_shapes is false, so input shapes vary"
     static_part = model.static_part
     for height, width in buckets:
-        sample = torch.randn(images_per_rank, 3, height, width, device=device)
+        sample = torch.randint(0, 256, (images_per_rank, 3, height, width), dtype=torch.uint8, device=device)
         sample = sample.contiguous(memory_format=torch.channels_last)
+        sizes = torch.tensor([[height, width]] * images_per_rank, dtype=torch.int32, device=device)
         with autocast():
-            graphed = torch.cuda.make_graphed_callables(StaticPartCapture(static_part), (sample,), num_warmup_iters=3)
+            graphed = torch.cuda.make_graphed_callables(
+                StaticPartCapture(static_part), (sample, sizes), num_warmup_iters=3
+            )
         static_part.graphs[tuple(sample.shape)] = graphed
     shapes = ", ".join(f"{h}x{w}" for h, w in buckets)
     return f"CUDA graphs: static part captured for {images_per_rank} images per rank at {shapes}"

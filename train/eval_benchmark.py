@@ -323,7 +323,7 @@ def _pad_to_network_frame(
 def _batch(fields: dict[str, np.ndarray]) -> Batch:
     size = len(fields["image_ids"])
     return Batch(
-        images=torch.zeros(size, 3, 32, 32),
+        images=torch.zeros(size, 3, 32, 32, dtype=torch.uint8),
         image_sizes=torch.from_numpy(fields["image_sizes"]),
         original_sizes=torch.from_numpy(fields["original_sizes"]),
         scales=torch.from_numpy(fields["scales"]),

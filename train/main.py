@@ -1,18 +1,19 @@
 """Train Mask R-CNN (ResNet-50-FPN) on WebDataset shards, MLPerf style.
 
 One process (CPU or one GPU):
-    python train/main.py --config configs/reference.yaml --data SHARDS/train \\
-        --val-data SHARDS/val --val-annotations instances_val2017.json
+    python train/main.py --config configs/batch8_1gpu.yaml --data SHARDS/train \\
+        --val-data SHARDS/val --val-annotations instances_val2017.json train.weights=R-50.pkl
 
 N GPUs on one node, or several nodes through torchrun's rendezvous:
-    torchrun --nproc_per_node=8 train/main.py --config configs/reference.yaml \\
-        --data SHARDS/train --val-data SHARDS/val --val-annotations instances_val2017.json \\
-        solver.ims_per_batch=96 solver.base_lr=0.12 solver.steps=[16000,21333]
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train/main.py ...
+    torchrun --nproc_per_node=8 train/main.py --config configs/batch96_8gpu.yaml \\
+        --data SHARDS/train --val-data SHARDS/val --val-annotations instances_val2017.json train.weights=R-50.pkl
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train/main.py \\
+        --config configs/batch256_32gpu.yaml ...
 
-The LR rule (MLPerf closed division): base LR = 0.02 x K (0.02 / K below a global batch of
-16), decay steps = (60000, 80000) x (1 + K/10) x 16 / global batch; `train.solver.
-mlperf_lr_and_steps(batch, K)` computes them, and the run says at start what it breaks.
+The recipes in configs/ are accepted closed-division schedules. The LR rule (MLPerf closed
+division): base LR = 0.02 x K1 (0.02 / K1 below a global batch of 16), decay steps =
+(60000, 80000) x (1 + K2/10) x 16 / global batch, K1 and K2 two independent integers (K2 >= 0);
+the run says at start what it breaks (`train.solver.closed_division_violations`).
 
 Throughput only, no evaluation or checkpoints:
     python train/main.py --config ... --data SHARDS/train --dry-run all --iters 50 --report dry.json
@@ -228,6 +229,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             mlog, cfg,
             train_samples=read_manifest(Path(cfg.data.train_shards))["samples"],
             eval_samples=read_manifest(Path(cfg.data.val_shards))["samples"] if evaluating else 0,
+            images_per_rank=images_per_rank,
         )
         mlog.end(C.INIT_STOP)
         mlog.start(C.RUN_START)

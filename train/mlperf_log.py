@@ -83,7 +83,20 @@ def log_submission(mlog: MLPerfLog, cfg: Config) -> None:
     mlog.event(C.CACHE_CLEAR, True)
 
 
-def log_hyperparameters(mlog: MLPerfLog, cfg: Config, *, train_samples: int, eval_samples: int) -> None:
+def num_image_candidates(rpn_cfg: Config, images_per_rank: int) -> int:
+    """Training proposals kept after NMS, as the rules count them: per image, or over each GPU's batch.
+
+    With `post_nms_per_batch` the model keeps the top post_nms_top_n_train x images per rank
+    over the batch on each rank (the reference's FPN_POST_NMS_TOP_N_TRAIN, NVIDIA's 12000 at
+    12 images per GPU); otherwise the top post_nms_top_n_train of each image.
+    """
+    per_image = rpn_cfg.post_nms_top_n_train
+    return per_image * images_per_rank if rpn_cfg.post_nms_per_batch else per_image
+
+
+def log_hyperparameters(
+    mlog: MLPerfLog, cfg: Config, *, train_samples: int, eval_samples: int, images_per_rank: int
+) -> None:
     """The hyperparameters the maskrcnn rules require, exactly as this run uses them."""
     solver = cfg.solver
     mlog.event(C.SEED, cfg.seed)
@@ -100,7 +113,7 @@ def log_hyperparameters(mlog: MLPerfLog, cfg: Config, *, train_samples: int, eva
     mlog.event(C.OPT_LR_DECAY_STEPS, list(solver.steps))
     mlog.event(C.MIN_IMAGE_SIZE, cfg.data.min_size)
     mlog.event(C.MAX_IMAGE_SIZE, cfg.data.max_size)
-    mlog.event(C.NUM_IMAGE_CANDIDATES, cfg.model.rpn.post_nms_top_n_train)
+    mlog.event(C.NUM_IMAGE_CANDIDATES, num_image_candidates(cfg.model.rpn, images_per_rank))
 
 
 def log_eval_accuracy(mlog: MLPerfLog, *, epoch: int, box_ap: float, mask_ap: float) -> None:
