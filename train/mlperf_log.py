@@ -4,8 +4,10 @@ Every key the 3.1.0 rules check for maskrcnn is written by one of the functions 
 called from visible places in `train/main.py`: submission info and hyperparameters at
 init, run/block/epoch/eval intervals in the loop, eval_accuracy with BBOX and SEGM, and
 run_stop with its status. Only rank 0 writes; elsewhere `MLPerfLog(None)` drops events.
-Check a log with `python -m mlperf_logging.compliance_checker --usage training
---ruleset 3.1.0 <output_dir>/mlperf.log`.
+Each attempt of a run writes its own log (train/run_folder.py: `mlperf.log`, then
+`mlperf-attempt-N.log`); a resumed attempt's log says where it began with
+`init_checkpoint_step`. Check a log with `python -m mlperf_logging.compliance_checker
+--usage training --ruleset 3.1.0 <output_dir>/mlperf.log`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ _logger_ids = itertools.count()
 
 
 class MLPerfLog:
-    """One run's MLPerf log file; a no-op when `path` is None (ranks other than 0)."""
+    """One attempt's MLPerf log file, never an existing one; a no-op when `path` is None (ranks other than 0)."""
 
     def __init__(self, path: str | Path | None):
         self._handler = None
@@ -37,7 +39,7 @@ class MLPerfLog:
         logger = logging.getLogger(f"mlperf_log.run{next(_logger_ids)}")
         logger.propagate = False
         logger.setLevel(logging.INFO)
-        self._handler = logging.FileHandler(path, mode="a")
+        self._handler = logging.FileHandler(path, mode="x")  # a log is one attempt's, never appended to
         logger.addHandler(self._handler)
         root = str(Path(__file__).resolve().parents[1])
         # stack offset 2: the metadata names the line that called event/start/end, not this class
@@ -47,9 +49,10 @@ class MLPerfLog:
         if self._mllogger is not None:
             self._mllogger.event(key=key, value=value, metadata=metadata or None)
 
-    def start(self, key: str, value: Any = None, **metadata: Any) -> None:
+    def start(self, key: str, value: Any = None, time_ms: float | None = None, **metadata: Any) -> None:
+        """`time_ms` (ms since the epoch) dates an interval that began before the log could be opened."""
         if self._mllogger is not None:
-            self._mllogger.start(key=key, value=value, metadata=metadata or None)
+            self._mllogger.start(key=key, value=value, metadata=metadata or None, time_ms=time_ms)
 
     def end(self, key: str, value: Any = None, **metadata: Any) -> None:
         if self._mllogger is not None:
