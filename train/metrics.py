@@ -71,10 +71,11 @@ class RunReporter:
             self._bar.close()
             self._bar = None
 
-    def evaluation(self, epoch: int, iteration: int, results: dict[str, Any]) -> None:
+    def evaluation(self, epoch: int, iteration: int, results: dict[str, Any], timing: dict[str, float] | None = None) -> None:
+        """One epoch's result; `timing`: what it cost the training (train/async_evaluation.py `Evaluation.timing`)."""
         if not self.enabled:
             return
-        self.write({"epoch": epoch, "iteration": iteration, "eval": results})
+        self.write({"epoch": epoch, "iteration": iteration, "eval": results, **({"timing": timing} if timing else {})})
         if self._tensorboard is not None:
             for kind, stats in results.items():
                 for name, value in stats.items():
