@@ -14,6 +14,9 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from train.config import ConfigError
+from train.config_schema import DEVICES
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -34,10 +37,10 @@ class DistributedContext:
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     """auto -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    if preference not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"train.device must be auto, cuda or cpu, got {preference!r}")
+    if preference not in DEVICES:
+        raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but this machine has no CUDA device; use train.device=auto or cpu")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

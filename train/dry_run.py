@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from model.build import DEFAULT_NUM_CLASSES
 from model.synthetic import synthetic_batch
 from pipeline.bench import run_pipeline_benchmark
 from pipeline.shard_format import read_manifest
@@ -152,7 +153,7 @@ def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[s
 def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     images = cfg.solver.ims_per_batch // ctx.world_size
     manifest = read_manifest(Path(cfg.data.train_shards)) if cfg.data.train_shards else None
-    num_classes = len(manifest["categories"]) + 1 if manifest else cfg.model.num_classes
+    num_classes = len(manifest["categories"]) + 1 if manifest else DEFAULT_NUM_CLASSES
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)

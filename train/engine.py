@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import parameters_are_finite
+from train.config_schema import PRECISIONS
 from train.solver import set_learning_rate
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):

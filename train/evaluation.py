@@ -32,12 +32,11 @@ from model.weights import WeightsError, load_weights
 from pipeline.batch import Batch
 from pipeline.shard_format import file_sha256, read_manifest
 from pipeline.transforms import flip_boxes
-from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
-BACKENDS = ("pycocotools", "faster")
 MAX_PENDING_PER_WORKER = 64  # images queued for encoding before process() waits (bounds host memory)
 
 

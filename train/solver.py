@@ -16,17 +16,15 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from train.config import Config, load_config
+from train.config import REFERENCE_CONFIG, Config, load_config
 
 log = logging.getLogger(__name__)
 
-REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
 REFERENCE_STEPS = (60000, 80000)  # decay steps at global batch 16, K = 1
 REFERENCE_BATCH = 16
 REFERENCE_LR_UNIT = 0.02
