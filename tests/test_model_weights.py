@@ -59,7 +59,7 @@ def test_msra_pickle_loads_every_blob(r50, tmp_path):
     path = tmp_path / "R-50.pkl"
     with path.open("wb") as f:
         pickle.dump({"blobs": blobs}, f, protocol=2)
-    report = load_weights(r50, path)
+    report = load_weights(r50, path, for_training=True)
     state = r50.state_dict()
     for blob, key in ours.items():
         assert torch.equal(state[BODY + key], torch.from_numpy(blobs[blob])), key
@@ -84,7 +84,7 @@ def test_pickle_that_calls_a_function_is_refused(r50, tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"conv1_w": RunsCode(marker)}, protocol=2))
     with pytest.raises(WeightsError, match="evil.pkl.*posix.mkdir"):
-        load_weights(r50, path)
+        load_weights(r50, path, for_training=True)
     assert not marker.exists()
 
 
@@ -92,8 +92,8 @@ def test_msra_weights_need_stride_in_1x1(tmp_path):
     model = build_model(model_config("model.backbone.depth=14", "model.backbone.stride_in_1x1=false"))
     path = tmp_path / "R-50.pkl"
     path.write_bytes(pickle.dumps({}, protocol=2))
-    with pytest.raises(WeightsError, match="stride_in_1x1=true"):
-        load_weights(model, path)
+    with pytest.raises(WeightsError, match="trained with model.backbone.stride_in_1x1=true.*; set model.backbone.stride_in_1x1=true$"):
+        load_weights(model, path, for_training=True)
 
 
 def test_torchvision_resnet50_loads_and_computes_the_same(tmp_path):
@@ -101,8 +101,8 @@ def test_torchvision_resnet50_loads_and_computes_the_same(tmp_path):
     resnet = torchvision.models.resnet50(weights=None).eval()
     path = tmp_path / "resnet50.pth"
     torch.save(resnet.state_dict(), path)
-    model = build_model(model_config("model.backbone.stride_in_1x1=false")).eval()
-    report = load_weights(model, path)
+    model = build_model(model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb")).eval()
+    report = load_weights(model, path, for_training=True)
     assert BODY + "layer4.2.conv3.weight" in report.loaded and report.unexpected == []
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_torchvision_maskrcnn_checkpoint_with_old_names_and_coco_ids(tmp_path):
     assert "rpn.head.conv.weight" in old and "roi_heads.mask_head.mask_fcn4.weight" in old
     path = tmp_path / "maskrcnn.pth"
     torch.save(old, path)
-    model = build_model(model_config("model.backbone.stride_in_1x1=false"))  # 81 classes
+    model = build_model(model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb"))  # 81 classes
     load_weights(model, path)
     ours = model.state_dict()
     rows = torch.tensor([0, *COCO_CATEGORY_IDS])
@@ -153,4 +153,4 @@ def test_unknown_and_incomplete_files_are_named(tmp_path, r50):
     pkl = tmp_path / "partial.pkl"
     pkl.write_bytes(pickle.dumps(blobs, protocol=2))
     with pytest.raises(WeightsError, match="res4_5_branch2c_w"):
-        load_weights(r50, pkl)
+        load_weights(r50, pkl, for_training=True)

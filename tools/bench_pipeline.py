@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         )
     except (ConfigError, ShardFormatError, ValueError) as e:
         print(f"bench_pipeline: {e}", file=sys.stderr)
-        return 1
+        return 2
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

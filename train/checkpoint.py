@@ -2,7 +2,7 @@
 
 A checkpoint holds the model, optimizer and GradScaler state, the schedule position
 (iteration and epoch), the RNG states, the input pipeline's position inside the epoch,
-and the resolved config. It is written to a temporary file in the same folder and
+the resolved config, and the categories of the class outputs. It is written to a temporary file in the same folder and
 renamed into place (`os.replace` is atomic on POSIX), so a crash or SIGKILL never leaves a
 half-written file under a checkpoint name: the newest `ckpt-*.pt` is always complete.
 """
@@ -85,11 +85,14 @@ def save_checkpoint(
     loader_state: Any,
     config: Config,
     keep: int = 3,
+    categories: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `ckpt-<iteration>.pt` atomically and delete all but the newest `keep`.
 
     `epoch` is the epoch the next iteration belongs to and `loader_state` the pipeline's
-    position inside it (None: the epoch starts from its beginning).
+    position inside it (None: the epoch starts from its beginning). `categories` (the train
+    manifest's) say what the class outputs stand for, so the checkpoint alone can predict,
+    name its detections and be fine-tuned onto other categories (model/weights.py).
     """
     path = checkpoint_path(output_dir, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ def save_checkpoint(
         "rng": rng_states(),
         "loader": loader_state,
         "config": config.to_dict(),
+        "categories": categories,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

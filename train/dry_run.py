@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from model.build import DEFAULT_NUM_CLASSES
 from model.synthetic import synthetic_batch
 from pipeline.bench import run_pipeline_benchmark
+from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
 from train import components
 from train.config import Config
@@ -117,9 +117,9 @@ def _training_step(model, optimizer, scaler, autocast) -> Callable[[StageClock, 
     return step
 
 
-def _model_parts(cfg: Config, ctx: DistributedContext, num_classes: int) -> tuple[Callable[[StageClock, Any], None], str]:
+def _model_parts(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> tuple[Callable[[StageClock, Any], None], str]:
     """The training step as main.py builds it (precision, CUDA graphs per bucket); no DDP, no data."""
-    model = components.build_training_model(cfg, ctx.device, num_classes)
+    model = components.build_training_model(cfg, ctx.device, categories)
     model.train()
     optimizer, _ = build_optimizer(model, cfg.solver, ctx.device)
     set_learning_rate(optimizer, cfg.solver, cfg.solver.warmup_iters)  # post-warmup LR: the typical step
@@ -153,11 +153,12 @@ def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[s
 def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     images = cfg.solver.ims_per_batch // ctx.world_size
     manifest = read_manifest(Path(cfg.data.train_shards)) if cfg.data.train_shards else None
-    num_classes = len(manifest["categories"]) + 1 if manifest else DEFAULT_NUM_CLASSES
+    categories = manifest["categories"] if manifest else coco_categories()
+    num_classes = len(categories) + 1
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    train_step, setup = _model_parts(cfg, ctx, num_classes)
+    train_step, setup = _model_parts(cfg, ctx, categories)
     result = measure("model", lambda clock: train_step(clock, batch), iters=iters, images_per_iter=images, device=ctx.device)
     return {**result, "image_size": [height, width], "setup": setup}
 
@@ -165,7 +166,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     loader = components.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
-    train_step, setup = _model_parts(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
+    train_step, setup = _model_parts(cfg, ctx, components.categories_of(cfg.data.train_shards))
 
     def step(clock: StageClock) -> None:
         batch = next(batches)

@@ -60,7 +60,7 @@ from train.engine import (
     train_one_epoch,
 )
 from train.evaluation import COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
-from train.metrics import RunReporter
+from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
 from train.solver import build_optimizer, log_closed_division_check
 
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
-        log.info("resolved config (saved to %s):\n%s", output_dir / "config.yaml", cfg.to_yaml())
+        log.info("resolved config saved to %s", output_dir / "config.yaml")
     mlog = MLPerfLog(output_dir / "mlperf.log" if ctx.is_main else None)
     mlog.start(C.INIT_START)
     log_submission(mlog, cfg)
@@ -123,7 +123,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     # Model, precision, CUDA graphs, DDP.
-    model = components.build_training_model(cfg, ctx.device, components.num_classes_of(cfg.data.train_shards))
+    categories = components.categories_of(cfg.data.train_shards)
+    model = components.build_training_model(cfg, ctx.device, categories)
     precision = resolve_precision(cfg.train.precision, ctx.device)
     autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
     scaler = make_grad_scaler(precision, ctx.device)
@@ -165,7 +166,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     mlog.end(C.INIT_STOP)
     mlog.start(C.RUN_START)
-    reporter = RunReporter(output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch)
+    reporter = RunReporter(
+        output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch,
+        plan=RunPlan.of(cfg, len(train_loader)), data_timings=train_loader.timings,
+    )
     guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
 
     def save(epoch: int, position: Any) -> None:
@@ -174,7 +178,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if ctx.is_main:
             save_checkpoint(
                 output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
-                epoch=epoch, loader_state=positions, config=cfg, keep=cfg.train.keep_checkpoints,
+                epoch=epoch, loader_state=positions, config=cfg, keep=cfg.train.keep_checkpoints, categories=categories,
             )
 
     results: dict[str, dict[str, float]] = {}
