@@ -61,3 +61,16 @@ def batch_from(images: torch.Tensor, boxes: list[list[list[float]]], labels: lis
         polys=polys,
         num_polys=num_polys,
     )
+
+
+def random_checkpoint(folder, config, categories, seed: int = 0):
+    """A trainer checkpoint (train/checkpoint.py) of a randomly initialized model of `config`
+    for `categories` (manifest style): it carries its config and categories, as a real run's does."""
+    from model import build_model
+    from train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model(config.model, num_classes=len(categories) + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return save_checkpoint(folder, model=model, optimizer=optimizer, scaler=None, iteration=7, epoch=1,
+                           loader_state=None, config=config, categories=list(categories))

@@ -17,7 +17,7 @@ from model import build_model
 from pipeline.shard_format import read_manifest
 from tools import evaluate as evaluate_tool
 from tools.evaluate import get_args_parser, main
-from train.checkpoint import save_checkpoint
+from tests.model_helpers import random_checkpoint
 from train.config import load_config
 from train.evaluation import STAT_NAMES
 
@@ -93,14 +93,7 @@ def test_evaluate_explains_mismatched_weights_and_annotations(synthetic_coco, va
 @pytest.fixture(scope="module")
 def checkpoint(val_shards, tmp_path_factory):
     """A trainer checkpoint (train/checkpoint.py) of a random demo-config model: it carries its config and categories."""
-    torch.manual_seed(0)
-    cfg = load_config(CONFIG)
-    categories = read_manifest(val_shards)["categories"]
-    model = build_model(cfg.model, num_classes=len(categories) + 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = tmp_path_factory.mktemp("run")
-    return save_checkpoint(out, model=model, optimizer=optimizer, scaler=None, iteration=3, epoch=1,
-                           loader_state=None, config=cfg, categories=categories)
+    return random_checkpoint(tmp_path_factory.mktemp("run"), load_config(CONFIG), read_manifest(val_shards)["categories"])
 
 
 def test_evaluate_reads_the_model_config_from_the_checkpoint(synthetic_coco, val_shards, checkpoint, tmp_path, capsys):
@@ -111,7 +104,7 @@ def test_evaluate_reads_the_model_config_from_the_checkpoint(synthetic_coco, val
     assert list(json.loads(metrics_file.read_text())["bbox"]) == list(STAT_NAMES)
     # --config on top: the reference model does not fit; the sentence names the layer and the key.
     err, _ = _one_sentence_error(capsys, *common, "--config", "configs/reference.yaml", "data.backend=torch")
-    assert re.search(r"ckpt-00000003.pt lacks static_part\.backbone\.body\.\S+ and \d+ more; set model\.backbone\.", err), err
+    assert re.search(r"ckpt-00000007.pt lacks static_part\.backbone\.body\.\S+ and \d+ more; set model\.backbone\.", err), err
 
 
 def test_evaluate_checks_its_output_paths_before_evaluating(synthetic_coco, val_shards, weights, tmp_path, capsys):
