@@ -19,19 +19,15 @@ import torch
 from model.weights import CLASS_SPECIFIC
 from pipeline.sharding import shard_coco
 from pipeline.synthetic import make_synthetic_coco, synthetic_categories
-from tests.model_helpers import random_checkpoint
+from tests.model_helpers import TINY_RUN, random_checkpoint
 from train.checkpoint import list_checkpoints
 from train.config import load_config
 from train.main import run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-TINY = [
-    "data.min_size=64", "data.max_size=80", "data.buckets=[[64, 80], [80, 64]]", "data.num_threads=1",
-    "data.backend=torch", "solver.ims_per_batch=2", "eval.ims_per_batch=2", "eval.num_workers=0",
-    "solver.max_iter=2", "solver.steps=[4, 5]", "solver.warmup_iters=0", "solver.warmup_factor=1.0",
-    "solver.base_lr=1e-12", "train.checkpoint_every=100", "train.loss_readback_every=1", "train.num_threads=1",
-]
+TINY = [*TINY_RUN, "solver.max_iter=2", "solver.steps=[4, 5]", "solver.warmup_iters=0", "solver.warmup_factor=1.0",
+        "solver.base_lr=1e-12", "train.loss_readback_every=1"]
 
 
 @pytest.fixture(scope="module")

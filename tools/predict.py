@@ -73,9 +73,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> list[dict]:
-    files = _inputs(args)
     weights = read_weights(args.weights)
-    cfg = config_for_weights(weights, args.config, args.overrides)
+    cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
+    files = _inputs(args)
     categories = weights.class_categories()
     if not weights.has_heads or not categories:
         raise PredictError(f"{weights} holds a backbone only; pass a trained detector (a checkpoint of train/main.py)")

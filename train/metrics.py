@@ -108,7 +108,8 @@ class RunReporter:
         if not self.enabled:
             return
         if self._show_bar:
-            self._bar = tqdm(total=total_steps, desc=f"epoch {epoch + 1}", unit="it", dynamic_ncols=True)
+            # On stdout, with the log lines (stderr is for the one-sentence errors).
+            self._bar = tqdm(total=total_steps, desc=f"epoch {epoch + 1}", unit="it", dynamic_ncols=True, file=sys.stdout)
         self._last_time = time.perf_counter()
         self._last_wait = self._data_wait()
         self._epoch_ended = None
