@@ -37,5 +37,5 @@ def test_torch_backend_reports_its_own_stages(train_shards):
 
 def test_bad_shard_folder_exits_with_one_line(tmp_path, capsys):
     args = bench_pipeline.get_args_parser().parse_args(["--data", str(tmp_path / "none"), "--iters", "1", "--config", str(REFERENCE_CONFIG)])
-    assert bench_pipeline.main(args) == 1
+    assert bench_pipeline.main(args) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.model_helpers import TINY_RUN
 from train.config import load_config
 from train.engine import LoggedStep
+from train.evaluation import inference_on_dataset
 from train.metrics import RunPlan, RunReporter, format_duration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +74,36 @@ def test_the_bar_is_drawn_only_on_a_terminal(terminal, tmp_path, monkeypatch, ca
     reporter.close()
     assert "iter 2/10  loss 0.500 (mask 0.500)  lr 0.01" in caplog.text
     assert ("it/s" in capsys.readouterr().out) is terminal
+
+
+class _Batch:
+    images = torch.zeros(4, 3, 8, 8)
+
+    def __len__(self):
+        return 4
+
+
+class _Model(torch.nn.Module):
+    def forward(self, batch):
+        return batch
+
+
+class _Evaluator:
+    def reset(self):
+        self.seen = 0
+
+    def process(self, batch, detections):
+        self.seen += len(batch)
+
+    def evaluate(self):
+        return {"seen": self.seen}
+
+
+def test_inference_reports_its_progress(capsys):
+    batches = [_Batch()] * 3
+    evaluator = _Evaluator()
+    assert inference_on_dataset(_Model(), batches, evaluator, progress_every_s=0.0) == {"seen": 12}
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.match(r"inference: (\d)/3 batches, (\d+) images, [\d.]+ images/s, ETA \d+s$", line).groups()
+            for line in lines[:3]] == [("1", "4"), ("2", "8"), ("3", "12")]
+    assert lines[3].startswith("inference: 12 images (padded repeats included) in 3 batches")
