@@ -75,10 +75,10 @@ def main(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> list[dict]:
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
-    files = _inputs(args)
     categories = weights.class_categories()
     if not weights.has_heads or not categories:
         raise PredictError(f"{weights} holds a backbone only; pass a trained detector (a checkpoint of train/main.py)")
+    files = _inputs(args)
     device = pick_device(args.device, 0)
     model = build_eval_model(cfg.model, weights, categories, device)
     settings = settings_from_config(cfg.data, training=False)
