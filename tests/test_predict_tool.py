@@ -191,3 +191,4 @@ def test_bad_inputs_are_one_sentence(case, photos, checkpoint, tmp_path, capsys)
     expected = {"no folder": "is not a folder", "no images": "holds no .jpg", "backbone only": "holds a backbone only",
                 "unwritable out": "cannot be written"}[case]
     assert expected in err
+    assert not out.exists()  # nothing written
