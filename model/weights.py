@@ -75,6 +75,9 @@ _TRAINED_WITH = {
     TORCHVISION_RESNET: {"backbone.stride_in_1x1": False, "normalization": "rgb"},
     TORCHVISION_MASKRCNN: {"backbone.stride_in_1x1": False, "normalization": "rgb"},
 }
+# What a config for the file should also set, though other values load and train: torchvision's
+# RPN head learned its own anchors (reproducing its AP needs them; fine-tuning may change them).
+_SUGGESTED = {TORCHVISION_MASKRCNN: {"rpn.anchor_generator": "torchvision"}}
 
 
 class WeightsError(ValueError):
@@ -115,7 +118,8 @@ class WeightsFile:
 
     def model_overrides(self) -> list[str]:
         """`KEY=VALUE` overrides that make a config fit these weights (for files that carry no config)."""
-        return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.trained_with().items()]
+        wanted = {**self.trained_with(), **_SUGGESTED.get(self.kind, {})}
+        return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in wanted.items()]
 
     def class_categories(self) -> list[dict[str, Any]] | None:
         """The categories of the class rows (manifest style: id, coco_id, name), if known or implied.

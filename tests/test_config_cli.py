@@ -53,7 +53,7 @@ def test_cuda_without_a_gpu_is_one_sentence(train_shards, val_shards, synthetic_
     argv = ["--config", str(DEMO), "--data", str(train_shards), "--val-data", str(val_shards),
             "--val-annotations", str(synthetic_coco.val_json), f"output_dir={tmp_path / 'run'}", "train.device=cuda"]
     assert run(argv) == 2
-    assert "train.device=cuda but this machine has no CUDA device" in _error_line(capsys.readouterr().err)
+    assert "train.device=cuda but CUDA is not available on this machine" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

@@ -2,7 +2,8 @@
 
 Inference runs through the same input pipeline as training (eval mode: no flip), batched,
 on every rank; the detections are gathered on rank 0 and scored with COCOeval (pycocotools
-by default, faster-coco-eval with --backend faster). Prints the usual COCO tables.
+by default, faster-coco-eval with --backend faster). Prints the usual COCO tables. The model
+runs in the training precision, `train.precision` (auto: bf16 autocast on CUDA, fp32 on CPU).
 
     python tools/evaluate.py --weights runs/reference/checkpoints/ckpt-00090000.pt \\
         --data shards/val --annotations coco/annotations/instances_val2017.json --json runs/eval.json
@@ -15,7 +16,7 @@ by default, faster-coco-eval with --backend faster). Prints the usual COCO table
 --weights takes a trainer checkpoint, this model's state dict, or torchvision's COCO Mask R-CNN.
 The model config comes from the checkpoint (trainer checkpoints carry theirs); --config and
 KEY=VALUE overrides apply on top. Files without a config take configs/reference.yaml and what
-the weights need (torchvision's: RGB normalization, stride in the 3x3 conv). The --json and
+the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). The --json and
 --results paths are checked before the evaluation starts; if writing still fails at the end,
 the metrics have been printed first. Errors end in one sentence, exit code 2.
 """
@@ -23,6 +24,7 @@ the metrics have been printed first. Errors end in one sentence, exit code 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -34,6 +36,7 @@ from pipeline.shard_format import ShardFormatError, read_manifest
 from train.components import per_rank_batch
 from train.config import ConfigError
 from train.distributed import init_distributed, shutdown_distributed
+from train.engine import autocast_context, resolve_precision
 from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
 from train.inference import config_for_weights
 
@@ -90,7 +93,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             device=ctx.device,
         )
         with evaluator:
-            metrics = inference_on_dataset(model, loader, evaluator)
+            precision = resolve_precision(cfg.train.precision, ctx.device)  # as training: bf16 on CUDA by default
+            autocast = functools.partial(autocast_context, precision, ctx.device)
+            metrics = inference_on_dataset(model, loader, evaluator, autocast=autocast)
             detections = coco_results(evaluator.gathered) if ctx.is_main and args.results else None
         if ctx.is_main:
             print(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}")

@@ -18,7 +18,7 @@ code. Written to --out:
 The model config comes from the checkpoint (a trainer checkpoint carries its config and its
 categories); --config and KEY=VALUE overrides apply on top. Files without a config take
 configs/reference.yaml and what the weights need (torchvision's COCO Mask R-CNN: RGB
-normalization, stride in the 3x3 conv, COCO's category names). Errors end in one sentence, exit
+normalization, stride in the 3x3 conv, its anchors, COCO's category names). Errors end in one sentence, exit
 code 2; an image that does not decode is skipped with a warning.
 """
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from model.backbone import BLOCKS_PER_STAGE, NORMS
 from model.normalization import NORMALIZATIONS
+from model.rpn import ANCHOR_GENERATORS
 from pipeline.settings import BACKENDS as LOADER_BACKENDS
 from pipeline.settings import DECODE_DEVICES
 
@@ -161,8 +162,8 @@ SCHEMA: dict[str, Rule] = {
     "data.val_annotations": Text(),
     "data.backend": Choice(LOADER_BACKENDS),
     "data.decode_device": Choice(DECODE_DEVICES),
-    "data.num_threads": COUNT,
-    "data.prefetch": COUNT,
+    "data.num_threads": NON_NEGATIVE_INT,  # 0 counts as 1 (pipeline/settings.py)
+    "data.prefetch": NON_NEGATIVE_INT,  # likewise
     "data.shuffle_buffer": NON_NEGATIVE_INT,
     "data.min_size": COUNT,
     "data.max_size": COUNT,
@@ -180,6 +181,7 @@ SCHEMA: dict[str, Rule] = {
     "model.rpn.anchor_sizes": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.anchor_strides": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.aspect_ratios": ListOf(POSITIVE, min_length=1),
+    "model.rpn.anchor_generator": Choice(tuple(ANCHOR_GENERATORS)),
     "model.rpn.fg_iou": FRACTION,
     "model.rpn.bg_iou": FRACTION,
     "model.rpn.batch_size_per_image": COUNT,
@@ -227,11 +229,12 @@ SCHEMA: dict[str, Rule] = {
     "train.precision": Choice(("auto", *PRECISIONS)),
     "train.cuda_graphs": Flag(),
     "train.checkpoint_every": NON_NEGATIVE_INT,
-    "train.keep_checkpoints": COUNT,
+    "train.keep_checkpoints": NON_NEGATIVE_INT,  # 0 keeps all
     "train.resume": Text(),
     "train.loss_readback_every": COUNT,
     "train.max_nonfinite_in_a_row": COUNT,
     "train.max_epochs": COUNT,
+    "train.collective_timeout_s": NON_NEGATIVE,  # 0: torch's defaults, no watch
     "train.deterministic": Flag(),
     "train.num_threads": NON_NEGATIVE_INT,
     "train.mlperf.org": Text(non_empty=True),

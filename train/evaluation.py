@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -265,10 +265,13 @@ def inference_on_dataset(
     evaluator: COCOEvaluator,
     *,
     num_warmup: int = 5,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress_every_s: float = PROGRESS_EVERY_S,
 ) -> dict[str, dict[str, float]]:
-    """Run `model` in eval mode over `loader`, feed `evaluator`, and return its metrics.
+    """Run `model` in eval mode over `loader` under `autocast`, feed `evaluator`, and return its metrics.
 
+    `autocast` is the training precision's context (train.engine.autocast_context). In eval mode
+    the model runs eagerly, never from the training step's CUDA graphs (model/maskrcnn.py).
     The model's train/eval mode is restored afterwards. A progress line (batches done, images/s,
     ETA) is printed every `progress_every_s` seconds. The final throughput leaves out the first
     `num_warmup` batches (allocator growth, cudnn autotuning).
@@ -280,7 +283,7 @@ def inference_on_dataset(
     total = len(loader) if hasattr(loader, "__len__") else None
     first = start = last_report = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             for step, batch in enumerate(loader):
                 if step == num_warmup:
                     _synchronize(batch)

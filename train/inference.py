@@ -32,7 +32,7 @@ def config_for_weights(weights: WeightsFile, config_path: str | Path | None, ove
 
     `config_path` given: that file. Otherwise the run config a trainer checkpoint carries, or
     configs/reference.yaml with what the weights need (torchvision's: stride in the 3x3 conv,
-    RGB normalization).
+    RGB normalization, its anchors).
     """
     if config_path is not None:
         return load_config(config_path, overrides)
