@@ -138,16 +138,18 @@ class DaliLoader(LoaderBase):
         return {"checkpoints": {g: pipe.checkpoint() for g, pipe in self._pipes.items()}}
 
     def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
-        checkpoints = resume["checkpoints"] if resume is not None else {}
-        self._pipes = {
-            g: self._build(g, epoch, checkpoints.get(g)) for g in GROUPS if self.batches[g] > 0
-        }
+        self._pipes = self.build_pipelines(epoch, resume["checkpoints"] if resume is not None else {})
         for group in group_order(self.batches, self.seed, epoch)[start:]:
             with self.timer.measure("wait"):
                 outputs = self._run(group)
             with self.timer.measure("collate"):
                 batch = self._to_batch(outputs, group)
             yield batch
+
+    def build_pipelines(self, epoch: int, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+        """The built DALI pipeline of each non-empty group for `epoch`, from its checkpoint when given."""
+        checkpoints = checkpoints or {}
+        return {g: self._build(g, epoch, checkpoints.get(g)) for g in GROUPS if self.batches[g] > 0}
 
     def _build(self, group: str, epoch: int, checkpoint: str | None):
         shards = self.shard_set.groups[group]
