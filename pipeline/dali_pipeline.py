@@ -1,11 +1,17 @@
 """The DALI backend: one pipeline per orientation group, read as a line of stages.
 
-`detection_pipeline` is the whole per-sample path: webdataset reader (this rank's range, seeded
-shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip the
-image (flip), boxes and polygons (bb_flip, coord_flip), all with that coin -> resize (reference
-sizes, integer maths shared with the torch fallback) -> ground truth padded to the manifest's
-maxima. Images stay uint8 RGB: the model normalizes them on the device (pipeline/batch.py). Images are padded to their bucket in the one copy
-out of DALI's buffers (`transforms.pad_images`), which costs no extra pass over the pixels.
+`detection_pipeline` is the whole per-sample path on the pixels: webdataset reader (this rank's
+range, seeded shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one)
+-> resize to the reference size (integer maths shared with the torch fallback), flipped by the
+coin in the same pass (a mirrored region of interest: no separate flip over the pixels). Images
+stay uint8 RGB: the model normalizes them on the device (pipeline/batch.py).
+
+The ground truth leaves the graph as stored, with the coin and the sizes: `DaliLoader` scales,
+flips and pads it per batch on the host with the code the torch fallback uses
+(pipeline/collate.py), and pads the images in the one copy out of DALI's buffers. What was
+measured against this (docs/PERFORMANCE.md): a separate `fn.flip`, `bb_flip`/`coord_flip` with
+the DALI arithmetic around them, and `fn.pad` to the manifest's maxima cost CPU time per image
+inside DALI's threads, for arrays the host handles in microseconds per batch.
 
 `DaliLoader` runs one such pipeline per group, picks the group of each batch from the shared
 epoch plan (pipeline/sampling.py) and turns DALI's outputs into a `Batch` on the device.
@@ -17,30 +23,25 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipeline.batch import Batch
+from pipeline.collate import SampleRecord, make_batch
 from pipeline.loader_base import LoaderBase
 from pipeline.sampling import derive_seed, group_order, reader_shard
 from pipeline.settings import LoaderSettings
+from pipeline.shard_format import ARRAY_COMPONENTS, GROUPS, sample_key
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
-from pipeline.shard_format import GROUPS
 from pipeline.torch_loader import find_undecodable_jpeg
-from pipeline.transforms import check_fits_bucket, pad_images, padded_shape, resized_size
+from pipeline.transforms import resized_size
 
 READER_NAME = "reader"
-COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
+COMPONENTS = ["jpg", "json", *ARRAY_COMPONENTS]
 DTYPES = [types.UINT8, types.UINT8, types.FLOAT, types.INT32, types.INT32, types.FLOAT]
-
-
-def _as_float(*values: Any) -> Any:
-    return fn.cast(fn.stack(*values), dtype=types.FLOAT)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -49,12 +50,10 @@ def detection_pipeline(
     shard_id: int,
     num_shards: int,
     settings: LoaderSettings,
-    max_instances: int,
-    max_polygons: int,
-    max_vertices: int,
     decode_on_gpu: bool,
     output_on_gpu: bool,
 ):
+    """Outputs: images (uint8 HWC, resized and flipped), json, coin, and boxes, labels, polys, verts as stored."""
     jpegs, meta, boxes, labels, polys, verts = fn.readers.webdataset(
         paths=[str(p) for p in shards.tars],
         index_paths=[str(p) for p in shards.indices],
@@ -69,58 +68,31 @@ def detection_pipeline(
         initial_fill=max(min(settings.shuffle_buffer, shards.samples), 1),  # no use buffering more than the data
         name=READER_NAME,
     )
-    boxes = fn.reshape(boxes, shape=[-1, 4])
-    polys = fn.reshape(polys, shape=[-1, 3])
-    verts = fn.reshape(verts, shape=[-1, 2])
 
-    # The one random draw per image: image, boxes and polygons are flipped by the same coin.
+    # The one random draw per image: the image here, its boxes and polygons on the host (collate.py).
     coin = fn.random.coin_flip(probability=settings.flip_prob)
 
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # [h, w, c], from the JPEG header
-    height, width = shape[0], shape[1]
-    new_h, new_w = resized_size(height, width, settings.min_size, settings.max_size)
+    new_h, new_w = resized_size(shape[0], shape[1], settings.min_size, settings.max_size)
 
-    # Pixels, uint8 RGB throughout (the model normalizes on the device). COCO annotations refer
-    # to the stored pixel grid, so EXIF orientation is ignored. Flipping before the resize
-    # touches the small source image; padding happens in the one copy out of DALI.
+    # COCO annotations refer to the stored pixel grid, so EXIF orientation is ignored. The flip
+    # is the resize's region of interest mirrored (x from 1 to 0, relative), one pass over the pixels.
     images = fn.decoders.image(
         jpegs, device="mixed" if decode_on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
     )
-    images = fn.flip(images, horizontal=coin)
+    flip = fn.cast(coin, dtype=types.FLOAT)
     images = fn.resize(
         images,
-        resize_x=fn.cast(new_w, dtype=types.FLOAT),
-        resize_y=fn.cast(new_h, dtype=types.FLOAT),
+        size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT),
+        roi_start=fn.stack(flip * 0.0, flip),
+        roi_end=fn.stack(flip * 0.0 + 1.0, 1.0 - flip),
+        roi_relative=True,
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
     if output_on_gpu and not decode_on_gpu:
         images = images.gpu()
-
-    # Ground truth: flipped in relative coordinates (bb_flip/coord_flip map x -> 1 - x), then
-    # scaled to the resized image, which is x -> W - x in pixels.
-    boxes_rel = boxes / _as_float(width, height, width, height)
-    verts_rel = verts / _as_float(width, height)
-    boxes_rel = fn.bb_flip(boxes_rel, ltrb=True, horizontal=coin)
-    verts_rel = fn.coord_flip(verts_rel, layout="xy", flip_x=coin)
-    boxes = boxes_rel * _as_float(new_w, new_h, new_w, new_h)
-    verts = verts_rel * _as_float(new_w, new_h)
-
-    num_boxes = boxes.shape()[0]
-    num_polys = polys.shape()[0]
-    return (
-        images,
-        meta,
-        fn.stack(height, width),
-        fn.stack(new_h, new_w),
-        coin,
-        fn.pad(boxes, axes=(0,), shape=(max_instances,), fill_value=0.0),
-        fn.pad(labels, axes=(0,), shape=(max_instances,), fill_value=0),
-        num_boxes,
-        fn.pad(verts, axes=(0,), shape=(max_vertices,), fill_value=0.0),
-        fn.pad(polys, axes=(0,), shape=(max_polygons,), fill_value=-1),
-        num_polys,
-    )
+    return images, meta, coin, boxes, labels, polys, verts
 
 
 class DaliLoader(LoaderBase):
@@ -158,9 +130,6 @@ class DaliLoader(LoaderBase):
             shard_id=reader_shard(self.rank, self.world_size, epoch, self.training),
             num_shards=self.world_size,
             settings=self.settings,
-            max_instances=max(self.shard_set.max_instances, 1),
-            max_polygons=max(self.shard_set.max_polygons, 1),
-            max_vertices=max(self.shard_set.max_vertices, 1),
             decode_on_gpu=self.decode_on_device,
             output_on_gpu=self.device.type == "cuda",
             batch_size=self.batch_size,
@@ -184,58 +153,43 @@ class DaliLoader(LoaderBase):
             raise _read_error(e, group, self.shard_set.groups[group]) from None
 
     def _to_batch(self, outputs, group: str) -> Batch:
-        images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
-        folder = self.shard_set.folder
-        host = {
-            "original": _dense(original, folder).int(),
-            "resized": _dense(resized, folder).int(),
-            "flipped": _dense(coin, folder).bool(),
-            "boxes": _dense(boxes, folder),
-            "labels": _dense(labels, folder).long(),
-            "num_boxes": _dense(num_boxes, folder).int(),
-            "verts": _dense(verts, folder),
-            "polys": _dense(polys, folder),
-            "num_polys": _dense(num_polys, folder).int(),
-        }
-        ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
-        bucket = None if self.settings.buckets is None else self.settings.buckets[group]
-        if bucket is not None:
-            check_fits_bucket(host["resized"], bucket, ids)
-        shape = padded_shape(host["resized"], bucket, self.settings.size_divisibility)
-        host["polys"][..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
+        images, meta, coin, *arrays = outputs
+        records = [self._record(meta[i], coin[i], [a[i] for a in arrays]) for i in range(len(meta))]
+        for record, image in zip(records, images):
+            if tuple(image.shape()[:2]) != record.resized:
+                raise shard_error(
+                    record.source[0],
+                    f"the JPEG resizes to {tuple(image.shape()[:2])} but its json's size {record.original} "
+                    f"resizes to {record.resized}",
+                    record.source[1],
+                )
         with self._on_copy_stream():
             # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
-            batch = Batch(
-                images=pad_images(
-                    [torch.from_dlpack(images[i]) for i in range(len(images))], shape, self.device, self._buffers
-                ),
-                image_sizes=host["resized"],
-                original_sizes=host["original"],
-                scales=host["resized"].float() / host["original"].float(),
-                flipped=host["flipped"],
-                image_ids=ids.long(),
-                boxes=host["boxes"],
-                labels=host["labels"],
-                num_boxes=host["num_boxes"],
-                verts=host["verts"],
-                polys=host["polys"].int(),
-                num_polys=host["num_polys"],
+            batch = make_batch(
+                records,
+                [torch.from_dlpack(images[i]) for i in range(len(images))],
+                maxima=self.maxima,
+                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+                size_divisibility=self.settings.size_divisibility,
+                device=self.device,
             ).to(self.device, non_blocking=True)
-        return self._hand_over(batch)
+        return self._hand_over(batch, self._copies_done())
 
-
-def _dense(tensor_list, folder: Path) -> torch.Tensor:
-    """Copy a uniform-shape CPU TensorList into a new torch tensor (DALI reuses its buffers)."""
-    if not tensor_list.is_dense_tensor():
-        # fn.pad never crops: ground truth longer than the manifest's maxima leaves ragged shapes.
-        raise ShardReadError(
-            f"{folder}/manifest.json: a sample has more instances, polygons or vertices than max_instances/"
-            f"max_polygons/max_vertices; re-run tools/shard_coco.py to rewrite the manifest"
+    def _record(self, meta, coin, arrays) -> SampleRecord:
+        """One sample's host-side record from its json, coin and stored arrays (DALI tensors)."""
+        info = json.loads(np.asarray(meta).tobytes())
+        height, width = int(info["height"]), int(info["width"])
+        stored = {
+            name: np.asarray(array).reshape(-1, *row) for (name, (_, row)), array in zip(ARRAY_COMPONENTS.items(), arrays)
+        }
+        return SampleRecord(
+            image_id=int(info["image_id"]),
+            original=(height, width),
+            resized=resized_size(height, width, self.settings.min_size, self.settings.max_size),
+            flipped=bool(np.asarray(coin)),
+            source=(meta.source_info().rsplit(":", 2)[0], sample_key(int(info["image_id"]))),
+            **stored,
         )
-    dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype])
-    feed_ndarray(dense, out)
-    return out
 
 
 _SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")

@@ -16,8 +16,9 @@ iteration:
   A state belongs to the backend that saved it. `set_epoch` with the saved epoch keeps it.
 - `timings()`: per-stage totals and per-image milliseconds (pipeline/timing.py).
 
-Batches belong to the consumer: they are copied out of the pipeline's buffers, and a CPU image
-buffer is recycled only once nothing references it any more (pipeline/buffers.py).
+Batches belong to the consumer: they are copied out of the pipeline's buffers into fresh
+tensors (pipeline/transforms.py `pad_images` says why a fresh CPU buffer costs no more than a
+reused one), so a batch may be kept as long as the consumer likes.
 """
 
 from __future__ import annotations
