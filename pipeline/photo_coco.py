@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pipeline.coco_categories import COCO_CATEGORIES
-from pipeline.synthetic import polygon_shape, synthetic_categories, write_instances_json
+from pipeline.synthetic import object_polygons, polygon_annotation, synthetic_categories, write_instances_json
 
 WIDTH = 640
 HEIGHTS = (426, 512)  # inclusive range of the short side, as COCO's 640x426 .. 640x512
@@ -132,22 +131,5 @@ def _instance(rng: np.random.Generator, height: int, width: int, categories: lis
     short = min(height, width)
     box_w, box_h = short * np.exp(rng.uniform(np.log(0.02), np.log(0.8), size=2))
     x0, y0 = rng.uniform(0, width - box_w), rng.uniform(0, height - box_h)
-    kind = str(rng.choice(["rectangle", "star", "ellipse"]))
-    if box_w > 24 and rng.random() < 0.15:  # multi-part: two pieces side by side, one instance
-        half = box_w / 2
-        polygons = [
-            polygon_shape(rng, kind, x0 + half * 0.45, y0 + box_h / 2, half * 0.42, box_h / 2),
-            polygon_shape(rng, kind, x0 + half * 1.55, y0 + box_h / 2, half * 0.42, box_h / 2),
-        ]
-    else:
-        polygons = [polygon_shape(rng, kind, x0 + box_w / 2, y0 + box_h / 2, box_w / 2, box_h / 2)]
-    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    xs = [v for p in polygons for v in p[0::2]]
-    ys = [v for p in polygons for v in p[1::2]]
-    return {
-        "category_id": categories[int(rng.integers(len(categories)))]["id"],
-        "segmentation": polygons,
-        "area": float(mask_utils.area(rle)),
-        "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-        "iscrowd": 0,
-    }
+    polygons = object_polygons(rng, x0, y0, box_w, box_h, multipart_prob=0.15)
+    return polygon_annotation(polygons, height, width, categories[int(rng.integers(len(categories)))]["id"])

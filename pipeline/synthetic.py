@@ -306,30 +306,39 @@ def _add_object(
     if corner is None:
         return
     x0, y0 = corner
+    polygons = object_polygons(rng, x0, y0, box_w, box_h, multipart_prob=0.25)
+    class_index = int(rng.integers(options.num_classes))
+    _paint(scene, _rasterize(polygons, scene.height, scene.width), class_index, options.num_classes)
+    scene.instances.append(polygon_annotation(polygons, scene.height, scene.width, categories[class_index]["id"]))
+
+
+def object_polygons(
+    rng: np.random.Generator, x0: float, y0: float, box_w: float, box_h: float, multipart_prob: float
+) -> list[list[float]]:
+    """One object's polygons filling the box at (x0, y0): a rectangle, star or ellipse, sometimes
+    (boxes over 24 pixels wide, with `multipart_prob`) two pieces side by side."""
     kind = str(rng.choice(["rectangle", "star", "ellipse"]))
-    if box_w > 24 and rng.random() < 0.25:  # multi-part: two pieces side by side, one instance
+    if box_w > 24 and rng.random() < multipart_prob:
         half = box_w / 2
-        polygons = [
+        return [
             polygon_shape(rng, kind, x0 + half * 0.45, y0 + box_h / 2, half * 0.42, box_h / 2),
             polygon_shape(rng, kind, x0 + half * 1.55, y0 + box_h / 2, half * 0.42, box_h / 2),
         ]
-    else:
-        polygons = [polygon_shape(rng, kind, x0 + box_w / 2, y0 + box_h / 2, box_w / 2, box_h / 2)]
-    class_index = int(rng.integers(options.num_classes))
-    _paint(scene, _rasterize(polygons, scene.height, scene.width), class_index, options.num_classes)
+    return [polygon_shape(rng, kind, x0 + box_w / 2, y0 + box_h / 2, box_w / 2, box_h / 2)]
 
-    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, scene.height, scene.width))
+
+def polygon_annotation(polygons: list[list[float]], height: int, width: int, category_id: int) -> dict[str, Any]:
+    """A non-crowd COCO annotation (without ids): `bbox` the polygons' extent, `area` their mask's pixels."""
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     xs = [v for p in polygons for v in p[0::2]]
     ys = [v for p in polygons for v in p[1::2]]
-    scene.instances.append(
-        {
-            "category_id": categories[class_index]["id"],
-            "segmentation": polygons,
-            "area": float(mask_utils.area(rle)),
-            "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-            "iscrowd": 0,
-        }
-    )
+    return {
+        "category_id": category_id,
+        "segmentation": polygons,
+        "area": float(mask_utils.area(rle)),
+        "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
+        "iscrowd": 0,
+    }
 
 
 def _add_crowd(
