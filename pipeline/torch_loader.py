@@ -8,20 +8,15 @@ per-sample work on the CPU; a producer thread (pipeline/prefetch.py) finishes ea
 (the GPU decode and resize when the device is CUDA, the padding, the copies to the device, on
 a side stream) up to `data.prefetch` batches ahead of the training thread.
 
-Samples are read by random access with the shards' DALI indices (`.idx` offsets) rather than
-streamed with the `webdataset` library: an exact per-epoch permutation, the same per-rank
-sample ranges as DALI's readers, and a mid-epoch resume that skips batches without reading
-them all need random access, which a tar stream cannot give.
+Which samples, in which order and with which coins, is the epoch plan both backends share
+(pipeline/sampling.py); samples are read by random access (pipeline/sample_reader.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -29,59 +24,11 @@ from pipeline.batch import Batch
 from pipeline.collate import SampleRecord, make_batch
 from pipeline.loader_base import LoaderBase
 from pipeline.prefetch import prefetched
-from pipeline.sampling import group_batches, group_order, reader_shard, shard_range
+from pipeline.sample_reader import SampleRef, read_sample, sample_refs
+from pipeline.sampling import epoch_plan
 from pipeline.settings import LoaderSettings
-from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
-from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
+from pipeline.shard_set import ShardReadError, ShardSet, shard_error
 from pipeline.transforms import resized_size, transform_image
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's components sit: its tar and component -> (offset, size) from the index."""
-
-    tar: Path
-    members: dict[str, tuple[int, int]]
-
-
-def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
-    """Every sample of each group, in the order DALI's reader numbers them (shard order, then index order)."""
-    return {
-        group: [SampleRef(tar, sample) for tar, index in zip(shards.tars, shards.indices) for sample in read_index(index)]
-        for group, shards in shard_set.groups.items()
-    }
-
-
-def epoch_plan(
-    shard_set: ShardSet,
-    *,
-    training: bool,
-    flip_prob: float,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-) -> list[list[tuple[str, int, bool]]]:
-    """This rank's batches for an epoch: lists of (group, sample position, flip)."""
-    per_group: dict[str, list[list[tuple[str, int, bool]]]] = {}
-    batches = group_batches(shard_set.samples, world_size, batch_size)
-    for group_index, group in enumerate(GROUPS):
-        if not batches[group]:
-            continue
-        rng = np.random.default_rng([seed, epoch, rank, group_index])
-        positions = np.array(
-            shard_range(shard_set.groups[group].samples, reader_shard(rank, world_size, epoch, training), world_size)
-        )
-        if training:
-            positions = rng.permutation(positions)
-        total = batches[group] * batch_size
-        positions = np.concatenate([positions, np.full(total - len(positions), positions[-1])])
-        coins = rng.random(total) < flip_prob
-        entries = [(group, int(p), bool(c)) for p, c in zip(positions, coins)]
-        per_group[group] = [entries[i : i + batch_size] for i in range(0, total, batch_size)]
-    cursors = {g: iter(b) for g, b in per_group.items()}
-    return [next(cursors[g]) for g in group_order(batches, seed, epoch)]
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -102,7 +49,7 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
         start = time.perf_counter()
-        sample = _read_sample(ref)
+        sample = read_sample(ref)
         record = SampleRecord(
             image_id=sample.image_id,
             original=(sample.height, sample.width),
@@ -122,32 +69,6 @@ class ShardSamples(torch.utils.data.Dataset):
         if self.decode:
             decode_and_transform([out], torch.device("cpu"))
         return out
-
-
-def _read_sample(ref: SampleRef):
-    try:
-        with open(ref.tar, "rb") as f:
-            members = {}
-            for component, (offset, size) in ref.members.items():
-                f.seek(offset)
-                members[component] = f.read(size)
-        if any(len(members[c]) != ref.members[c][1] for c in members):
-            raise ShardFormatError("the tar ends before a member the index lists")
-        return decode_sample(members)
-    except (OSError, ValueError) as e:
-        raise shard_error(ref.tar, f"cannot read this sample ({e})") from None
-
-
-def find_undecodable_jpeg(shards: GroupShards) -> tuple[Path, str] | None:
-    """(tar, sample key) of the first JPEG in `shards` that torchvision cannot decode, if any."""
-    for tar, index in zip(shards.tars, shards.indices):
-        for members in read_index(index):
-            sample = _read_sample(SampleRef(tar, members))
-            try:
-                decode_jpeg(torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                return tar, sample.key
-    return None
 
 
 def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) -> None:

@@ -9,8 +9,8 @@
 Rows, each pulled as fast as it delivers after a warm-up, one after the other on the same cores:
 
 - `dali_loader`: `build_loader(..., backend="dali")`, batches as the trainer gets them;
-- `dali_graph`: the loader's own DALI pipelines (pipeline/dali_pipeline.py), run in the loader's
-  group order with their outputs left in DALI's buffers: the loader minus its host work;
+- `dali_graph`: the loader's own DALI pipeline (pipeline/dali_pipeline.py), fed by its epoch
+  plan (the reads included), outputs left in DALI's buffers: the loader minus its batching;
 - `bare_dali`: a plain webdataset reader -> decode -> flip -> resize (resize_shorter/max_size)
   over the same shards: the cost of DALI's operators alone;
 - `torch_loader`: the torch fallback (`backend="torch"`);
@@ -49,7 +49,6 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from pipeline.loader import build_loader, dali_available
-from pipeline.sampling import group_order
 from pipeline.settings import LoaderSettings, settings_from_config
 from pipeline.shard_format import ShardFormatError
 from pipeline.shard_set import open_shard_set
@@ -158,13 +157,14 @@ class Bench:
         return {**rate, "stage_ms_per_image": stages, "batches_per_epoch": len(loader)}
 
     def dali_graph(self) -> dict[str, Any]:
-        """The DALI loader's pipelines alone, in its group order; outputs stay in DALI's buffers."""
+        """The DALI loader's pipeline alone, fed by its plan; outputs stay in DALI's buffers."""
         loader = self._loader("dali")
 
         def epoch(e: int) -> Iterator[Any]:
-            pipes = loader.build_pipelines(e)
-            for group in group_order(loader.batches, loader.seed, e):
-                yield pipes[group].run()
+            pipe, feeder, groups = loader.epoch_pipeline(e)
+            for _ in groups:
+                yield pipe.run()
+                feeder.fed.popleft()  # the records the loader would batch
 
         return self._rate(_endless(epoch))
 
