@@ -2,9 +2,10 @@
 
 `LoaderBase` holds the constructor's fields, the epoch and the position within it, the resume
 point loaded but not iterated yet, the stage timer, and the side stream the batches are copied
-to the device on, with the hand-over of a batch from that stream to the consumer's. A backend only says how an epoch's batches are made from a start position
-(`_epoch_batches`) and what else a mid-epoch state needs (`_backend_state`): the DALI backend
-rebuilds its pipelines from their checkpoints, the torch backend replays the epoch plan.
+to the device on, with the hand-over of a batch from that stream to the consumer's. A backend
+only says how an epoch's batches are made from a start position (`_epoch_batches`): both
+replay the epoch plan (pipeline/sampling.py) from there, so the epoch and the position are the
+whole mid-epoch state.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ class LoaderBase:
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch, the batches already yielded in it, and what the backend needs to continue from there."""
+        """The epoch and the batches already yielded in it: enough to continue it exactly."""
         if self._resume is not None:  # loaded but not iterated yet
             return dict(self._resume)
-        return {"epoch": self._epoch, "position": self._position, **self._backend_state()}
+        return {"epoch": self._epoch, "position": self._position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next iteration continues epoch `state['epoch']` after its first `position` batches."""
@@ -92,10 +93,6 @@ class LoaderBase:
     def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
         """Batches `start`, `start + 1`, ... of `epoch`; `resume` is the loaded state when resuming."""
         raise NotImplementedError
-
-    def _backend_state(self) -> dict[str, Any]:
-        """Fields the backend adds to `state_dict()` to resume mid-epoch; none by default."""
-        return {}
 
     def _on_copy_stream(self) -> AbstractContextManager:
         """Where a batch's device work runs: the side stream on CUDA (on any thread), so it overlaps compute."""
