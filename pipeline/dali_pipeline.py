@@ -165,7 +165,13 @@ class DaliLoader(LoaderBase):
                 size_divisibility=self.settings.size_divisibility,
                 device=self.device,
             ).to(self.device, non_blocking=True)
-        return self._hand_over(batch, self._copies_done())
+        copies_done = self._copies_done()
+        if copies_done is not None:
+            # DALI reuses its output buffers once run() is called again, on its own stream, which
+            # nothing orders after this copy: the copy out must be over before then (a
+            # device-to-device copy of the batch, on a stream that holds nothing else).
+            copies_done.synchronize()
+        return self._hand_over(batch, copies_done)
 
 
 def _run(pipe: Any, feeder: PlanFeeder):
