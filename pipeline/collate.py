@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
+from pipeline.shard_format import Sample
 from pipeline.shard_set import shard_error
-from pipeline.transforms import check_fits_bucket, flip_boxes, flip_vertices, pad_images, padded_shape
+from pipeline.transforms import check_fits_bucket, flip_boxes, flip_vertices, pad_images, padded_shape, resized_size
 
 MIN_SLOTS = 16  # the smallest ground-truth padding: batches with few instances share one shape
 
@@ -43,6 +44,21 @@ class SampleRecord:
     polys: np.ndarray  # int32 [P, 3]
     verts: np.ndarray  # float32 [V, 2]
     source: tuple[str | Path, str]  # (tar, sample key), for error messages
+
+
+def sample_record(sample: Sample, tar: str | Path, flipped: bool, min_size: int, max_size: int) -> SampleRecord:
+    """The record of a sample read from `tar`, with its coin and its reference resize."""
+    return SampleRecord(
+        image_id=sample.image_id,
+        original=(sample.height, sample.width),
+        resized=resized_size(sample.height, sample.width, min_size, max_size),
+        flipped=flipped,
+        boxes=sample.boxes,
+        labels=sample.labels,
+        polys=sample.polys,
+        verts=sample.verts,
+        source=(tar, sample.key),
+    )
 
 
 def padded_count(count: int, cap: int) -> int:

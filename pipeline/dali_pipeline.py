@@ -31,13 +31,11 @@ from nvidia.dali import fn, pipeline_def, types
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
-from pipeline.collate import SampleRecord, make_batch
+from pipeline.collate import SampleRecord, make_batch, sample_record
 from pipeline.loader_base import LoaderBase
 from pipeline.sample_reader import SampleRef, read_sample, sample_refs
-from pipeline.sampling import epoch_plan
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import ShardReadError, ShardSet, shard_error
-from pipeline.transforms import resized_size
 from pipeline.timing import StageTimer
 
 
@@ -93,17 +91,7 @@ class PlanFeeder:
     def _sample(self, group: str, position: int, flip: bool) -> tuple[SampleRecord, np.ndarray]:
         ref = self.refs[group][position]
         sample = read_sample(ref)
-        record = SampleRecord(
-            image_id=sample.image_id,
-            original=(sample.height, sample.width),
-            resized=resized_size(sample.height, sample.width, self.settings.min_size, self.settings.max_size),
-            flipped=flip,
-            boxes=sample.boxes,
-            labels=sample.labels,
-            polys=sample.polys,
-            verts=sample.verts,
-            source=(ref.tar, sample.key),
-        )
+        record = sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size)
         return record, np.frombuffer(sample.jpeg, dtype=np.uint8)
 
 
@@ -119,16 +107,7 @@ class DaliLoader(LoaderBase):
 
     def epoch_pipeline(self, epoch: int, start: int = 0) -> tuple[Any, PlanFeeder, list[str]]:
         """The built pipeline fed with `epoch`'s plan from batch `start`, its feeder, and each batch's group."""
-        plan = epoch_plan(
-            self.shard_set,
-            training=self.training,
-            flip_prob=self.settings.flip_prob,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=epoch,
-        )[start:]
+        plan = self._plan(epoch)[start:]
         feeder = PlanFeeder(plan, self.refs, self.settings, self.timer)
         pipe = detection_pipeline(
             source=feeder,
@@ -142,7 +121,7 @@ class DaliLoader(LoaderBase):
         pipe.build()
         return pipe, feeder, [entries[0][0] for entries in plan]
 
-    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """The epoch's plan from batch `start` on: a resume replays the plan, reading nothing before `start`."""
         if start >= len(self):
             return

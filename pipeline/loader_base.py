@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.batch import Batch
-from pipeline.sampling import group_batches
+from pipeline.sampling import epoch_plan, group_batches
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import ShardSet
 from pipeline.timing import StageTimer
@@ -85,13 +85,26 @@ class LoaderBase:
         resume, self._resume = self._resume, None
         start = resume["position"] if resume is not None else 0
         self._position = start
-        for batch in self._epoch_batches(self._epoch, start, resume):
+        for batch in self._epoch_batches(self._epoch, start):
             self.timer.count(len(batch))
             self._position += 1
             yield batch
 
-    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
-        """Batches `start`, `start + 1`, ... of `epoch`; `resume` is the loaded state when resuming."""
+    def _plan(self, epoch: int) -> list[list[tuple[str, int, bool]]]:
+        """This rank's batches of `epoch` as (group, sample position, flip) entries (pipeline/sampling.py)."""
+        return epoch_plan(
+            self.shard_set,
+            training=self.training,
+            flip_prob=self.settings.flip_prob,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=epoch,
+        )
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """Batches `start`, `start + 1`, ... of `epoch` (a resume starts past 0)."""
         raise NotImplementedError
 
     def _on_copy_stream(self) -> AbstractContextManager:

@@ -21,14 +21,13 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
-from pipeline.collate import SampleRecord, make_batch
+from pipeline.collate import make_batch, sample_record
 from pipeline.loader_base import LoaderBase
 from pipeline.prefetch import prefetched
 from pipeline.sample_reader import SampleRef, read_sample, sample_refs
-from pipeline.sampling import epoch_plan
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import ShardReadError, ShardSet, shard_error
-from pipeline.transforms import resized_size, transform_image
+from pipeline.transforms import transform_image
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -50,19 +49,8 @@ class ShardSamples(torch.utils.data.Dataset):
     def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
         start = time.perf_counter()
         sample = read_sample(ref)
-        record = SampleRecord(
-            image_id=sample.image_id,
-            original=(sample.height, sample.width),
-            resized=resized_size(sample.height, sample.width, self.settings.min_size, self.settings.max_size),
-            flipped=flip,
-            boxes=sample.boxes,
-            labels=sample.labels,
-            polys=sample.polys,
-            verts=sample.verts,
-            source=(ref.tar, sample.key),
-        )
         out = {
-            "record": record,
+            "record": sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size),
             "jpeg": torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8),
             "times": {"read": time.perf_counter() - start},
         }
@@ -135,23 +123,13 @@ class TorchLoader(LoaderBase):
             prefetch_factor=settings.prefetch if workers > 0 else None,
         )
 
-    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """The epoch's plan from batch `start` on: a resume replays the plan, skipping batches without decoding.
 
         Batches are finished on the producer thread; the position the loader saves counts the
         batches handed over here, so a state taken mid-epoch never skips the prefetched ones.
         """
-        plan = epoch_plan(
-            self.shard_set,
-            training=self.training,
-            flip_prob=self.settings.flip_prob,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=epoch,
-        )
-        self._sampler.batches = plan[start:]
+        self._sampler.batches = self._plan(epoch)[start:]
         groups = [entries[0][0] for entries in self._sampler.batches]
         # The worker processes start (fork) here, on the consumer's thread, not on the producer's.
         samples = iter(self._loader)
