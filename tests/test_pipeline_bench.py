@@ -59,3 +59,15 @@ def test_a_torchvision_row_without_its_folder_exits_with_one_line(train_shards, 
     args = bench_pipeline.get_args_parser().parse_args(["--data", str(train_shards), "--rows", "torchvision", *SMALL])
     assert bench_pipeline.main(args) == 1
     assert "--baseline-images" in capsys.readouterr().err
+
+
+def test_without_dali_the_torch_rows_run(train_shards, tmp_path, monkeypatch):
+    # As on the GPU machine, which has no DALI: the default rows and the heading loader are the torch ones.
+    monkeypatch.setattr(bench_pipeline, "dali_available", lambda: False)
+    out = tmp_path / "bench.json"
+    args = bench_pipeline.get_args_parser().parse_args(
+        ["--data", str(train_shards), "--batch-size", "2", "--iters", "2", "--warmup", "1", "--json", str(out), *SMALL]
+    )
+    assert bench_pipeline.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "torch" and set(result["rows"]) == {"torch_loader"}

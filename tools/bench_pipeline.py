@@ -353,7 +353,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="rows to run (default: every row this machine can run with the arguments given)",
     )
     parser.add_argument("--stages", action="store_true", help="add the bare pipeline's prefixes (read, decode)")
-    parser.add_argument("--backend", choices=["dali", "torch"], default=None, help="whose loader heads the report (default: data.backend)")
+    parser.add_argument("--backend", choices=["dali", "torch"], default=None, help="whose loader heads the report (default: data.backend; torch without DALI)")
     parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda")
     parser.add_argument("--config", type=Path, default=Path("configs/reference.yaml"), help="config file")
     parser.add_argument("--baseline-images", type=Path, help="COCO image folder for the torchvision row")
@@ -396,7 +396,7 @@ def main(args: argparse.Namespace) -> int:
             iters=args.iters,
             warmup=args.warmup,
             device=args.device,
-            backend=args.backend,
+            backend=args.backend or (None if dali_available() else "torch"),  # no DALI: the torch rows head
             rows=rows,
             stages=args.stages,
             repeat=args.repeat,
