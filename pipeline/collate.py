@@ -10,8 +10,8 @@ the image already resized and flipped (uint8 [h, w, 3]). `make_batch` then
 So the two backends' ground truth comes out of the same code and agrees exactly; only the
 pixels come from different decoders and resize kernels.
 
-A per-sample check of the host-side arrays belongs where the records are made (DaliLoader's
-`_records`, the torch fallback's `ShardSamples._load`), before they are batched here.
+Both backends read every sample through `pipeline/sample_reader.read_sample` (on the host,
+JPEG bytes and arrays together, before any decode): that is the one place for a per-sample check.
 """
 
 from __future__ import annotations

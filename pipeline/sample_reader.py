@@ -4,7 +4,8 @@ Both backends read samples this way (the epoch plan, pipeline/sampling.py, says 
 `.idx` offsets rather than by streaming the tars with the `webdataset` library, because an exact
 per-epoch permutation, the per-rank sample ranges and a mid-epoch resume that skips batches
 without reading them all need random access, which a tar stream cannot give. A sample's
-members are a few reads at known offsets (about 0.1 ms per COCO image).
+members are a few reads at known offsets (about 0.1 ms per COCO image). Every sample either
+backend batches passes through `read_sample` with its JPEG bytes and arrays, before any decode.
 """
 
 from __future__ import annotations
