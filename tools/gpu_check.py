@@ -318,7 +318,7 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
 
 def torch_pipeline(scale: Scale) -> dict[str, Any]:
     """The torch fallback loader alone on the training device (GPU decode there), on synthetic shards."""
-    from pipeline.bench import run_pipeline_benchmark
+    from tools.bench_pipeline import run_pipeline_benchmark
 
     cfg, ctx = _setup(scale)
     with tempfile.TemporaryDirectory() as tmp:

@@ -87,7 +87,7 @@ def init_distributed(
     return ctx
 
 
-def join_process_group(rank: int, world_size: int, device: torch.device, collective_timeout_s: float | None) -> None:
+def join_process_group(rank: int, world_size: int, device: torch.device, collective_timeout_s: float | None = None) -> None:
     """NCCL for GPU processes, bound to this process's GPU (its communicator is made now, so a
     broken NCCL setup fails here, not at the first collective); gloo for CPU ones.
 

@@ -3,7 +3,7 @@
     python train/main.py --config C --data SHARDS --dry-run pipeline|model|full|all --iters N [--report OUT.json]
 
 - pipeline: the input pipeline alone, batches pulled as fast as it delivers them
-  (pipeline/bench.py, with its per-stage breakdown and, for DALI, the bare-DALI ceiling);
+  (tools/bench_pipeline.py, with its per-stage breakdown and, for DALI, the graph alone and the bare-DALI ceiling);
 - model: the training step on one synthetic batch at the first bucket shape, no loading;
 - full: the real training loop (loader + step), without evaluation or checkpoints.
 
@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from model.synthetic import synthetic_batch
-from pipeline.bench import run_pipeline_benchmark
 from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
 from train import components
@@ -44,6 +43,7 @@ from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
 from train.engine import autocast_context, make_grad_scaler, no_lap, resolve_precision, train_step
 from train.solver import build_optimizer, set_learning_rate
+from tools.bench_pipeline import run_pipeline_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[d
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
-    """The pipeline's own benchmark (pipeline/bench.py) on this rank's share of the batch."""
+    """The pipeline's own benchmark (tools/bench_pipeline.py) on this rank's share of the batch."""
     result = run_pipeline_benchmark(
         cfg.data,
         components.require_shards(cfg.data.train_shards, "data.train_shards (--data)"),
