@@ -408,7 +408,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except (ShardFormatError, ValueError) as e:
         print(f"bench_pipeline: {e}", file=sys.stderr)
-        return 2
+        return 1
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
