@@ -30,13 +30,13 @@ from pipeline.loader_base import LoaderBase
 from pipeline.sampling import derive_seed, group_order, reader_shard
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
-from pipeline.shard_format import GROUPS
-from pipeline.torch_loader import find_undecodable_jpeg
+from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample
+from pipeline.torch_loader import find_damaged_sample
 from pipeline.transforms import check_fits_bucket, pad_images, padded_shape, resized_size
 
 READER_NAME = "reader"
-COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
-DTYPES = [types.UINT8, types.UINT8, types.FLOAT, types.INT32, types.INT32, types.FLOAT]
+COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts", "crc32"]
+DTYPES = [types.UINT8, types.UINT8, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.UINT32]
 
 
 def _as_float(*values: Any) -> Any:
@@ -55,7 +55,7 @@ def detection_pipeline(
     decode_on_gpu: bool,
     output_on_gpu: bool,
 ):
-    jpegs, meta, boxes, labels, polys, verts = fn.readers.webdataset(
+    members = fn.readers.webdataset(
         paths=[str(p) for p in shards.tars],
         index_paths=[str(p) for p in shards.indices],
         ext=COMPONENTS,
@@ -69,6 +69,7 @@ def detection_pipeline(
         initial_fill=max(min(settings.shuffle_buffer, shards.samples), 1),  # no use buffering more than the data
         name=READER_NAME,
     )
+    jpegs, meta, boxes, labels, polys, verts, _ = members
     boxes = fn.reshape(boxes, shape=[-1, 4])
     polys = fn.reshape(polys, shape=[-1, 3])
     verts = fn.reshape(verts, shape=[-1, 2])
@@ -120,6 +121,7 @@ def detection_pipeline(
         fn.pad(verts, axes=(0,), shape=(max_vertices,), fill_value=0.0),
         fn.pad(polys, axes=(0,), shape=(max_polygons,), fill_value=-1),
         num_polys,
+        *members,  # as read, on the CPU, for the per-sample check (`_check_samples`)
     )
 
 
@@ -171,7 +173,7 @@ class DaliLoader(LoaderBase):
         try:
             pipe.build()
         except RuntimeError as e:
-            raise _read_error(e, group, shards) from None
+            raise _read_error(e, group, shards, self.shard_set.num_categories) from None
         return pipe
 
     def _run(self, group: str):
@@ -179,10 +181,11 @@ class DaliLoader(LoaderBase):
             return self._pipes[group].run()
         except RuntimeError as e:
             self._pipes.pop(group)  # a failed DALI pipeline cannot run again
-            raise _read_error(e, group, self.shard_set.groups[group]) from None
+            raise _read_error(e, group, self.shard_set.groups[group], self.shard_set.num_categories) from None
 
     def _to_batch(self, outputs, group: str) -> Batch:
-        images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
+        images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys, *members = outputs
+        _check_samples(members, self.shard_set.num_categories)
         folder = self.shard_set.folder
         host = {
             "original": _dense(original, folder).int(),
@@ -239,7 +242,7 @@ def _dense(tensor_list, folder: Path) -> torch.Tensor:
 _SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")
 
 
-def _read_error(error: RuntimeError, group: str, shards: GroupShards) -> ShardReadError:
+def _read_error(error: RuntimeError, group: str, shards: GroupShards, num_categories: int) -> ShardReadError:
     """One sentence from a DALI failure, naming the shard and sample key whenever they can be found."""
     text = str(error)
     lines = [
@@ -253,8 +256,23 @@ def _read_error(error: RuntimeError, group: str, shards: GroupShards) -> ShardRe
         return shard_error(source.group(1), f"DALI could not read or decode this sample ({detail})", source.group(2))
     if "decoders.image" in text:
         # DALI did not say which sample: find it with the Python reader (only on this error path).
-        bad = find_undecodable_jpeg(shards)
+        bad = find_damaged_sample(shards, num_categories)
         if bad is not None:
-            return shard_error(bad[0], f"the JPEG does not decode (DALI: {detail})", bad[1])
+            return bad
     folder = shards.tars[0].parent
     return shard_error(folder, f"DALI failed while reading the {group} shards ({detail})")
+
+
+def _check_samples(members: list, num_categories: int) -> None:
+    """The shard format's per-sample check (shard_format.decode_sample) on the reader's outputs, as read.
+
+    DALI hands each component over as a CPU buffer, so this costs the crc32s and a few array
+    checks per image; a damaged sample stops the run in one sentence naming its shard and key.
+    """
+    for i in range(len(members[0])):
+        tar, _, member = members[0][i].source_info().rpartition(":")  # "<tar>:<offset>:<key>.jpg"
+        tar, key = tar.rpartition(":")[0], member.rpartition(".")[0]
+        try:
+            decode_sample({c: np.asarray(m[i]) for c, m in zip(COMPONENTS, members)}, key, num_categories)
+        except ShardFormatError as e:
+            raise shard_error(tar, str(e), key) from None

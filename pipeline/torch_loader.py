@@ -47,12 +47,13 @@ class SampleRef:
 
     tar: Path
     members: dict[str, tuple[int, int]]
+    key: str
 
 
 def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
     """Every sample of each group, in the order DALI's reader numbers them (shard order, then index order)."""
     return {
-        group: [SampleRef(tar, sample) for tar, index in zip(shards.tars, shards.indices) for sample in read_index(index)]
+        group: [SampleRef(tar, row.members, row.key) for tar, index in zip(shards.tars, shards.indices) for row in read_index(index)]
         for group, shards in shard_set.groups.items()
     }
 
@@ -92,10 +93,11 @@ def epoch_plan(
 class ShardSamples(torch.utils.data.Dataset):
     """Map-style dataset: (group, position, flip) -> one transformed sample, or the error it raised."""
 
-    def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool):
+    def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool, num_categories: int):
         self.refs = refs
         self.settings = settings
         self.decode = decode  # False: hand the JPEG bytes to the main process (GPU decode)
+        self.num_categories = num_categories  # labels are checked against 1..K when a sample is read
 
     def __getitem__(self, item: tuple[str, int, bool]) -> dict[str, Any]:
         group, position, flip = item
@@ -107,7 +109,7 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
         start = time.perf_counter()
-        sample = _read_sample(ref)
+        sample = _read_sample(ref, self.num_categories)
         height, width = sample.height, sample.width
         new_h, new_w = resized_size(height, width, self.settings.min_size, self.settings.max_size)
         sx, sy = new_w / width, new_h / height
@@ -133,7 +135,8 @@ class ShardSamples(torch.utils.data.Dataset):
         return out
 
 
-def _read_sample(ref: SampleRef):
+def _read_sample(ref: SampleRef, num_categories: int):
+    """Read one sample and check it (shard_format.decode_sample: checksums, json, labels, boxes, polygons)."""
     try:
         with open(ref.tar, "rb") as f:
             members = {}
@@ -142,20 +145,26 @@ def _read_sample(ref: SampleRef):
                 members[component] = f.read(size)
         if any(len(members[c]) != ref.members[c][1] for c in members):
             raise ShardFormatError("the tar ends before a member the index lists")
-        return decode_sample(members)
-    except (OSError, ValueError) as e:
-        raise shard_error(ref.tar, f"cannot read this sample ({e})") from None
+    except (OSError, ShardFormatError) as e:
+        raise shard_error(ref.tar, f"cannot read this sample ({e})", ref.key) from None
+    try:
+        return decode_sample(members, ref.key, num_categories)
+    except ShardFormatError as e:
+        raise shard_error(ref.tar, str(e), ref.key) from None
 
 
-def find_undecodable_jpeg(shards: GroupShards) -> tuple[Path, str] | None:
-    """(tar, sample key) of the first JPEG in `shards` that torchvision cannot decode, if any."""
+def find_damaged_sample(shards: GroupShards, num_categories: int) -> ShardReadError | None:
+    """The error naming the first sample in `shards` that fails the format's checks or does not decode, if any."""
     for tar, index in zip(shards.tars, shards.indices):
-        for members in read_index(index):
-            sample = _read_sample(SampleRef(tar, members))
+        for row in read_index(index):
+            try:
+                sample = _read_sample(SampleRef(tar, row.members, row.key), num_categories)
+            except ShardReadError as e:
+                return e
             try:
                 decode_jpeg(torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                return tar, sample.key
+            except RuntimeError as e:
+                return shard_error(tar, f"the JPEG does not decode ({e})", row.key)
     return None
 
 
@@ -263,7 +272,10 @@ class TorchLoader(LoaderBase):
         self._sampler = _PlanSampler()
         workers = settings.num_threads
         self._loader = torch.utils.data.DataLoader(
-            ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device),
+            ShardSamples(
+                sample_refs(shard_set), settings, decode=not self.decode_on_device,
+                num_categories=shard_set.num_categories,
+            ),
             batch_sampler=self._sampler,
             collate_fn=collate,
             num_workers=workers,
