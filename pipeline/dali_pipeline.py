@@ -185,7 +185,11 @@ class DaliLoader(LoaderBase):
 
     def _to_batch(self, outputs, group: str) -> Batch:
         images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys, *members = outputs
-        _check_samples(members, self.shard_set.num_categories)
+        try:
+            _check_samples(members, self.shard_set.num_categories)
+        except ShardReadError:
+            self._pipes.clear()  # a damaged sample ends the epoch: stop DALI's threads now, not at garbage collection
+            raise
         folder = self.shard_set.folder
         host = {
             "original": _dense(original, folder).int(),
