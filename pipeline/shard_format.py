@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -46,7 +47,8 @@ FORMAT = "coco-wds/2"
 MANIFEST_NAME = "manifest.json"
 GROUPS = ("landscape", "portrait")
 KEY_DIGITS = 12  # COCO file names use 12-digit zero-padded image ids
-SHARD_NAME = re.compile(rf"[A-Za-z0-9_.]+-({'|'.join(GROUPS)})-\d{{6}}\.tar")
+SHARD_STEM = rf"[A-Za-z0-9_.]+-(?:{'|'.join(GROUPS)})-\d{{6}}"  # `{split}-{group}-{NNNNNN}`
+SHARD_NAME = re.compile(rf"{SHARD_STEM}\.tar")
 # The sharder clips boxes to the image exactly; the tolerance only absorbs float rounding in
 # other writers' arithmetic, while damage that still parses (a sign or exponent bit) lands far outside.
 BOX_TOLERANCE = 0.01  # pixels
@@ -120,7 +122,7 @@ def encode_array(name: str, array: np.ndarray) -> bytes:
 
 def decode_array(name: str, data: Buffer) -> np.ndarray:
     dtype, row = ARRAY_COMPONENTS[name]
-    row_bytes = dtype.itemsize * int(np.prod(row))
+    row_bytes = dtype.itemsize * math.prod(row)
     size = memoryview(data).nbytes
     if size % row_bytes:
         raise ShardFormatError(f"the {name} member has {size} bytes, not a whole number of {row_bytes}-byte rows")
@@ -200,24 +202,30 @@ def _decode_meta(data: Buffer, key: str) -> dict[str, Any]:
 
 
 def check_ground_truth(sample: Sample, num_categories: int) -> None:
-    """The format's invariants on one sample's arrays; raises ShardFormatError naming the first one broken."""
+    """The format's invariants on one sample's arrays; raises ShardFormatError naming the first one broken.
+
+    Written as few whole-array operations (and a plain loop over the few polygon rows), because
+    every loader runs it on every image it reads.
+    """
     boxes, labels, polys, verts = sample.boxes, sample.labels, sample.polys, sample.verts
     if len(labels) != len(boxes):
         raise ShardFormatError(f"the sample has {len(labels)} labels for {len(boxes)} boxes")
-    outside = labels[(labels < 1) | (labels > num_categories)]
-    if len(outside):
-        raise ShardFormatError(f"label {outside[0]} is outside 1..{num_categories} (the manifest's categories)")
-    if not np.isfinite(boxes).all():
-        raise ShardFormatError("a box coordinate is not finite")
-    x0, y0, x1, y1 = boxes.T
-    width, height, tolerance = sample.width, sample.height, BOX_TOLERANCE
-    inside = (x0 >= -tolerance) & (y0 >= -tolerance) & (x1 <= width + tolerance) & (y1 <= height + tolerance)
-    bad = ~(inside & (x1 > x0) & (y1 > y0))
-    if bad.any():
-        raise ShardFormatError(
-            f"box {boxes[bad][0].tolist()} (xyxy) is empty or outside the {width}x{height} image"
-        )
-    if not np.isfinite(verts).all():
+    if len(labels) and (labels.min() < 1 or labels.max() > num_categories):
+        outside = labels[(labels < 1) | (labels > num_categories)][0]
+        raise ShardFormatError(f"label {outside} is outside 1..{num_categories} (the manifest's categories)")
+    if len(boxes):
+        if not np.isfinite(boxes).all():
+            raise ShardFormatError("a box coordinate is not finite")
+        low, high = boxes[:, :2], boxes[:, 2:]
+        tolerance = BOX_TOLERANCE
+        if low.min() < -tolerance or high[:, 0].max() > sample.width + tolerance \
+                or high[:, 1].max() > sample.height + tolerance or (high <= low).any():
+            bad = (low < -tolerance).any(1) | (high > [sample.width + tolerance, sample.height + tolerance]).any(1) \
+                | (high <= low).any(1)
+            raise ShardFormatError(
+                f"box {boxes[bad][0].tolist()} (xyxy) is empty or outside the {sample.width}x{sample.height} image"
+            )
+    if len(verts) and not np.isfinite(verts).all():
         raise ShardFormatError("a polygon vertex is not finite")
     if not _polygon_rows_are_consistent(polys, len(labels), len(verts)):
         raise ShardFormatError("the polys rows do not index the instances and vertices in order")
@@ -225,14 +233,12 @@ def check_ground_truth(sample: Sample, num_categories: int) -> None:
 
 def _polygon_rows_are_consistent(polys: np.ndarray, num_instances: int, num_verts: int) -> bool:
     """Rows in instance order, every instance with a polygon of >= 3 vertices, covering `verts` in order."""
-    if len(polys) == 0:
-        return num_instances == 0 and num_verts == 0
-    instance, first, end = polys.T
-    steps = np.diff(instance)
-    return bool(
-        instance[0] == 0 and instance[-1] == num_instances - 1 and ((steps == 0) | (steps == 1)).all()
-        and first[0] == 0 and (first[1:] == end[:-1]).all() and end[-1] == num_verts and (end - first >= 3).all()
-    )
+    previous, cursor = -1, 0
+    for instance, first, end in polys.tolist():
+        if instance < 0 or instance - previous not in (0, 1) or first != cursor or end - first < 3:
+            return False
+        previous, cursor = instance, end
+    return previous == num_instances - 1 and cursor == num_verts
 
 
 def _tar_member(name: str, data: bytes) -> tarfile.TarInfo:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from pipeline.shard_format import (
     GROUPS,
     MANIFEST_NAME,
-    SHARD_NAME,
+    SHARD_STEM,
     Sample,
     ShardFormatError,
     decode_sample,
@@ -458,7 +458,7 @@ def _worker_map(workers: int, num_tasks: int) -> Iterator[Callable]:
 # ----------------------------------------------------------------------------- replacing a shard folder
 
 # What a shard folder may hold: the manifest, tars and indices (any split), and their temporary names.
-_SET_FILE = re.compile(rf"(?:{re.escape(MANIFEST_NAME)}|{SHARD_NAME.pattern}|{SHARD_NAME.pattern[:-len('tar')]}idx)(?:\.tmp)?")
+_SET_FILE = re.compile(rf"(?:{re.escape(MANIFEST_NAME)}|{SHARD_STEM}\.(?:tar|idx))(?:\.tmp)?")
 _STAGING_KINDS = ("incoming", "replaced")
 
 
