@@ -4,6 +4,7 @@ Damage that still parses (a flipped byte anywhere in a sample, or a sample that 
 with a matching checksum) is found by the check both loaders run on every sample they read.
 """
 
+import gc
 import json
 import shutil
 
@@ -30,6 +31,18 @@ def assert_one_sentence(error: ShardReadError, *parts: str) -> None:
     assert "\n" not in message
     for part in parts:
         assert part in message, (part, message)
+
+
+@pytest.fixture(autouse=True)
+def stop_failed_loaders():
+    """Collect each test's failed loader (kept alive by the error's traceback) with its worker processes.
+
+    Left to the garbage collector, dozens of them (DataLoader workers and their queue threads)
+    pile up across this module; with them alive, the sharder's forked worker pool in a later
+    test module was seen to hang.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture
