@@ -18,8 +18,8 @@ Reference rules (maskrcnn-benchmark's COCODataset, which the MLPerf reference tr
   end with no instance (only crowd annotations); it stays, as in the reference.
 - `--mode eval` keeps every image. Its shards hold the same cleaned non-crowd instances;
   crowd annotations are counted, not stored, because evaluation reads the original JSON.
-Every image is decoded once: one that is missing, does not decode, or whose size differs from
-the JSON is left out and listed in the manifest by file name. A run that stores no image at all
+Every image is decoded once: one that is missing, does not decode (or would take more memory
+than PIL's decompression-bomb limit allows), or whose size differs from the JSON is left out and listed in the manifest by file name. A run that stores no image at all
 (a wrong --images folder) is an error, not an empty set.
 """
 
@@ -72,6 +72,7 @@ NO_ANNOTATION = "image: no annotation (train filter)"
 ONLY_EMPTY_BOXES = "image: every bbox has width or height <= 1 (train filter)"
 FILE_MISSING = "image: file missing or unreadable"
 UNDECODABLE = "image: does not decode"
+TOO_LARGE = "image: more pixels than PIL decodes safely (Image.MAX_IMAGE_PIXELS)"
 SIZE_MISMATCH = "image: decoded size differs from the annotation file"
 CROWD = "instance: crowd (not used for training; evaluation reads the original annotation file)"
 EMPTY_BOX = "instance: no positive width or height after clipping"
@@ -280,6 +281,8 @@ def read_checked_jpeg(job: ImageJob) -> tuple[bytes | None, str | None]:
                 out, format="JPEG", quality=REENCODE_QUALITY
             )
             return out.getvalue(), REENCODED
+    except Image.DecompressionBombError:
+        return None, TOO_LARGE
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None, UNDECODABLE
 

@@ -140,7 +140,7 @@ def test_ctrl_c_while_sharding_leaves_the_previous_set_as_it_was(synthetic_coco,
     assert snapshot(out) == before
 
 
-def test_a_killed_run_s_staging_folder_is_removed_by_the_next_run(synthetic_coco, tmp_path):
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(synthetic_coco, tmp_path):
     out = tmp_path / "out"
     abandoned = out.with_name(f".out.incoming-{_dead_pid()}")
     abandoned.mkdir()
@@ -284,7 +284,7 @@ def test_missing_paths(synthetic_coco, tmp_path):
 
 
 @pytest.mark.parametrize("content", ["text", "nothing"], ids=["a folder of non-images", "an empty folder"])
-def test_an_images_folder_without_the_split_s_images(synthetic_coco, tmp_path, content):
+def test_an_images_folder_without_the_splits_images(synthetic_coco, tmp_path, content):
     images = tmp_path / "images"
     images.mkdir()
     names = [i["file_name"] for i in json.loads(synthetic_coco.val_json.read_text())["images"]]
@@ -309,6 +309,25 @@ def test_an_unreadable_image_is_left_out_and_counted(synthetic_coco, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["dropped"]["image: file missing or unreadable"] == 1 and manifest["undecodable"] == [victim.name]
+
+
+def _claim_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """The JPEG with its frame header (SOF0) claiming another size; the pixels stay as they are."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9 :]
+
+
+def test_an_image_too_large_to_decode_safely_is_left_out_and_counted(synthetic_coco, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_coco.val_images, images)
+    victim = sorted(images.iterdir())[0]
+    victim.write_bytes(_claim_size(victim.read_bytes(), 20000, 20000))  # 400 Mpixels: over PIL's bomb limit
+    result = run_cli("--images", images, "--annotations", synthetic_coco.val_json, "--out", tmp_path / "out",
+                     "--mode", "eval")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["dropped"]["image: more pixels than PIL decodes safely (Image.MAX_IMAGE_PIXELS)"] == 1
+    assert manifest["undecodable"] == [victim.name]
 
 
 def test_an_unreadable_annotation_file(synthetic_coco, tmp_path):
