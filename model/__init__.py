@@ -2,6 +2,6 @@
 
 from model.build import build_model
 from model.detections import Detections
-from model.maskrcnn import MaskRCNN, StaticPart, StaticPartCapture
+from model.maskrcnn import MaskRCNN, StaticPart
 
-__all__ = ["build_model", "Detections", "MaskRCNN", "StaticPart", "StaticPartCapture"]
+__all__ = ["build_model", "Detections", "MaskRCNN", "StaticPart"]

@@ -20,7 +20,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from model.build import build_model
-from model.maskrcnn import MaskRCNN, StaticPartCapture
+from model.maskrcnn import MaskRCNN
 from model.synthetic import synthetic_batch
 from pipeline.batch import Batch
 
@@ -79,11 +79,9 @@ def _training_step(model: torch.nn.Module, inputs: tuple, amp_dtype: torch.dtype
 
 
 def capture_static_part(model: MaskRCNN, batch: Batch, amp_dtype: torch.dtype | None) -> None:
-    """Capture the static part for this image shape (as the trainer does) and register it."""
-    images = batch.images
+    """Capture the static part for this image shape, as the trainer does (it replays in training mode)."""
     with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images, batch.image_sizes))
-    model.static_part.graphs[tuple(images.shape)] = graphed
+        model.static_part.capture(batch.images, batch.image_sizes)
 
 
 def run_model_benchmark(

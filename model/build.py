@@ -35,7 +35,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
         bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
     )
     strides = tuple(rpn["anchor_strides"])
-    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides)
+    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides, rpn["anchor_generator"])
     normalize = InputNormalization(normalization(cfg["normalization"]))
     static_part = StaticPart(normalize, backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
     proposals = RegionProposals(
@@ -57,8 +57,9 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
     resolution = roi["pooler_resolution"]
     box_head = TwoMLPHead(cfg["fpn_channels"] * resolution**2, roi["box_head_dim"])
     box_predictor = FastRCNNPredictor(roi["box_head_dim"], cfg["num_classes"])
-    init_reference_heads(box_head, box_predictor)
     mask_channels = roi["mask_head_channels"]
+    mask_predictor = MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], cfg["num_classes"])
+    init_reference_heads(box_head, box_predictor, mask_predictor)
     roi_heads = RoIHeads(
         box_pool=MultiLevelRoIAlign(resolution, roi["pooler_sampling_ratio"], box_strides, **pool_args),
         box_head=box_head,
@@ -67,7 +68,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
             roi["mask_pooler_resolution"], roi["pooler_sampling_ratio"], box_strides, **pool_args
         ),
         mask_head=MaskRCNNHeads(cfg["fpn_channels"], mask_channels, dilation=1),
-        mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], cfg["num_classes"]),
+        mask_predictor=mask_predictor,
         fg_iou=roi["fg_iou"],
         bg_iou=roi["bg_iou"],
         batch_size_per_image=roi["batch_size_per_image"],

@@ -24,20 +24,32 @@ from pipeline.batch import Batch
 NUM_LEVELS = 5  # P2-P6
 
 
+GraphKey = tuple[tuple[int, ...], torch.dtype, torch.dtype | None]
+
+
+def graph_key(images: Tensor) -> GraphKey:
+    """What a captured graph is specific to: the input shape and dtype, and the autocast dtype (None: off)."""
+    device_type = images.device.type
+    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return tuple(images.shape), images.dtype, autocast
+
+
 class StaticPart(nn.Module):
     """Normalization + backbone + FPN + RPN head: uint8 padded images [B, 3, H, W] and their
     sizes [B, 2] -> a flat tuple of tensors.
 
     Output: 5 FPN features (P2..P6), then 5 objectness maps [B, A, h, w], then 5 delta maps
-    [B, 4A, h, w]. Its shapes depend only on the input shape, so the trainer can capture it
-    as one CUDA graph per bucket shape and register it here:
+    [B, 4A, h, w]. Its shapes depend only on the input shape, so the trainer captures it as
+    one CUDA graph per bucket shape, under the training step's autocast:
 
-        capture = StaticPartCapture(model.static_part)       # one per bucket shape
-        graphed = torch.cuda.make_graphed_callables(capture, (sample_images, sample_sizes))
-        model.static_part.graphs[tuple(sample_images.shape)] = graphed
+        with autocast():                                   # cache_enabled=False
+            model.static_part.capture(sample_images, sample_sizes)
 
-    `forward` then replays the graph whose input shape matches (in the mode it was captured
-    in) and runs eagerly otherwise. Graphs are not part of the state dict.
+    The graphs belong to this module (`graphs`, not part of the state dict): `forward` replays
+    one only in training mode, and only for the input shape and autocast state it was captured
+    with; in eval mode, or for any other input, it runs eagerly in the caller's precision. So
+    evaluation never replays the training graph, whatever its batch shape. `replays` counts
+    the replays (a host-side count: reading it costs nothing).
     """
 
     def __init__(self, normalize: InputNormalization, backbone: BackboneWithFPN, rpn_head: RPNHead):
@@ -45,7 +57,8 @@ class StaticPart(nn.Module):
         self.normalize = normalize
         self.backbone = backbone
         self.rpn_head = rpn_head
-        self.graphs: dict[tuple[int, ...], Callable[[Tensor, Tensor], tuple[Tensor, ...]]] = {}
+        self.graphs: dict[GraphKey, Callable[[Tensor, Tensor], tuple[Tensor, ...]]] = {}
+        self.replays = 0
 
     def compute(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
         features = list(self.backbone(self.normalize(images, image_sizes)).values())
@@ -53,12 +66,36 @@ class StaticPart(nn.Module):
         return (*features, *objectness, *deltas)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
-        graphed = self.graphs.get(tuple(images.shape))
-        return graphed(images, image_sizes) if graphed is not None else self.compute(images, image_sizes)
+        graphed = self.graphs.get(graph_key(images)) if self.training else None
+        if graphed is None:
+            return self.compute(images, image_sizes)
+        self.replays += 1
+        return graphed(images, image_sizes)
+
+    def capture(self, images: Tensor, image_sizes: Tensor) -> None:
+        """Capture forward and backward for this input shape as CUDA graphs, in the current autocast state.
+
+        `torch.cuda.make_graphed_callables` runs its own warm-up iterations on a side stream, then
+        captures; it needs autocast's weight cache off (cache_enabled=False), and so does every
+        step that replays. The graphs read the parameters in place, so the optimizer, DDP and
+        the state dict keep working on the same tensors.
+        """
+        if not self.training:
+            raise RuntimeError("capture the static part in training mode: only training steps replay its graphs")
+        graphed = torch.cuda.make_graphed_callables(_EagerView(self), (images, image_sizes), num_warmup_iters=3)
+        self.register_graph(images, graphed)
+
+    def register_graph(self, images: Tensor, graphed: Callable[[Tensor, Tensor], tuple[Tensor, ...]]) -> None:
+        """Replay `graphed` in training mode for inputs like `images` under the current autocast state."""
+        self.graphs[graph_key(images)] = graphed
 
 
-class StaticPartCapture(nn.Module):
-    """A capturable view of a `StaticPart` (its eager computation, sharing its parameters)."""
+class _EagerView(nn.Module):
+    """What `make_graphed_callables` captures: the static part's eager computation, sharing its parameters.
+
+    A separate module, because make_graphed_callables replaces the forward of the module it is
+    given (and the static part's own forward must keep choosing between graph and eager).
+    """
 
     def __init__(self, static_part: StaticPart):
         super().__init__()
@@ -90,9 +127,10 @@ class MaskRCNN(nn.Module):
         proposals, proposal_valid = self.proposals.propose(
             objectness, deltas, anchors, batch.image_sizes, sync_free
         )
-        # RoIs pool from P2-P5 (P6 only feeds the RPN). roi_align reads NCHW: converting the
-        # channels_last features once here serves both poolers (and sums their gradients in NCHW).
-        box_features = [f.contiguous() for f in features[:-1]]
+        # RoIs pool from P2-P5 (P6 only feeds the RPN). roi_align reads float32 NCHW: converting
+        # the (bf16, channels_last) features once here serves both poolers, and sums their
+        # gradients before the one conversion back (model/pooler.py).
+        box_features = [f.to(torch.float32, memory_format=torch.contiguous_format) for f in features[:-1]]
         if not self.training:
             return self.roi_heads.detect(box_features, proposals, proposal_valid, batch.image_sizes)
         gt_valid = torch.arange(batch.boxes.shape[1], device=batch.boxes.device)[None, :] < batch.num_boxes[:, None]

@@ -2,9 +2,16 @@
 
 torchvision's `MultiScaleRoIAlign` picks each level's RoIs with `torch.where` (a host
 synchronization on CUDA). Ours keeps its level rule (`LevelMapper`: canonical level 4 at
-224 pixels) and `roi_align`, but on the sync-free path pools every RoI on every level and
-keeps the right one with a mask (a fixed-size computation); otherwise it pools only the
-RoIs of each level, as torchvision does.
+224 pixels) and `roi_align`. Off the sync-free path it pools only the RoIs of each level, as
+torchvision does. On the sync-free path every level's `roi_align` gets every RoI, with the
+RoIs of the other levels moved far outside the feature map: roi_align returns zero for a
+sample outside the map without reading it, and its backward adds nothing for it (the CUDA
+kernel skips the atomic adds), so the sum over levels is each RoI pooled at its own level,
+bit for bit as torchvision pools it, with one level's worth of gradient scatter.
+
+The features must arrive as float32 NCHW (`MaskRCNN.forward` converts P2-P5 once for both
+poolers): torchvision's CUDA kernels have no bfloat16 version, and under autocast its wrapper
+would cast every level to float32 again on every call, and make it contiguous, per pooler.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
+
+# An RoI corner further outside than any feature map reaches (at the coarsest stride, 32,
+# it lies 300 cells outside): every sample of such an RoI is out of range.
+OUTSIDE = -1e4
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -35,8 +46,9 @@ class MultiLevelRoIAlign(nn.Module):
         result = None
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             if sync_free:
-                pooled = roi_align(feature, rois, size, scale, self.sampling_ratio, aligned=False)
-                pooled = pooled * (levels == level).to(pooled.dtype)[:, None, None, None]
+                mine = (levels == level)[:, None]
+                level_rois = torch.cat([rois[:, :1], torch.where(mine, rois[:, 1:], OUTSIDE)], dim=1)
+                pooled = roi_align(feature, level_rois, size, scale, self.sampling_ratio, aligned=False)
                 result = pooled if result is None else result + pooled
                 continue
             index = torch.where(levels == level)[0]

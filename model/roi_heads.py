@@ -3,6 +3,9 @@
 The heads are torchvision's modules (`TwoMLPHead`, `FastRCNNPredictor`, `MaskRCNNHeads`,
 `MaskRCNNPredictor`) with the reference's initialization; sampling, losses and the mask
 targets are written for fixed-size tensors so the training step never waits for the host.
+On CUDA the mask head runs on every positive slot (batch_size_per_image x positive_fraction
+per image) and padding rows are masked out of the loss: the same loss as the reference's
+mean over the positive RoIs, at a fixed cost (docs/MLPERF.md).
 """
 
 from __future__ import annotations
@@ -152,12 +155,15 @@ class RoIHeads(nn.Module):
         return Detections(out_boxes, out_scores, out_labels, mask_probs, num_detections)
 
 
-def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor) -> None:
+def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor, mask_predictor: MaskRCNNPredictor) -> None:
     """The reference's initialization where torchvision's modules differ from it.
 
-    maskrcnn-benchmark: box-head FCs kaiming-uniform (a=1), class scores N(0, 0.01), box deltas
-    N(0, 0.001), zero biases (torchvision keeps nn.Linear's defaults). The mask head and
-    predictor already match (kaiming-normal, fan-out).
+    maskrcnn-benchmark (`make_fc`, `FPNPredictor`, `MaskRCNNC4Predictor`): box-head FCs
+    kaiming-uniform (a=1), class scores N(0, 0.01), box deltas N(0, 0.001), and every bias 0;
+    torchvision keeps nn.Linear's defaults in the box head and predictor, and the default
+    uniform biases of the mask predictor (its zeroing is commented out). Weights that already
+    match: the FPN (kaiming-uniform a=1), the RPN head (N(0, 0.01)), the mask head convs and the
+    mask predictor's weights (kaiming-normal, fan-out, ReLU), all with zero biases.
     """
     for fc in (box_head.fc6, box_head.fc7):
         nn.init.kaiming_uniform_(fc.weight, a=1)
@@ -166,3 +172,5 @@ def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor)
     nn.init.normal_(box_predictor.bbox_pred.weight, std=0.001)
     nn.init.zeros_(box_predictor.cls_score.bias)
     nn.init.zeros_(box_predictor.bbox_pred.bias)
+    nn.init.zeros_(mask_predictor.conv5_mask.bias)
+    nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)

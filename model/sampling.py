@@ -2,7 +2,9 @@
 
 torchvision's `Matcher` and `BalancedPositiveNegativeSampler` find indices with
 `torch.where`/`randperm` on variable-length sets (host synchronizations on CUDA); these
-versions give the same labels and the same sampling distribution with masks and top-k.
+versions give the same labels and the same sampling distribution with masks and top-k, which
+is what the closed division asks of a reimplementation (the reference's sampler is
+torchvision's, via maskrcnn-benchmark's `BalancedPositiveNegativeSampler`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import Tensor
 
 BACKGROUND = 0  # match label: below the background threshold
 IGNORED = -1  # match label: between the thresholds, or excluded by the caller
+KEY_BITS = 61  # random bits of a sampling key; the candidate's class sits above them (3 x 2^61 < 2^63)
 
 
 def match_to_ground_truth(
@@ -53,14 +56,18 @@ def sample_balanced(
     num_samples = min(num_samples, n)
     positive = label == 1
     negative = label == 0
-    noise = torch.rand(label.shape, device=label.device, generator=generator)
+    # Integer keys, drawn on the device: a class rank in the top bits above KEY_BITS random bits.
+    # Integers are exact, so no key can round into the class above (float32 `noise + 1.0` became
+    # 2.0 for noise within 2^-24 of 1 and took a negative as a positive), and ties, which topk
+    # breaks by position, are vanishingly rare (about n^2 / 2^62 pairs).
+    noise = torch.randint(0, 1 << KEY_BITS, label.shape, dtype=torch.int64, device=label.device, generator=generator)
     # Rank positives randomly; the first `max_positives` of them are taken.
-    positive_key = torch.where(positive, noise, torch.full_like(noise, -1.0))
+    positive_key = torch.where(positive, noise, torch.full_like(noise, -1))
     top_positive = positive_key.topk(max_positives, dim=1).indices
     chosen_positive = torch.zeros_like(positive).scatter(1, top_positive, True) & positive
-    # Chosen positives rank above every negative (key in [2, 3)), negatives in [1, 2), others -1.
-    key = torch.where(chosen_positive, noise + 2.0, torch.where(negative, noise + 1.0, torch.full_like(noise, -1.0)))
-    key, index = key.topk(num_samples, dim=1)
-    is_positive = key >= 2.0
+    # Chosen positives rank above every negative, negatives above the rest; random order within.
+    rank = chosen_positive.to(torch.int64) * 2 + negative.to(torch.int64)
+    key, index = ((rank << KEY_BITS) | noise).topk(num_samples, dim=1)
+    rank = key >> KEY_BITS
     # Negatives fill the slots the positives left; a slot without a candidate is padding.
-    return index, is_positive, key >= 1.0
+    return index, rank == 2, rank >= 1

@@ -18,8 +18,10 @@ def synthetic_batch(
     max_gt: int,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    gt_per_image: int | None = None,
 ) -> Batch:
-    """uint8 images of noise with `max_gt` padded ground-truth slots per image, 1..max_gt of them real.
+    """uint8 images of noise with `max_gt` padded ground-truth slots per image, 1..max_gt of them
+    real (random), or `gt_per_image` of them in every image.
 
     Each instance is one star-shaped polygon (VERTS_PER_POLYGON vertices) inscribed in its box,
     so boxes are the polygons' extents as in real data; objects are drawn brighter than the
@@ -28,6 +30,8 @@ def synthetic_batch(
     g = torch.Generator().manual_seed(seed)
     h, w = image_size
     num_boxes = torch.randint(1, max_gt + 1, (batch_size,), generator=g, dtype=torch.int32)
+    if gt_per_image is not None:
+        num_boxes = torch.full_like(num_boxes, gt_per_image)
     sizes = torch.rand(batch_size, max_gt, 2, generator=g) * 0.4 + 0.1  # fraction of the image
     wh = sizes * torch.tensor([w, h])
     xy = torch.rand(batch_size, max_gt, 2, generator=g) * (torch.tensor([w, h]) - wh)

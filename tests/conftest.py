@@ -1,13 +1,14 @@
 """Shared pytest configuration: GPU tests skip cleanly on machines without CUDA.
 
 Session fixtures with shared test data (synthetic COCO set, train and val shards) live in
-tests/fixtures.py; see its docstring for what each one holds.
+tests/fixtures.py, the tiny reference training runs in tests/train_runs.py; see their docstrings.
 """
 
 import pytest
 import torch
 
 from fixtures import synthetic_coco, train_shards, val_shards  # noqa: F401  (session fixtures shared by all test modules)
+from train_runs import reference_run, reference_runs  # noqa: F401  (the tiny reference training runs, made once per session)
 
 
 def pytest_collection_modifyitems(config, items):

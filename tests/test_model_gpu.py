@@ -1,10 +1,12 @@
-"""GPU-only model checks: CUDA-graph capture of the static part, no host synchronization in the
-training step, AMP steps, and device mask targets against the CPU ones."""
+"""GPU-only model checks: CUDA-graph capture of the static part, evaluation after capture, no host
+synchronization in the training step, AMP steps, and device mask targets against the CPU ones."""
+
+import functools
 
 import pytest
 import torch
 
-from model import StaticPartCapture, build_model
+from model import build_model
 from model.mask_targets import polygon_mask_targets
 from model.synthetic import synthetic_batch
 from tests.model_helpers import TINY, model_config
@@ -33,9 +35,9 @@ def test_graphed_static_part_matches_eager_outputs_and_gradients():
         return [o.detach().clone() for o in outputs], grads
 
     eager_outputs, eager_grads = outputs_and_grads()
-    graphed = torch.cuda.make_graphed_callables(StaticPartCapture(model.static_part), (images.clone(), sizes.clone()))
-    model.static_part.graphs[tuple(images.shape)] = graphed
+    model.static_part.capture(images.clone(), sizes.clone())
     graph_outputs, graph_grads = outputs_and_grads()
+    assert model.static_part.replays == 1
     # Same kernels either way; cuDNN may pick other algorithms, so allow rounding-level differences.
     for e, g in zip(eager_outputs + list(eager_grads), graph_outputs + list(graph_grads)):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4 * float(e.abs().max()))
@@ -94,3 +96,23 @@ def test_device_mask_targets_match_cpu():
     # Float rounding may move a sample lying exactly on an edge; nothing more.
     assert (cpu != gpu).float().mean() < 1e-3
     assert cpu.sum() > 0
+
+
+def test_evaluation_after_capture_runs_eagerly_under_the_training_autocast():
+    """The training graph captured at the eval batch's shape; eval mode must not replay it."""
+    model = cuda_model("model.backbone.norm=frozen_bn", "model.backbone.freeze_at=2")
+    batch = synthetic_batch(2, SIZE, num_classes=5, max_gt=4, device="cuda", seed=2)
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, cache_enabled=False)
+    with autocast():
+        model.static_part.capture(batch.images, batch.image_sizes)
+        sum(model(batch).values()).backward()
+    assert model.static_part.replays == 1
+    model.eval()
+    with torch.inference_mode(), autocast():
+        after_capture = model(batch)
+        graphs, model.static_part.graphs = model.static_part.graphs, {}
+        without_graphs = model(batch)
+    model.static_part.graphs = graphs
+    assert model.static_part.replays == 1
+    assert torch.equal(after_capture.num_detections, without_graphs.num_detections)
+    torch.testing.assert_close(after_capture.boxes, without_graphs.boxes)

@@ -8,12 +8,13 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.ops import FrozenBatchNorm2d, box_iou, nms
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou, nms
 
 from model import build_model
 from model.backbone import conv_norm
-from model.box_ops import padded_nms
+from model.box_ops import clip_boxes, decode_boxes, padded_nms
 from model.losses import box_head_losses
+from model.pooler import MultiLevelRoIAlign, boxes_to_rois
 from model.rpn import in_top_n_of_batch
 from model.sampling import match_to_ground_truth, sample_balanced
 from model.synthetic import synthetic_batch
@@ -42,6 +43,67 @@ def test_sync_free_nms_equals_torchvision_nms():
             expected = torch.zeros(600, dtype=torch.bool)
             expected[index[nms(boxes[i, index], -index.float(), 0.5)]] = True
             assert torch.equal(keep[i], expected)
+
+
+def test_sync_free_nms_under_autocast_equals_torchvision_nms():
+    # The suppression matrix is built in bfloat16 outside autocast; fp16 autocast must not touch it.
+    g = torch.Generator().manual_seed(3)
+    boxes = random_boxes(g, 2000, size=400.0)[None]  # dense: up to hundreds of suppressors per box
+    valid = torch.ones(1, 2000, dtype=torch.bool)
+    index = torch.arange(2000)
+    expected = torch.zeros(1, 2000, dtype=torch.bool)
+    expected[0, nms(boxes[0], -index.float(), 0.7)] = True
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(padded_nms(boxes, valid, 0.7, sync_free=True), expected)
+
+
+def test_proposals_of_all_levels_in_one_nms_equal_per_level_torchvision_nms():
+    # Levels of different sizes (the last one smaller than pre_nms_top_n) go through one padded call.
+    g = torch.Generator().manual_seed(4)
+    sizes = torch.tensor([[200, 300], [180, 260]], dtype=torch.int32)
+    anchors = [random_boxes(g, n, size=250.0) for n in (400, 120, 37)]
+    objectness = [torch.randn(2, a.shape[0], generator=g) for a in anchors]
+    deltas = [0.1 * torch.randn(2, a.shape[0], 4, generator=g) for a in anchors]
+    cfg = model_config(*TINY, "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=1000",
+                       "model.rpn.post_nms_per_batch=false")
+    rpn = build_model(cfg).proposals.train()
+    boxes, valid = rpn.propose(objectness, deltas, anchors, sizes, sync_free=True)
+    for i in range(2):
+        expected = []
+        for obj, delta, level_anchors in zip(objectness, deltas, anchors):
+            top, index = obj[i].topk(min(100, obj.shape[1]))
+            level_boxes = decode_boxes(delta[i, index], level_anchors[index], (1.0, 1.0, 1.0, 1.0)).squeeze(-2)
+            level_boxes = clip_boxes(level_boxes[None], sizes[i : i + 1])[0]
+            kept = nms(level_boxes, top, 0.7)
+            expected.append((torch.sigmoid(top[kept]), level_boxes[kept]))
+        scores = torch.cat([s for s, _ in expected])
+        order = scores.argsort(descending=True)
+        assert torch.equal(boxes[i][valid[i]], torch.cat([b for _, b in expected])[order])
+
+
+def test_sync_free_pooling_equals_torchvision_multiscale_roi_align():
+    """Outputs and feature gradients, bit for bit, for RoIs of every level, degenerate ones and
+    slivers at the far edges of a level (where roi_align's 1-pixel minimum reaches outside)."""
+    g = torch.Generator().manual_seed(7)
+    h, w = 512, 640
+    features = [torch.randn(2, 4, h // s, w // s, generator=g, requires_grad=True) for s in (4, 8, 16, 32)]
+    wh = 2 ** (2 + 7 * torch.rand(80, 2, generator=g))  # 4 to 512 pixels: every level
+    xy = torch.rand(80, 2, generator=g) * torch.tensor([w, h])
+    boxes = torch.cat([xy, xy + wh], dim=1).minimum(torch.tensor([w, h, w, h])).view(2, 40, 4)
+    boxes[0, :4] = torch.tensor([[w, h, w, h], [10.0, h - 2.0, 40.0, h], [w - 1.0, 5.0, w, 300.0], [20.0, 0.0, w, h]])
+    grad = torch.randn(80, 4, 7, 7, generator=g)
+    ours = MultiLevelRoIAlign(7, 2, (4, 8, 16, 32), canonical_scale=224, canonical_level=4)
+    pooled = ours(features, boxes_to_rois(boxes), sync_free=True)
+    ours_grads = torch.autograd.grad(pooled, features, grad)
+    theirs = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = theirs(dict(zip("0123", features)), list(boxes), [(h, w)] * 2)
+    theirs_grads = torch.autograd.grad(expected, features, grad)
+    assert torch.equal(pooled, expected)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert torch.equal(a, b)
+    levels = ours.mapper([boxes_to_rois(boxes)[:, 1:]])
+    assert set(levels.tolist()) == {0, 1, 2, 3}
 
 
 def test_unsettled_sync_free_nms_keeps_a_superset(monkeypatch):
@@ -83,6 +145,41 @@ def test_balanced_sampling_counts_by_hand():
     assert chosen[valid & ~is_positive].eq(0).all()
     for i in range(3):  # no anchor twice
         assert index[i][valid[i]].unique().numel() == int(valid[i].sum())
+
+
+def test_balanced_sampling_at_the_random_draws_extremes(monkeypatch):
+    """Every random draw at its largest value: a negative must never rank as a positive.
+
+    The float32 keys this replaced (noise + 1.0 for negatives, noise + 2.0 for positives) took
+    every negative whose noise lay within 2^-24 of 1 for a positive; torch.rand returns
+    1 - 2^-24 with probability 2^-24 per anchor, about one wrong RPN positive in 70 images.
+    Both draws are forced to their largest value here (torch.rand for the old keys,
+    torch.randint for the integer keys).
+    """
+    largest_rand = 1.0 - 2.0**-24
+    monkeypatch.setattr(torch, "rand", lambda *size, **kw: torch.full(size[0] if len(size) == 1 else size, largest_rand))
+    monkeypatch.setattr(
+        torch, "randint", lambda low, high, size, **kw: torch.full(size, high - 1, dtype=kw.get("dtype", torch.int64))
+    )
+    label = torch.zeros(2, 40, dtype=torch.int64)
+    label[0, :3] = 1  # 3 positives, 37 negatives
+    label[1, 5:] = -1  # no positive, 5 negatives
+    index, is_positive, valid = sample_balanced(label, 16, 0.5)
+    assert is_positive.sum(1).tolist() == [3, 0]
+    assert valid.sum(1).tolist() == [16, 5]
+    chosen = label.gather(1, index)
+    assert chosen[is_positive].eq(1).all() and chosen[valid & ~is_positive].eq(0).all()
+
+
+def test_balanced_sampling_is_uniform_within_each_class():
+    # 4000 images alike: 10 positives (4 of 16 slots at 0.25) and 40 negatives (the other 12).
+    label = torch.zeros(4000, 50, dtype=torch.int64)
+    label[:, :10] = 1
+    index, _, _ = sample_balanced(label, 16, 0.25, generator=torch.Generator().manual_seed(3))
+    taken = torch.zeros_like(label, dtype=torch.float64).scatter(1, index, 1.0).mean(0)
+    standard_error = (0.4 * 0.6 / 4000) ** 0.5
+    assert (taken[:10] - 4 / 10).abs().max() < 5 * standard_error
+    assert (taken[10:] - 12 / 40).abs().max() < 5 * standard_error
 
 
 def test_post_nms_top_n_over_the_whole_batch_by_hand():

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, newest-complete resume, RNG round trip, foreign configs."""
+"""Checkpoints: atomic writes, newest-readable resume, rotation of the run's own, RNG round trip, foreign configs."""
 
 import random
 from pathlib import Path
@@ -9,13 +9,15 @@ import torch
 
 from train.checkpoint import (
     CheckpointError,
-    find_resume_checkpoint,
+    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    newest_readable_checkpoint,
     restore_rng_states,
     save_checkpoint,
 )
 from train.config import load_config
+from train.run_folder import RunFolder
 from train.solver import build_optimizer
 
 from train_standins import TinyLossModel
@@ -65,19 +67,61 @@ def test_a_failed_write_leaves_the_previous_checkpoint_newest(tmp_path, monkeypa
         _save(tmp_path, model, optimizer, cfg, 20)
     assert list_checkpoints(tmp_path) == [good]
     assert sorted(p.name for p in good.parent.iterdir()) == [good.name]  # no temporary file left
-    assert find_resume_checkpoint("auto", tmp_path) == good
+    assert newest_readable_checkpoint(tmp_path, cfg)[0] == good
 
 
-def test_only_the_newest_are_kept_and_auto_picks_the_newest(tmp_path):
+def test_rotation_keeps_the_newest_and_deletes_only_this_runs_checkpoints(tmp_path):
     cfg = load_config(REFERENCE)
     model = TinyLossModel()
     optimizer, _ = build_optimizer(model, cfg.solver, torch.device("cpu"))
+    foreign = _save(tmp_path, model, optimizer, cfg, 100)  # another run's file, copied in by hand
+    folder = RunFolder(tmp_path).lock()
+    folder.begin_attempt(run_id=None, resumed_from=None, notes=[])
     for iteration in (5, 10, 15, 20):
-        _save(tmp_path, model, optimizer, cfg, iteration, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
-    assert find_resume_checkpoint("auto", tmp_path).name == "ckpt-00000020.pt"
-    assert find_resume_checkpoint("", tmp_path) is None
-    assert find_resume_checkpoint("auto", tmp_path / "elsewhere") is None
+        folder.checkpoint_coming(f"ckpt-{iteration:08d}.pt")
+        _save(tmp_path, model, optimizer, cfg, iteration, run_id=folder.run_id)
+        folder.rotate(checkpoint_dir(tmp_path), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000015.pt", "ckpt-00000020.pt", foreign.name]
+    folder.release()
+
+
+def test_a_checkpoint_with_a_due_evaluation_is_not_rotated_away(tmp_path):
+    cfg = load_config(REFERENCE)
+    model = TinyLossModel()
+    optimizer, _ = build_optimizer(model, cfg.solver, torch.device("cpu"))
+    folder = RunFolder(tmp_path).lock()
+    folder.begin_attempt(run_id=None, resumed_from=None, notes=[])
+    for iteration in (5, 10, 15):
+        if iteration == 5:
+            folder.evaluation_due(1, 5, "ckpt-00000005.pt")
+        folder.checkpoint_coming(f"ckpt-{iteration:08d}.pt")
+        _save(tmp_path, model, optimizer, cfg, iteration)
+        folder.rotate(checkpoint_dir(tmp_path), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000005.pt", "ckpt-00000015.pt"]
+    folder.evaluation_done(1, 5, {"bbox": {"AP": 0.1}, "segm": {"AP": 0.1}})
+    folder.checkpoint_coming("ckpt-00000020.pt")
+    _save(tmp_path, model, optimizer, cfg, 20)
+    folder.rotate(checkpoint_dir(tmp_path), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000020.pt"]
+    folder.release()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog):
+    cfg = load_config(REFERENCE)
+    model = TinyLossModel()
+    optimizer, _ = build_optimizer(model, cfg.solver, torch.device("cpu"))
+    good = _save(tmp_path, model, optimizer, cfg, 10)
+    damaged = _save(tmp_path, model, optimizer, cfg, 20)
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # cut short, as by a full disk or an interrupted copy
+    path, state = newest_readable_checkpoint(tmp_path, cfg)
+    assert path == good and state["iteration"] == 10
+    assert f"resuming from {good}, the newest readable checkpoint (damaged: {damaged.name})" in caplog.text
+    good.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoints in .* can be read"):
+        newest_readable_checkpoint(tmp_path, cfg)
+    assert newest_readable_checkpoint(tmp_path / "elsewhere", cfg) is None
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(damaged, cfg)  # a checkpoint named explicitly stays an error
 
 
 def test_rng_states_round_trip(tmp_path):
@@ -103,6 +147,7 @@ def test_a_checkpoint_from_another_config_is_one_clear_sentence(tmp_path):
     assert "written by another config (model.backbone.width: 64 -> 32)" in message
     assert str(path) in message and "\n" not in message
     load_checkpoint(path, load_config(REFERENCE, ["output_dir=elsewhere", "eval.backend=faster"]))  # allowed
+    load_checkpoint(path, load_config(REFERENCE, ["solver.max_iter=100000", "train.max_epochs=30"]))  # a moved end too
 
 
 def test_missing_and_foreign_files_are_refused(tmp_path):

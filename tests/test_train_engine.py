@@ -9,6 +9,7 @@ import torch
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import load_config
 from train.engine import (
+    LoggedStep,
     NonFiniteGuard,
     NonFiniteLossError,
     TrainState,
@@ -74,6 +75,16 @@ def test_fp32_nan_stops_the_run_naming_the_iteration_and_keeps_the_last_good_che
     cfg = load_config(REFERENCE, ["solver.base_lr=0.01", "solver.warmup_iters=2"])
     weights = load_checkpoint(newest, cfg)["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_the_nonfinite_stop_says_when_no_checkpoint_was_written_and_where_to_look():
+    guard = NonFiniteGuard(1, newest_checkpoint=lambda: None, train_shards="/data/shards/train")
+    with pytest.raises(NonFiniteLossError) as error:
+        guard.check(LoggedStep(iteration=2, losses={"loss_a": float("nan")}, total=float("nan"), lr=0.01, skipped=False))
+    message = str(error.value)
+    assert "not finite for 1 iteration in a row, the last at iteration 2 (loss_a=nan)" in message
+    assert "the run stopped before writing any checkpoint" in message and "last good checkpoint" not in message
+    assert "check the data with tools/shard_coco.py --verify --out /data/shards/train, then lower solver.base_lr" in message
 
 
 def test_fp16_scaler_skips_the_nan_step_and_counts_it():

@@ -10,9 +10,10 @@ from train.config import load_config
 from train.solver import (
     build_optimizer,
     closed_division_violations,
+    decay_step_multiple,
+    decay_steps,
     lr_multiple,
     lr_multiplier,
-    mlperf_lr_and_steps,
     parameter_groups,
     set_learning_rate,
 )
@@ -64,20 +65,93 @@ def test_set_learning_rate_scales_each_group():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.002, 0.004])
 
 
+# Accepted recipes: (global batch, base LR, decay steps, warmup iterations, K1, K2).
+ACCEPTED = {
+    # the reference's run_and_time.sh (mlcommons/training, maskrcnn): one GPU, batch 2
+    "reference": (2, 0.0025, (480000, 640000), 500, 8, 0),
+    # NVIDIA's 8xH100 v3.0 submission (training_results_v3.0 NVIDIA config_DGXH100.sh)
+    "nvidia_8xh100": (96, 0.12, (12000, 16000), 625, 6, 2),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(ACCEPTED))
+def test_closed_division_accepts_the_accepted_recipes(recipe):
+    batch, lr, steps, warmup, k1, k2 = ACCEPTED[recipe]
+    assert lr_multiple(lr, batch) == k1
+    assert decay_step_multiple(steps, batch) == k2
+    assert decay_steps(batch, k2) == steps
+    cfg = load_config(
+        REFERENCE,
+        [
+            "train.weights=R-50.pkl",
+            f"solver.ims_per_batch={batch}",
+            f"solver.base_lr={lr}",
+            f"solver.steps={list(steps)}",
+            f"solver.warmup_iters={warmup}",
+        ],
+    )
+    assert closed_division_violations(cfg) == []
+
+
 @pytest.mark.parametrize(
-    "batch, k, lr, steps",
+    "batch, k2, steps",
     [
-        (16, 1, 0.02, (66000, 88000)),  # (60000, 80000) x 1.1
-        (96, 6, 0.12, (16000, 21333)),  # x 1.6 x 16/96; 21333.33 rounds to 21333
-        (8, 2, 0.01, (144000, 192000)),  # below batch 16 the LR is 0.02 / K
-        (256, 12, 0.24, (8250, 11000)),  # x 2.2 x 1/16
+        (16, 0, (60000, 80000)),  # the reference config itself
+        (256, 5, (5625, 7500)),  # NVIDIA's max-scale v3.0 run
+        (272, 5, (5294, 7058)),  # the MLPerf RCP at batch 272: 5294.1 and 7058.8, truncated
+        (96, 6, (16000, 21333)),  # 21333.3 truncated
+        (48, 2, (24000, 32000)),
     ],
 )
-def test_mlperf_rule_helper(batch, k, lr, steps):
-    got_lr, got_steps = mlperf_lr_and_steps(batch, k)
-    assert got_lr == pytest.approx(lr)
-    assert got_steps == steps
-    assert lr_multiple(got_lr, batch) == k
+def test_decay_steps_by_hand(batch, k2, steps):
+    assert decay_steps(batch, k2) == steps
+    assert decay_step_multiple(steps, batch) == k2
+
+
+def test_lr_multiple_by_hand():
+    assert lr_multiple(0.24, 256) == 12
+    assert lr_multiple(0.01, 8) == 2  # 0.02 / 2, allowed below batch 16
+    assert lr_multiple(0.01, 16) is None  # ... and not from batch 16 on
+    assert lr_multiple(0.02 * 3 + 1e-7, 48) == 3  # the compliance checker's tolerance
+    assert lr_multiple(0.03, 16) is None
+    assert lr_multiple(0.0, 16) is None
+
+
+NVIDIA = ["train.weights=R-50.pkl", "solver.ims_per_batch=96", "solver.base_lr=0.12", "solver.warmup_iters=625"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # LR not 0.02 x K1
+        (["solver.base_lr=0.13"], "solver.base_lr=0.13 is not 0.02 x K1 for an integer K1 >= 1"),
+        # steps off the rule: they follow K1 (the old coupled check's steps), fine only if K2 = 6 is meant
+        (["solver.steps=[16000, 21334]"], "solver.steps=[16000, 21334] do not share one K2: one step is K2 = 6's"),
+        # steps that fit the rule for no integer K2
+        (
+            ["solver.steps=[12500, 16500]"],
+            "solver.steps=[12500, 16500] fit no integer K2 >= 0 in (60000, 80000) x (1 + K2/10) x 16 / 96 (truncated); "
+            "nearest: [12000, 16000] (K2 = 2) or [13000, 17333] (K2 = 3)",
+        ),
+        # NVIDIA's 8x8x4 v3.0 run logged (6125, 8000) at batch 256: 8000 is K2 = 6's, 6125 no K2's
+        (
+            ["solver.ims_per_batch=256", "solver.base_lr=0.24", "solver.steps=[6125, 8000]"],
+            "solver.steps=[6125, 8000] do not share one K2: one step is K2 = 6's",
+        ),
+        # a mismatched pair: each step is legal, for different K2s
+        (
+            ["solver.steps=[12000, 17333]"],
+            "solver.steps=[12000, 17333] do not share one K2: one step is K2 = 2's in (60000, 80000) x (1 + K2/10) "
+            "x 16 / 96 (truncated), which makes the pair [12000, 16000]",
+        ),
+        (["solver.steps=[12000]"], "solver.steps=[12000] must hold two decay steps"),
+        (["solver.warmup_factor=0"], "solver.warmup_factor=0.0 must be > 0"),
+    ],
+)
+def test_closed_division_rejects_off_rule_schedules(overrides, expected):
+    cfg = load_config(REFERENCE, [*NVIDIA, "solver.steps=[12000, 16000]", *overrides])
+    problems = closed_division_violations(cfg)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
 def test_cpu_optimizer_is_foreach_sgd():
@@ -88,20 +162,27 @@ def test_cpu_optimizer_is_foreach_sgd():
 
 
 def test_closed_division_check_names_what_breaks():
-    reference = load_config(REFERENCE, ["train.weights=R-50.pkl", "solver.steps=[66000, 88000]"])
-    assert closed_division_violations(reference) == []
     broken = load_config(
         REFERENCE,
         ["train.weights=R-50.pkl", "solver.base_lr=0.03", "model.backbone.norm=bn", "solver.momentum=0.8"],
     )
     problems = closed_division_violations(broken)
+    assert len(problems) == 3
     assert any("solver.base_lr=0.03" in p for p in problems)
     assert any(p.startswith("model.backbone.norm='bn'") for p in problems)
     assert any(p.startswith("solver.momentum=0.8") for p in problems)
-    scaled = load_config(
-        REFERENCE, ["train.weights=R-50.pkl", "solver.ims_per_batch=96", "solver.base_lr=0.12", "solver.steps=[16000, 21333]"]
-    )
-    assert closed_division_violations(scaled) == []
+    assert closed_division_violations(load_config(REFERENCE)) == [
+        "train.weights is empty: the closed division starts from the provided R-50 weights"
+    ]
+
+
+def test_closed_division_candidates_are_1000_per_image_either_way():
+    per_image = load_config(REFERENCE, ["train.weights=R-50.pkl", "model.rpn.post_nms_per_batch=false"])
+    assert closed_division_violations(per_image) == []
+    doubled = load_config(REFERENCE, ["train.weights=R-50.pkl", "model.rpn.post_nms_top_n_train=2000"])
+    assert [p.split(":")[0] for p in closed_division_violations(doubled)] == [
+        "model.rpn.post_nms_top_n_train=2000 is not 1000"
+    ]
 
 
 @pytest.mark.gpu

@@ -8,12 +8,16 @@ sharder, trains the CPU demo config with evaluation after every epoch, prints bo
 and writes pictures of ground truth (left) next to predictions (right) on val images to
 <out>/pictures. Everything lands under --out: data/, shards/, checkpoints/, mlperf.log,
 metrics.jsonl, summary.json, detections.json.
+
+The demo owns --out: run again, it starts afresh (it removes its previous run there and
+says so). It refuses a folder holding a training run that it did not make.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,9 +25,11 @@ from pathlib import Path
 from pipeline.sharding import shard_coco
 from pipeline.synthetic import make_synthetic_coco
 from train import main as trainer
+from train.run_folder import RunFolder, RunFolderError, run_files
 from train.visualization import write_visualizations
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKER = "demo.json"  # written first (the folder is the demo's), then replaced by the demo's summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,27 +62,46 @@ def make_data(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
+def start_afresh(out: Path) -> None:
+    """Remove the previous demo's run from `out` (and say so); a run the demo did not make stays, and stops it."""
+    found = run_files(out)
+    if not found:
+        return
+    if not (out / MARKER).is_file():
+        raise RunFolderError(
+            f"{out} holds a training run that the demo did not make ({', '.join(found[:3])}); pass another --out"
+        )
+    folder = RunFolder(out).lock()  # not while another demo or trainer uses the folder
+    try:
+        removed = folder.clear()
+    finally:
+        folder.release()
+    shutil.rmtree(out / "pictures", ignore_errors=True)
+    print(f"demo: starting afresh in {out}: removed the previous demo run ({', '.join(removed)})")
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    paths = make_data(args)
-    print(f"demo: synthetic data and shards ready in {time.perf_counter() - start:.0f} s under {args.out}")
-    train_args = trainer.get_args_parser().parse_args(
-        [
-            "--config", str(args.config),
-            "--data", str(paths["train"]),
-            "--val-data", str(paths["val"]),
-            "--val-annotations", str(paths["val_annotations"]),
-            f"output_dir={args.out}",
-            *args.overrides,
-        ]
-    )
     try:
-        summary = trainer.main(train_args)
-    except trainer.USER_ERRORS as e:
+        start_afresh(args.out)
+    except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        trainer.shutdown_distributed()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / MARKER).write_text(json.dumps({"status": "running"}))  # this folder is the demo's
+    paths = make_data(args)
+    print(f"demo: synthetic data and shards ready in {time.perf_counter() - start:.0f} s under {args.out}")
+    code = trainer.run([
+        "--config", str(args.config),
+        "--data", str(paths["train"]),
+        "--val-data", str(paths["val"]),
+        "--val-annotations", str(paths["val_annotations"]),
+        f"output_dir={args.out}",
+        *args.overrides,
+    ])
+    if code:
+        return code
+    summary = json.loads((args.out / "summary.json").read_text())
     pictures = write_visualizations(
         paths["val_annotations"], paths["val_images"], args.out / "pictures",
         predictions=args.out / "detections.json", num_images=args.pictures,
@@ -87,9 +112,9 @@ def main(args: argparse.Namespace) -> int:
         f"mask AP {summary['mask_ap']:.3f} (AP50 {summary['mask_ap50']:.3f}) after {summary['epochs']} epochs; "
         f"{wall:.0f} s in all; {len(pictures)} pictures in {args.out / 'pictures'}"
     )
-    (args.out / "demo.json").write_text(json.dumps({**summary, "demo_wall_s": wall}, indent=2))
+    (args.out / MARKER).write_text(json.dumps({**summary, "demo_wall_s": wall}, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser().parse_intermixed_args()))

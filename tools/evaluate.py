@@ -2,13 +2,14 @@
 
 Inference runs through the same input pipeline as training (eval mode: no flip), batched,
 on every rank; the detections are gathered on rank 0 and scored with COCOeval (pycocotools
-by default, faster-coco-eval with --backend faster). Prints the usual COCO tables.
+by default, faster-coco-eval with --backend faster). Prints the usual COCO tables. The model
+runs in the training precision, `train.precision` (auto: bf16 autocast on CUDA, fp32 on CPU).
 
     python tools/evaluate.py --weights runs/reference/checkpoints/ckpt-00090000.pt \\
         --data shards/val --annotations coco/annotations/instances_val2017.json --json runs/eval.json
     torchrun --nproc_per_node=8 tools/evaluate.py --weights maskrcnn_resnet50_fpn_coco.pth \\
         --data shards/val --annotations coco/annotations/instances_val2017.json \\
-        --backend faster model.backbone.stride_in_1x1=false model.normalization=rgb
+        --backend faster model.backbone.stride_in_1x1=false model.normalization=rgb model.rpn.anchor_generator=torchvision
     python tools/evaluate.py --config configs/demo.yaml --weights runs/demo/model.pt \\
         --data runs/demo/shards/val --annotations runs/demo/data/instances_val.json \\
         --results runs/demo/detections.json data.backend=torch
@@ -20,6 +21,7 @@ or ResNet-50 state dicts, or Detectron's R-50.pkl. KEY=VALUE pairs override the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from pipeline.shard_format import ShardFormatError, read_manifest
 from train.components import per_rank_batch
 from train.config import ConfigError, load_config
 from train.distributed import init_distributed, shutdown_distributed
+from train.engine import autocast_context, resolve_precision
 from train.evaluation import COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
 
 
@@ -76,7 +79,9 @@ def evaluate(args: argparse.Namespace) -> dict | None:
             device=ctx.device,
         )
         with evaluator:
-            metrics = inference_on_dataset(model, loader, evaluator)
+            precision = resolve_precision(cfg.train.precision, ctx.device)  # as training: bf16 on CUDA by default
+            autocast = functools.partial(autocast_context, precision, ctx.device)
+            metrics = inference_on_dataset(model, loader, evaluator, autocast=autocast)
             if ctx.is_main and args.results:
                 _write_json(args.results, coco_results(evaluator.gathered))
         if ctx.is_main and args.json:

@@ -2,9 +2,12 @@
 
 A checkpoint holds the model, optimizer and GradScaler state, the schedule position
 (iteration and epoch), the RNG states, the input pipeline's position inside the epoch,
-and the resolved config. It is written to a temporary file in the same folder and
-renamed into place (`os.replace` is atomic on POSIX), so a crash or SIGKILL never leaves a
-half-written file under a checkpoint name: the newest `ckpt-*.pt` is always complete.
+the resolved config and the id of the run that wrote it. It is written to a temporary file
+in the same folder and renamed into place (`os.replace` is atomic on POSIX), so a crash or
+SIGKILL never leaves a half-written file under a checkpoint name. A file damaged later (a
+disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
+the newest one that still reads. Which checkpoints a run may delete is the run folder's
+business (train/run_folder.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +30,17 @@ FORMAT = "maskrcnn-train-checkpoint/1"
 # parameters' shapes, the schedule and the random streams. Paths, logging and evaluation
 # settings may change between a run and its resumption.
 MATCHING_SECTIONS = ("seed", "model", "solver")
+# Where the schedule ends: a resumed run may move it (extend a finished run, or shorten one).
+# The LR at an iteration does not depend on it, so an extended run trains exactly as a longer one.
+SCHEDULE_END_KEYS = ("solver.max_iter", "train.max_epochs")
 
 
 class CheckpointError(ValueError):
     """A checkpoint the user pointed at cannot be used; the message says why and what to do."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """The file is damaged or is not a checkpoint of this trainer."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -84,9 +94,9 @@ def save_checkpoint(
     epoch: int,
     loader_state: Any,
     config: Config,
-    keep: int = 3,
+    run_id: str = "",
 ) -> Path:
-    """Write `ckpt-<iteration>.pt` atomically and delete all but the newest `keep`.
+    """Write `ckpt-<iteration>.pt` atomically (over an older file of that name).
 
     `epoch` is the epoch the next iteration belongs to and `loader_state` the pipeline's
     position inside it (None: the epoch starts from its beginning).
@@ -103,6 +113,7 @@ def save_checkpoint(
         "rng": rng_states(),
         "loader": loader_state,
         "config": config.to_dict(),
+        "run_id": run_id,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -113,8 +124,6 @@ def save_checkpoint(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        old.unlink(missing_ok=True)
     return path
 
 
@@ -124,17 +133,23 @@ def parameters_are_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def load_checkpoint(path: str | Path, config: Config) -> dict[str, Any]:
-    """Read a checkpoint on the CPU and check it was written by a compatible config."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents on the CPU; UnreadableCheckpoint if the file is damaged or foreign."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass an existing file or train.resume=auto")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: torch raises many kinds of error
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); pass another checkpoint") from e
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); pass another checkpoint") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint written by train/main.py; pass one from <output_dir>/checkpoints")
+        raise UnreadableCheckpoint(f"{path} is not a checkpoint written by train/main.py; pass one from <output_dir>/checkpoints")
+    return state
+
+
+def load_checkpoint(path: str | Path, config: Config) -> dict[str, Any]:
+    """Read a checkpoint on the CPU and check it was written by a compatible config."""
+    state = read_checkpoint(path)
     differences = config_differences(state["config"], config.to_dict())
     if differences:
         shown = ", ".join(differences[:3]) + (", ..." if len(differences) > 3 else "")
@@ -145,8 +160,44 @@ def load_checkpoint(path: str | Path, config: Config) -> dict[str, Any]:
     return state
 
 
+def newest_readable_checkpoint(output_dir: str | Path, config: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in output_dir that reads, and its contents; None when there is none.
+
+    A damaged newer file is skipped with a warning (the older ones hold finished work); a
+    config mismatch is not damage and stays an error.
+    """
+    found = list_checkpoints(output_dir)
+    damaged: list[str] = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, config)
+        except UnreadableCheckpoint as e:
+            log.warning("%s; trying the next older one", e.args[0].split(";")[0])
+            damaged.append(path.name)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest readable checkpoint (damaged: %s)", path, ", ".join(damaged))
+        return path, state
+    if damaged:
+        raise CheckpointError(
+            f"none of the {len(damaged)} checkpoints in {checkpoint_dir(output_dir)} can be read; "
+            "resume from a copy with --resume PATH, or start a fresh run in a new output_dir"
+        )
+    return None
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for every leaf of MATCHING_SECTIONS that differs."""
+    """`key: saved -> current` for every leaf of MATCHING_SECTIONS that differs (the schedule's end may move)."""
+    return [d for d in _differences(saved, current, MATCHING_SECTIONS) if d.split(":")[0] not in SCHEDULE_END_KEYS]
+
+
+def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for each SCHEDULE_END_KEYS entry a resumed run moves."""
+    sections = sorted({key.split(".")[0] for key in SCHEDULE_END_KEYS})
+    return [d for d in _differences(saved, current, sections) if d.split(":")[0] in SCHEDULE_END_KEYS]
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], sections: Sequence[str]) -> list[str]:
     differences: list[str] = []
 
     def walk(a: Any, b: Any, key: str) -> None:
@@ -156,16 +207,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         elif a != b:
             differences.append(f"{key}: {a!r} -> {b!r}")
 
-    for section in MATCHING_SECTIONS:
+    for section in sections:
         walk(saved.get(section), current.get(section), section)
     return differences
-
-
-def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint `train.resume` names: "" none, "auto" the newest in output_dir, else a path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    return Path(resume)

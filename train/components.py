@@ -67,10 +67,14 @@ def require_file(path: str, key: str, what: str) -> Path:
 
 
 def require_inputs(cfg: Config) -> None:
-    """Every input a training run reads exists (one clear sentence for the first that does not)."""
+    """Every input a training run reads exists (one clear sentence for the first that does not).
+
+    The val shards and annotations are needed only when the run evaluates (eval.every_epochs > 0).
+    """
     require_shards(cfg.data.train_shards, "data.train_shards (--data)")
-    require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
-    require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
+    if cfg.eval.every_epochs:
+        require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
+        require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
     if cfg.train.weights:
         require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict")
 

@@ -1,14 +1,11 @@
-"""Capture the model's static part (backbone + FPN + RPN head) as CUDA graphs.
+"""When to capture the model's static part (backbone + FPN + RPN head) as CUDA graphs.
 
-With static shapes every training batch is one of a few bucket shapes, so the static
-part sees a fixed input shape per bucket and can be replayed from a CUDA graph with one
-launch instead of hundreds. `torch.cuda.make_graphed_callables` captures forward and
-backward (after its own warm-up iterations on a side stream); we capture once per bucket
-through the model's `StaticPartCapture` view and register each graph in
-`model.static_part.graphs`, which its forward consults by input shape (model/maskrcnn.py).
-Anything else (CPU, dynamic shapes, graphs turned off) runs eagerly, and the reason is
-returned for the log. The captures share the static part's parameters, so the state_dict,
-the optimizer and DDP see the same tensors whether or not graphs are on.
+With static shapes every training batch is one of a few bucket shapes, so the static part
+sees a fixed input shape per bucket and can be replayed from a CUDA graph with one launch
+instead of hundreds. The capture itself belongs to the model (`StaticPart.capture`, which
+keeps the graphs and replays them only in training mode: model/maskrcnn.py); this module
+decides whether the run captures, and for which shapes. Anything else (CPU, dynamic shapes,
+graphs turned off) runs eagerly, and the reason is returned for the log.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-
-from model.maskrcnn import StaticPartCapture
 
 
 def graph_static_part(
@@ -35,7 +30,8 @@ def graph_static_part(
     """Capture `model.static_part` per bucket; returns what was done, or why not, for the log.
 
     `autocast` must be the training step's context, built with cache_enabled=False (autocast's
-    weight-cast cache cannot live across graph capture and replay).
+    weight-cast cache cannot live across graph capture and replay): a graph replays only under
+    the autocast state it was captured in.
     """
     if not enabled:
         return "eager: train.cuda_graphs is false"
@@ -43,15 +39,11 @@ def graph_static_part(
         return "eager: CUDA graphs need a CUDA device"
     if not static_shapes:
         return "eager: data.static_shapes is false, so input shapes vary"
-    static_part = model.static_part
     for height, width in buckets:
         sample = torch.randint(0, 256, (images_per_rank, 3, height, width), dtype=torch.uint8, device=device)
         sample = sample.contiguous(memory_format=torch.channels_last)
         sizes = torch.tensor([[height, width]] * images_per_rank, dtype=torch.int32, device=device)
         with autocast():
-            graphed = torch.cuda.make_graphed_callables(
-                StaticPartCapture(static_part), (sample, sizes), num_warmup_iters=3
-            )
-        static_part.graphs[tuple(sample.shape)] = graphed
+            model.static_part.capture(sample, sizes)
     shapes = ", ".join(f"{h}x{w}" for h, w in buckets)
     return f"CUDA graphs: static part captured for {images_per_rank} images per rank at {shapes}"

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import parameters_are_finite
+from train.config import ConfigError
+from train.interrupts import StopRequest, TrainingStopped
 from train.solver import set_learning_rate
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,7 +37,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return precision
 
 
@@ -52,25 +54,38 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def no_lap(stage: str) -> None:
+    """The default `lap` hook of `train_step`: nothing."""
+
+
 def train_step(
     model: nn.Module,
     batch: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    lap: Callable[[str], None] = no_lap,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; returns the detached losses, still on the device."""
+    """One optimizer step on one batch; returns the detached losses, still on the device.
+
+    `lap(stage)` is called as forward, backward and optimizer end: the dry runs' per-stage
+    breakdown hooks in there (train/dry_run.py), the training loop leaves it alone.
+    """
     with autocast():
         losses = model(batch)
     total = sum(losses.values())
+    lap("forward")
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         total.backward()
+        lap("backward")
         optimizer.step()
     else:
         scaler.scale(total).backward()
+        lap("backward")
         scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/nan
         scaler.update()
+    lap("optimizer")
     return {name: loss.detach() for name, loss in losses.items()}
 
 
@@ -135,9 +150,16 @@ def scale_snapshot(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
 
 @dataclass
 class NonFiniteGuard:
-    """Counts non-finite losses; `limit` of them in a row stop the run."""
+    """Counts non-finite losses; `limit` of them in a row stop the run.
+
+    `newest_checkpoint` says where the run's newest checkpoint is (None: none yet), and
+    `train_shards` names the data, so that the stop's sentence says what was kept and where
+    to look: a NaN in the data looks exactly like an LR that is too high.
+    """
 
     limit: int
+    newest_checkpoint: Callable[[], Any] = lambda: None
+    train_shards: str = ""
     in_a_row: int = 0
     total: int = 0
 
@@ -148,10 +170,16 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row >= self.limit:
+            newest = self.newest_checkpoint()
+            kept = (
+                f"the run stopped; its newest checkpoint, {newest}, holds finite weights"
+                if newest else "the run stopped before writing any checkpoint"
+            )
             raise NonFiniteLossError(
-                f"the loss was not finite for {self.in_a_row} iterations in a row, the last at iteration "
-                f"{step.iteration} ({', '.join(f'{k}={v:.4g}' for k, v in step.losses.items())}); "
-                "the run stopped and kept its last good checkpoint: lower solver.base_lr or lengthen solver.warmup_iters"
+                f"the loss was not finite for {self.in_a_row} iteration{'s' * (self.in_a_row > 1)} in a row, the last at iteration "
+                f"{step.iteration} ({', '.join(f'{k}={v:.4g}' for k, v in step.losses.items())}); {kept}: "
+                f"check the data with tools/shard_coco.py --verify --out {self.train_shards or 'SHARDS'}, "
+                "then lower solver.base_lr or lengthen solver.warmup_iters"
             )
 
 
@@ -183,8 +211,9 @@ def train_one_epoch(
     checkpoint_every: int = 0,
     on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None,
     step_seed: tuple[int, ...] | None = None,
-) -> None:
-    """Step through `batches` until it ends or `max_iter` steps are done.
+    stop: StopRequest | None = None,
+) -> bool:
+    """Step through `batches` until it ends or `max_iter` steps are done; True if it ended.
 
     Every `readback_every` steps (and before each checkpoint) the losses are read back,
     checked by `guard` and handed to `on_logged` (progress bar, metrics file).
@@ -193,6 +222,9 @@ def train_one_epoch(
     seeded from (*step_seed, iteration) before each step, so the step's random draws
     (proposal sampling) do not depend on what else used the generator: a resumed run draws
     exactly what the uninterrupted one did, whatever its input pipeline does.
+    When the ranks agree to `stop` (a signal), the step's checkpoint is saved and
+    TrainingStopped raised. The loop leaves right after the step that reaches `max_iter`, so
+    the pipeline's position is that step's (a run extended on resume continues from there).
     """
     model.train()
     readback = LossReadback(scaler)
@@ -205,9 +237,8 @@ def train_one_epoch(
         for step in steps:
             guard.check(step)
 
+    ended = True
     for batch in batches:
-        if state.iteration >= max_iter:
-            break
         lr = set_learning_rate(optimizer, solver_cfg, state.iteration)
         if step_seed is not None:
             torch.manual_seed(int(np.random.SeedSequence([*step_seed, state.iteration]).generate_state(1)[0]))
@@ -217,9 +248,19 @@ def train_one_epoch(
         state.images_seen += global_batch
         readback.add(state.iteration, losses, lr, scale_before)
         checkpoint_due = save_checkpoint is not None and checkpoint_every and state.iteration % checkpoint_every == 0
-        if len(readback) >= readback_every or checkpoint_due:
+        readback_due = len(readback) >= readback_every or checkpoint_due
+        stopping = stop.agreed(at_readback=readback_due) if stop is not None else None
+        if readback_due or stopping:
             read_back()
-        if checkpoint_due and parameters_are_finite(model):
+        saving = (checkpoint_due or stopping) and save_checkpoint is not None
+        if saving and parameters_are_finite(model):
             save_checkpoint()  # never over finite weights with NaN ones: the last good one stays
+        if stopping:
+            state.train_seconds += time.perf_counter() - started
+            raise TrainingStopped(*stopping, iteration=state.iteration)  # main adds the checkpoint
+        if state.iteration >= max_iter:
+            ended = False
+            break
     read_back()
     state.train_seconds += time.perf_counter() - started
+    return ended

@@ -11,6 +11,7 @@ faster), prints the usual table and returns the 12 COCO stats of each type on ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import deque
@@ -18,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -271,10 +272,17 @@ def _checkpoint_model_state(path: Path) -> Mapping[str, torch.Tensor] | None:
 
 
 def inference_on_dataset(
-    model: torch.nn.Module, loader: Iterable[Batch], evaluator: COCOEvaluator, *, num_warmup: int = 5
+    model: torch.nn.Module,
+    loader: Iterable[Batch],
+    evaluator: COCOEvaluator,
+    *,
+    num_warmup: int = 5,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, dict[str, float]]:
-    """Run `model` in eval mode over `loader`, feed `evaluator`, and return its metrics.
+    """Run `model` in eval mode over `loader` under `autocast`, feed `evaluator`, and return its metrics.
 
+    `autocast` is the training precision's context (train.engine.autocast_context). In eval mode
+    the model runs eagerly, never from the training step's CUDA graphs (model/maskrcnn.py).
     The model's train/eval mode is restored afterwards. The printed throughput leaves out the
     first `num_warmup` batches (allocator growth, cudnn autotuning).
     """
@@ -284,7 +292,7 @@ def inference_on_dataset(
     num_batches = num_images = num_timed = 0
     first = start = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             for step, batch in enumerate(loader):
                 if step == num_warmup:
                     _synchronize(batch)

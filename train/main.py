@@ -1,55 +1,68 @@
 """Train Mask R-CNN (ResNet-50-FPN) on WebDataset shards, MLPerf style.
 
 One process (CPU or one GPU):
-    python train/main.py --config configs/reference.yaml --data SHARDS/train \\
-        --val-data SHARDS/val --val-annotations instances_val2017.json
+    python train/main.py --config configs/batch8_1gpu.yaml --data SHARDS/train \\
+        --val-data SHARDS/val --val-annotations instances_val2017.json train.weights=R-50.pkl
 
 N GPUs on one node, or several nodes through torchrun's rendezvous:
-    torchrun --nproc_per_node=8 train/main.py --config configs/reference.yaml \\
-        --data SHARDS/train --val-data SHARDS/val --val-annotations instances_val2017.json \\
-        solver.ims_per_batch=96 solver.base_lr=0.12 solver.steps=[16000,21333]
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train/main.py ...
+    torchrun --nproc_per_node=8 train/main.py --config configs/batch96_8gpu.yaml \\
+        --data SHARDS/train --val-data SHARDS/val --val-annotations instances_val2017.json train.weights=R-50.pkl
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train/main.py \\
+        --config configs/batch256_32gpu.yaml ...
 
-The LR rule (MLPerf closed division): base LR = 0.02 x K (0.02 / K below a global batch of
-16), decay steps = (60000, 80000) x (1 + K/10) x 16 / global batch; `train.solver.
-mlperf_lr_and_steps(batch, K)` computes them, and the run says at start what it breaks.
+The recipes in configs/ are accepted closed-division schedules. The LR rule (MLPerf closed
+division): base LR = 0.02 x K1 (0.02 / K1 below a global batch of 16), decay steps =
+(60000, 80000) x (1 + K2/10) x 16 / global batch, K1 and K2 two independent integers (K2 >= 0);
+the run says at start what it breaks (`train.solver.closed_division_violations`).
 
 Throughput only, no evaluation or checkpoints:
     python train/main.py --config ... --data SHARDS/train --dry-run all --iters 50 --report dry.json
 
-Continue a run: `--resume` (the newest checkpoint in output_dir) or `--resume PATH`.
-Results: <output_dir>/summary.json, mlperf.log, metrics.jsonl, config.yaml, checkpoints/.
+A run lives in one output_dir (train/run_folder.py has the rules): a fresh run needs a folder
+without another run's files; `--resume` continues from the newest readable checkpoint there
+(or `--resume PATH`), first running an evaluation that a kill interrupted, and may extend a
+finished run (a larger solver.max_iter or train.max_epochs). `torchrun --max-restarts=N`
+restarts resume by themselves. Results: <output_dir>/summary.json, run.json, mlperf.log (one
+log per attempt), metrics.jsonl, config.yaml, checkpoints/.
+
+Exit codes: 0 done (or already done); 2 a user error, one sentence on stderr, nothing lost;
+143 (SIGTERM) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1 anything
+else, including a rank that stopped answering.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from mlperf_logging.mllog import constants as C
-from torch.nn.parallel import DistributedDataParallel
 
 from model.weights import WeightsError
 from pipeline.shard_format import ShardFormatError, read_manifest
 from train import components
 from train.checkpoint import (
     CheckpointError,
-    find_resume_checkpoint,
+    checkpoint_dir,
+    checkpoint_path,
     load_checkpoint,
+    newest_readable_checkpoint,
     parameters_are_finite,
     restore_rng_states,
     save_checkpoint,
+    schedule_changes,
 )
 from train.config import Config, ConfigError, load_config
 from train.cuda_graphs import graph_static_part
-from train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from train.distributed import DistributedContext, broadcast_from_main, data_parallel, init_distributed, shutdown_distributed
 from train.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -60,14 +73,18 @@ from train.engine import (
     train_one_epoch,
 )
 from train.evaluation import COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
+from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
+from train.run_folder import RunFolder, RunFolderError, check_output_dir
 from train.solver import build_optimizer, log_closed_division_check
 
 log = logging.getLogger("train")
 
 # Errors a user can cause and fix; main() ends them with one sentence and exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
+)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,12 +94,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="training shard folder (sets data.train_shards)")
     parser.add_argument("--val-data", help="validation shard folder (sets data.val_shards)")
     parser.add_argument("--val-annotations", help="the COCO instances JSON the val shards came from (sets data.val_annotations)")
-    parser.add_argument("--resume", nargs="?", const="auto", help="continue from PATH, or from the newest checkpoint in output_dir")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto",
+        help="continue from PATH, or from the newest readable checkpoint in output_dir (an argument holding '=' is an override)",
+    )
     parser.add_argument("--dry-run", choices=["pipeline", "model", "full", "all"], help="measure throughput only")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per dry run (after warm-up)")
     parser.add_argument("--report", help="write the dry-run figures to this JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.base_lr=0.04")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, before or after the flags, e.g. solver.base_lr=0.04"
+    )
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, overrides anywhere among the flags; `--resume KEY=VALUE` is `--resume` plus an override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--resume" and "=" in argv[i + 1]:
+            argv[i] = "--resume=auto"  # the next argument stays an override, in its place among the others
+    return get_args_parser().parse_intermixed_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -95,159 +126,332 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    wall_start = time.perf_counter()
+    wall_start, init_start_ms = time.perf_counter(), time.time() * 1000
     cfg = resolve_config(args)
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, collective_timeout_s=cfg.train.collective_timeout_s)
     setup_logging(ctx)
     if args.dry_run:
         from train.dry_run import run_dry_runs
 
         return run_dry_runs(args.dry_run, cfg, ctx, iters=args.iters, report=args.report)
-    components.require_inputs(cfg)  # before anything is written: a bad path costs nothing
-    output_dir = Path(cfg.output_dir)
-    if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
-        log.info("resolved config (saved to %s):\n%s", output_dir / "config.yaml", cfg.to_yaml())
-    mlog = MLPerfLog(output_dir / "mlperf.log" if ctx.is_main else None)
-    mlog.start(C.INIT_START)
-    log_submission(mlog, cfg)
-    log_closed_division_check(cfg)
-    components.configure_torch(cfg.train, cfg.seed, ctx.rank)
 
-    # Data: training shards sharded by rank; evaluation reads the original annotations.
-    train_loader = components.build_data_loader(cfg, ctx, training=True)
-    val_loader = components.build_data_loader(cfg, ctx, training=False)
-    evaluator = COCOEvaluator.for_shards(
-        cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers
-    )
-
-    # Model, precision, CUDA graphs, DDP.
-    model = components.build_training_model(cfg, ctx.device, components.num_classes_of(cfg.data.train_shards))
+    # Checks before anything is written: a bad value or path costs nothing.
+    components.require_inputs(cfg)
+    check_output_dir(cfg.output_dir)
     precision = resolve_precision(cfg.train.precision, ctx.device)
-    autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
-    scaler = make_grad_scaler(precision, ctx.device)
+    evaluating = cfg.eval.every_epochs > 0
+    output_dir = Path(cfg.output_dir)
 
-    # Optimizer and schedule (the LR is set from the iteration inside the loop).
-    optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device)
-    log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
+    # Everything below is released however main ends: signal handlers, the folder's lock, logs, workers.
+    with contextlib.ExitStack() as cleanup:
+        stop = StopRequest(ctx, cfg.train.loss_readback_every)  # SIGTERM / Ctrl-C: checkpoint, then exit
+        stop.install()
+        cleanup.callback(stop.restore)
+        # The run folder: rank 0 locks it (its first write, .lock) and decides how this attempt
+        # starts, before anything is built, so that a refusal costs a second; every rank follows.
+        resume = cfg.train.resume or ("auto" if ctx.restart_count else "")
+        if ctx.restart_count:
+            log.info("torchrun restart %d: resuming from the newest checkpoint in %s", ctx.restart_count, output_dir)
+        folder = RunFolder(output_dir) if ctx.is_main else None
+        if folder is not None:
+            cleanup.callback(folder.release)
+        plan, checkpoint = plan_attempt(folder, cfg, resume) if folder is not None else (None, None)
+        plan = broadcast_from_main(ctx, plan)  # other ranks read the checkpoint that rank 0 chose
+        if isinstance(plan, Exception):
+            raise plan
+        if plan.finished:
+            log.info("%s", plan.finished)
+            summary_file = output_dir / "summary.json"
+            return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
-    # Resume: weights, optimizer, scaler, position and RNG streams of the newest checkpoint.
-    state, loader_state = TrainState(), None
-    resume_path = find_resume_checkpoint(cfg.train.resume, output_dir)
-    checkpoint = load_checkpoint(resume_path, cfg) if resume_path else None
-    if cfg.train.resume == "auto" and checkpoint is None:
-        log.info("no checkpoint in %s yet: starting from iteration 0", output_dir)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        state.iteration, state.epoch = checkpoint["iteration"], checkpoint["epoch"]
-        loader_state = components.this_ranks_position(checkpoint["loader"], ctx, resume_path)
-        log.info("resumed from %s at iteration %d (epoch %d)", resume_path, state.iteration, state.epoch + 1)
+        log_closed_division_check(cfg)
+        components.configure_torch(cfg.train, cfg.seed, ctx.rank)
 
-    images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
-    log.info(graph_static_part(
-        model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-        buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
-    ))
-    trained = model
-    if ctx.is_distributed:
-        trained = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if checkpoint is not None:
-        restore_rng_states(checkpoint["rng"])  # last, so model building cannot consume the streams
+        # Data: training shards sharded by rank; evaluation reads the original annotations.
+        train_loader = components.build_data_loader(cfg, ctx, training=True)
+        val_loader = evaluator = None
+        if evaluating:
+            val_loader = components.build_data_loader(cfg, ctx, training=False)
+            evaluator = COCOEvaluator.for_shards(
+                cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers
+            )
+            cleanup.callback(evaluator.close)
 
-    log_hyperparameters(
-        mlog, cfg,
-        train_samples=read_manifest(Path(cfg.data.train_shards))["samples"],
-        eval_samples=read_manifest(Path(cfg.data.val_shards))["samples"],
-    )
-    mlog.end(C.INIT_STOP)
-    mlog.start(C.RUN_START)
-    reporter = RunReporter(output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch)
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
+        # Model, precision, CUDA graphs, DDP.
+        model = components.build_training_model(cfg, ctx.device, components.num_classes_of(cfg.data.train_shards))
+        autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
+        scaler = make_grad_scaler(precision, ctx.device)
 
-    def save(epoch: int, position: Any) -> None:
-        """Called on every rank: each rank's pipeline position goes into rank 0's checkpoint."""
-        positions = components.gather_positions(position, ctx)
+        # Optimizer and schedule (the LR is set from the iteration inside the loop).
+        optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device, grad_scaling=scaler is not None)
+        log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
+
+        # Resume: weights, optimizer, scaler, position and RNG streams of the chosen checkpoint.
+        state, loader_state = TrainState(), None
+        if plan.checkpoint is not None:
+            checkpoint = checkpoint or load_checkpoint(plan.checkpoint, cfg)
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint["scaler"]:
+                scaler.load_state_dict(checkpoint["scaler"])
+            state.iteration, state.epoch = checkpoint["iteration"], checkpoint["epoch"]
+            loader_state = components.this_ranks_position(checkpoint["loader"], ctx, plan.checkpoint)
+            log.info("resumed from %s at iteration %d (epoch %d)", plan.checkpoint, state.iteration, state.epoch + 1)
+
+        images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
+        log.info(graph_static_part(
+            model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
+            buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
+        ))
+        trained = model
+        if ctx.is_distributed:
+            trained = data_parallel(model, ctx.device)
+        if checkpoint is not None:
+            restore_rng_states(checkpoint["rng"])  # last, so model building cannot consume the streams
+
+        # From here on this attempt writes: run.json, config.yaml, its own MLPerf log, metrics.jsonl.
+        attempt, mlperf_path = 0, None
+        if folder is not None:
+            attempt, mlperf_path = folder.begin_attempt(
+                run_id=plan.run_id, resumed_from=str(plan.checkpoint) if plan.checkpoint else None, notes=plan.notes
+            )
+            (output_dir / "config.yaml").write_text(cfg.to_yaml())
+            log.info("attempt %d of run %s; resolved config (saved to %s):\n%s",
+                     attempt, folder.run_id, output_dir / "config.yaml", cfg.to_yaml())
+        mlog = MLPerfLog(mlperf_path)
+        cleanup.callback(mlog.close)
+        mlog.start(C.INIT_START, time_ms=init_start_ms)
+        log_submission(mlog, cfg)
+        if checkpoint is not None:
+            mlog.event(C.INIT_CHECKPOINT_STEP, state.iteration)  # this attempt continues a run
+        log_hyperparameters(
+            mlog, cfg,
+            train_samples=read_manifest(Path(cfg.data.train_shards))["samples"],
+            eval_samples=read_manifest(Path(cfg.data.val_shards))["samples"] if evaluating else 0,
+            images_per_rank=images_per_rank,
+        )
+        mlog.end(C.INIT_STOP)
+        mlog.start(C.RUN_START)
+        reporter = RunReporter(output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch)
+        cleanup.callback(reporter.close)
+        reporter.write({"attempt": attempt, "resumed_from": str(plan.checkpoint) if plan.checkpoint else None,
+                        "iteration": state.iteration})
+        newest = plan.checkpoint  # the newest checkpoint of the run, for the messages of a stop
+        guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row, lambda: newest, cfg.data.train_shards)
+
+        def save(epoch: int, position: Any) -> None:
+            """Called on every rank: each rank's pipeline position goes into rank 0's checkpoint."""
+            nonlocal newest
+            positions = components.gather_positions(position, ctx)
+            path = checkpoint_path(output_dir, state.iteration)
+            if folder is not None:
+                folder.checkpoint_coming(path.name)
+                save_checkpoint(
+                    output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
+                    epoch=epoch, loader_state=positions, config=cfg, run_id=folder.run_id,
+                )
+                folder.rotate(checkpoint_dir(output_dir), cfg.train.keep_checkpoints)
+            newest = path
+
+        eval_seconds = 0.0
+
+        def run_evaluation(epoch_num: int) -> dict[str, dict[str, float]]:
+            """Evaluate the current weights as epoch `epoch_num`'s result, and record that it is done."""
+            nonlocal eval_seconds
+            eval_start = time.perf_counter()
+            results = evaluate(model, val_loader, evaluator, mlog, epoch_num, output_dir if ctx.is_main else None, autocast)
+            eval_seconds += time.perf_counter() - eval_start
+            reporter.evaluation(epoch_num, state.iteration, results)
+            if folder is not None:
+                folder.evaluation_done(epoch_num, state.iteration, results)
+            return results
+
+        def target_reached(results: dict[str, dict[str, float]]) -> bool:
+            return results["bbox"]["AP"] >= cfg.eval.box_ap_target and results["segm"]["AP"] >= cfg.eval.mask_ap_target
+
+        results, evaluated_at = plan.results, plan.evaluated_at
+        reached = results is not None and target_reached(results)
+        epochs_done, status, outcome = state.epoch, C.ABORTED, "failed"
+        try:
+            if plan.due_evaluation is not None:  # a kill interrupted it: the weights are the checkpoint's
+                log.info("running the evaluation of epoch %d that the previous attempt did not finish", plan.due_evaluation)
+                mlog.start(C.BLOCK_START, first_epoch_num=plan.due_evaluation, epoch_count=1)  # the end of that block
+                results, evaluated_at = run_evaluation(plan.due_evaluation), state.iteration
+                mlog.end(C.BLOCK_STOP, first_epoch_num=plan.due_evaluation)
+                reached = target_reached(results)
+            for epoch in range(state.epoch, cfg.train.max_epochs):
+                if reached or state.iteration >= cfg.solver.max_iter:
+                    break
+                state.epoch = epoch
+                train_loader.set_epoch(epoch)
+                if loader_state is not None:
+                    train_loader.load_state_dict(loader_state)
+                    loader_state = None
+                mlog.start(C.BLOCK_START, first_epoch_num=epoch + 1, epoch_count=1)
+                mlog.start(C.EPOCH_START, epoch_num=epoch + 1)
+                reporter.start_epoch(epoch, len(train_loader))
+                epoch_ended = train_one_epoch(
+                    trained, optimizer, train_loader, state=state, solver_cfg=cfg.solver, scaler=scaler,
+                    autocast=autocast, guard=guard, readback_every=cfg.train.loss_readback_every,
+                    global_batch=cfg.solver.ims_per_batch, max_iter=cfg.solver.max_iter,
+                    save_checkpoint=lambda: save(epoch, train_loader.state_dict()),
+                    checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, step_seed=(cfg.seed, ctx.rank),
+                    stop=stop,
+                )
+                reporter.end_epoch()
+                mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
+                epochs_done = epoch + 1
+                last_epoch = epochs_done == cfg.train.max_epochs or state.iteration >= cfg.solver.max_iter
+                due = evaluating and (epochs_done % cfg.eval.every_epochs == 0 or last_epoch) and evaluated_at != state.iteration
+                if parameters_are_finite(model):  # a NaN state is never saved over the last good one
+                    if due and folder is not None:  # recorded first: a kill during the evaluation leaves it due
+                        folder.evaluation_due(epochs_done, state.iteration, checkpoint_path(output_dir, state.iteration).name)
+                    if epoch_ended:
+                        save(epoch + 1, None)
+                    else:  # cut short by solver.max_iter: its position is kept, so that an extended run continues it
+                        save(epoch, train_loader.state_dict())
+                if due:
+                    results, evaluated_at = run_evaluation(epochs_done), state.iteration
+                    reached = target_reached(results)
+                mlog.end(C.BLOCK_STOP, first_epoch_num=epoch + 1)
+                if reached or last_epoch:
+                    break  # reached: the quality target, where MLPerf stops the clock
+                stopping = stop.agreed(at_readback=True)
+                if stopping:
+                    raise TrainingStopped(*stopping, iteration=state.iteration)
+            status, outcome = (C.SUCCESS if reached else C.ABORTED), "finished"
+        except TrainingStopped as stopped:
+            stopped.checkpoint, stopped.world_size = newest, ctx.world_size  # the engine knows neither
+            outcome = stopped.sentence()
+            raise
+        except USER_ERRORS as e:
+            outcome = f"stopped: {e}"
+            raise
+        except KeyboardInterrupt:
+            outcome = "interrupted by a second Ctrl-C, without saving"
+            raise
+        finally:
+            mlog.end(C.RUN_STOP, status=status)
+            if folder is not None:
+                folder.end_attempt(outcome)
+
+        if not evaluating:
+            log.info("no evaluation (eval.every_epochs=0): the run ends without box and mask AP; "
+                     "evaluate %s with tools/evaluate.py to get them", newest)
+        summary = {
+            "epochs": epochs_done,
+            "iterations": state.iteration,
+            "box_ap": results["bbox"]["AP"] if results else None,
+            "mask_ap": results["segm"]["AP"] if results else None,
+            "box_ap50": results["bbox"]["AP50"] if results else None,
+            "mask_ap50": results["segm"]["AP50"] if results else None,
+            "reached_target": reached,
+            "evaluated": evaluating,
+            "train_images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
+            "eval_s": eval_seconds,
+            "wall_s": time.perf_counter() - wall_start,
+            "skipped_steps": state.skipped_steps,
+            "nonfinite_losses": guard.total,
+            "optimizer": optimizer_name,
+            "precision": precision,
+            "world_size": ctx.world_size,
+            "attempt": attempt,
+            # DDP keeps replicas identical; this records that it did (one digest per rank)
+            "parameter_digests": components.gather_parameter_digests(model, ctx),
+        }
         if ctx.is_main:
-            save_checkpoint(
-                output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
-                epoch=epoch, loader_state=positions, config=cfg, keep=cfg.train.keep_checkpoints,
-            )
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("summary (%s):\n%s", output_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
 
-    results: dict[str, dict[str, float]] = {}
-    reached, eval_seconds, epochs_done, status = False, 0.0, state.epoch, C.ABORTED
+
+@dataclass
+class AttemptPlan:
+    """How an attempt starts, decided on rank 0 and sent to every rank."""
+
+    run_id: str | None = None  # the run it continues (None: a new run)
+    checkpoint: Path | None = None  # continue from here (None: iteration 0)
+    due_evaluation: int | None = None  # the epoch whose evaluation runs first, on the checkpoint's weights
+    results: dict[str, dict[str, float]] | None = None  # an earlier attempt's evaluation of those weights
+    evaluated_at: int | None = None  # the iteration of `results`
+    finished: str | None = None  # set when nothing is left to do: the sentence that says so
+    notes: list[str] = field(default_factory=list)  # what this attempt changes (a moved schedule end)
+
+
+def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPlan | Exception, dict[str, Any] | None]:
+    """Rank 0: lock the folder and decide where this attempt starts, with the checkpoint's contents.
+
+    A user error is returned, not raised: every rank raises it once the plan is sent.
+    """
     try:
-        for epoch in range(state.epoch, cfg.train.max_epochs):
-            if state.iteration >= cfg.solver.max_iter:
-                break
-            state.epoch = epoch
-            train_loader.set_epoch(epoch)
-            if loader_state is not None:
-                train_loader.load_state_dict(loader_state)
-                loader_state = None
-            mlog.start(C.BLOCK_START, first_epoch_num=epoch + 1, epoch_count=1)
-            mlog.start(C.EPOCH_START, epoch_num=epoch + 1)
-            reporter.start_epoch(epoch, len(train_loader))
-            train_one_epoch(
-                trained, optimizer, train_loader, state=state, solver_cfg=cfg.solver, scaler=scaler,
-                autocast=autocast, guard=guard, readback_every=cfg.train.loss_readback_every,
-                global_batch=cfg.solver.ims_per_batch, max_iter=cfg.solver.max_iter,
-                save_checkpoint=lambda: save(epoch, train_loader.state_dict()),
-                checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, step_seed=(cfg.seed, ctx.rank),
-            )
-            reporter.end_epoch()
-            mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
-            if parameters_are_finite(model):  # a NaN state is never saved over the last good one
-                save(epoch + 1, None)
-            epochs_done = epoch + 1
+        folder.lock()
+        if not resume:
+            folder.require_fresh()
+            return AttemptPlan(), None
+        found = newest_readable_checkpoint(folder.path, cfg) if resume == "auto" else (Path(resume), load_checkpoint(resume, cfg))
+    except USER_ERRORS as e:
+        folder.release()
+        return e, None
+    if found is None:
+        log.info("no checkpoint in %s yet: starting from iteration 0", folder.path)
+        return AttemptPlan(run_id=folder.run_id), None
+    path, state = found
+    if folder.run_id and state.get("run_id") and state["run_id"] != folder.run_id:
+        folder.release()
+        return RunFolderError(
+            f"checkpoint {path} belongs to run {state['run_id']}, but output_dir={folder.path} holds run {folder.run_id}; "
+            "resume it into its own folder or a new one"
+        ), None
+    plan = AttemptPlan(run_id=folder.run_id or state.get("run_id") or None, checkpoint=path)
+    plan.notes = schedule_changes(state["config"], cfg.to_dict())
+    for note in plan.notes:
+        log.info("the schedule's end moves on resume: %s", note)
+    iteration = state["iteration"]
+    epoch_num = state["epoch"] + (state["loader"] is not None)  # a mid-epoch checkpoint belongs to the epoch after
+    for due in folder.due_evaluations():
+        if due["iteration"] == iteration and cfg.eval.every_epochs:
+            plan.due_evaluation = due["epoch"]
+        else:
+            folder.drop_due_evaluation(due["iteration"])
+            why = "eval.every_epochs=0" if due["iteration"] == iteration else f"training continues from {path.name}"
+            log.info("the due evaluation of epoch %d (%s) will not run as such: %s", due["epoch"], due["checkpoint"], why)
+    done = folder.evaluation_at(iteration)
+    if done is not None:
+        plan.results = {kind: done[kind] for kind in ("bbox", "segm")}
+        plan.evaluated_at = iteration
+    reached = plan.results is not None and (
+        plan.results["bbox"]["AP"] >= cfg.eval.box_ap_target and plan.results["segm"]["AP"] >= cfg.eval.mask_ap_target
+    )
+    trained_out = iteration >= cfg.solver.max_iter or state["epoch"] >= cfg.train.max_epochs
+    if (trained_out or reached) and plan.due_evaluation is None:
+        if cfg.eval.every_epochs and done is None:
+            plan.due_evaluation = epoch_num  # the final weights were never evaluated (a run from before run.json)
+        else:
+            plan.finished = finished_sentence(folder.path, cfg, iteration, epoch_num, plan.results, reached)
+            folder.release()
+    return plan, state
 
-            last_epoch = epoch + 1 == cfg.train.max_epochs or state.iteration >= cfg.solver.max_iter
-            if epochs_done % cfg.eval.every_epochs == 0 or last_epoch:
-                eval_start = time.perf_counter()
-                results = evaluate(model, val_loader, evaluator, mlog, epoch + 1, output_dir if ctx.is_main else None)
-                eval_seconds += time.perf_counter() - eval_start
-                reporter.evaluation(epoch + 1, state.iteration, results)
-                reached = results["bbox"]["AP"] >= cfg.eval.box_ap_target and results["segm"]["AP"] >= cfg.eval.mask_ap_target
-            mlog.end(C.BLOCK_STOP, first_epoch_num=epoch + 1)
-            if reached:
-                break  # the quality target: MLPerf stops the clock here
-        status = C.SUCCESS if reached else C.ABORTED
-    finally:
-        mlog.end(C.RUN_STOP, status=status)
-        mlog.close()
-        reporter.close()
-        evaluator.close()
 
-    summary = {
-        "epochs": epochs_done,
-        "iterations": state.iteration,
-        "box_ap": results.get("bbox", {}).get("AP"),
-        "mask_ap": results.get("segm", {}).get("AP"),
-        "box_ap50": results.get("bbox", {}).get("AP50"),
-        "mask_ap50": results.get("segm", {}).get("AP50"),
-        "reached_target": reached,
-        "train_images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
-        "eval_s": eval_seconds,
-        "wall_s": time.perf_counter() - wall_start,
-        "skipped_steps": state.skipped_steps,
-        "nonfinite_losses": guard.total,
-        "optimizer": optimizer_name,
-        "precision": precision,
-        "world_size": ctx.world_size,
-        # DDP keeps replicas identical; this records that it did (one digest per rank)
-        "parameter_digests": components.gather_parameter_digests(model, ctx),
-    }
-    if ctx.is_main:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("summary (%s):\n%s", output_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary
+def finished_sentence(
+    output_dir: Path, cfg: Config, iteration: int, epoch_num: int, results: dict[str, Any] | None, reached: bool
+) -> str:
+    """What `--resume` says about a run that has nothing left to do (its results stay untouched)."""
+    ap = f" with box AP {results['bbox']['AP']:.4f}, mask AP {results['segm']['AP']:.4f}" if results else ""
+    if reached:
+        how = "raise eval.box_ap_target / eval.mask_ap_target (it reached the quality target)"
+    elif iteration >= cfg.solver.max_iter:
+        how = f"resume with a larger solver.max_iter (now {cfg.solver.max_iter})"
+    else:
+        how = f"resume with a larger train.max_epochs (now {cfg.train.max_epochs})"
+    return (
+        f"the run in {output_dir} already finished at iteration {iteration} (epoch {epoch_num}){ap}; "
+        f"its results stay as they are; to train it further, {how}"
+    )
 
 
 def evaluate(
-    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None
+    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None,
+    autocast: Any,
 ) -> dict[str, dict[str, float]]:
     """COCO box and mask AP on the val shards (every rank takes part), logged for MLPerf.
 
@@ -255,7 +459,7 @@ def evaluate(
     pictures and tools/visualize.py.
     """
     mlog.start(C.EVAL_START, epoch_num=epoch_num)
-    results = inference_on_dataset(model, val_loader, evaluator)
+    results = inference_on_dataset(model, val_loader, evaluator, autocast=autocast)  # the training precision
     if output_dir is not None:
         (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
     mlog.end(C.EVAL_STOP, epoch_num=epoch_num)
@@ -275,13 +479,20 @@ def setup_logging(ctx: DistributedContext) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Command-line entry: user errors end in one sentence and exit code 2."""
-    args = get_args_parser().parse_args(argv)
+    """Command-line entry: user errors end in one sentence and exit code 2, a signal in 128 + its number."""
+    args = parse_args(argv)
     try:
         main(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(stopped.sentence(), file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("interrupted by a second Ctrl-C: stopped at once, without saving; continue from the newest checkpoint "
+              "with --resume", file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed()
     return 0

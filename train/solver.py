@@ -5,17 +5,18 @@ momentum SGD with two parameter groups (biases: LR x `bias_lr_factor`, weight de
 `weight_decay_bias`; frozen parameters left out), linear warmup from `warmup_factor`
 over `warmup_iters`, then LR x `gamma` at each of the two `steps`.
 
-MLPerf lets a submission tune the global batch, the base LR as 0.02 x K (or 0.02 / K
-below a global batch of 16), the decay steps as (60000, 80000) x (1 + K/10) x 16 / batch,
-and the warmup; `mlperf_lr_and_steps` derives the first two from the batch and K, and
-`closed_division_violations` lists what a config changes beyond that.
+MLPerf lets a submission tune the global batch, the base LR as 0.02 x K1 (or 0.02 / K1
+below a global batch of 16), the decay steps as (60000, 80000) x (1 + K2/10) x 16 / batch
+with K1 and K2 two independent integers (K2 >= 0, truncated to whole iterations: see
+`decay_steps`), and the warmup. E.g. the reference's own run: batch 2, LR 0.0025, steps
+(480000, 640000): K1 = 8, K2 = 0; NVIDIA's 8xH100 v3.0 run: batch 96, LR 0.12, steps
+(12000, 16000): K1 = 6, K2 = 2. `closed_division_violations` lists what a config breaks.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -27,9 +28,11 @@ from train.config import Config, load_config
 log = logging.getLogger(__name__)
 
 REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
-REFERENCE_STEPS = (60000, 80000)  # decay steps at global batch 16, K = 1
+REFERENCE_STEPS = (60000, 80000)  # decay steps at global batch 16, K2 = 0
 REFERENCE_BATCH = 16
 REFERENCE_LR_UNIT = 0.02
+REFERENCE_CANDIDATES = 1000  # num_image_candidates per image: 1000, or 1000 x images per GPU
+INTEGER_TOLERANCE = 1e-5  # the compliance checker's is_integer
 
 # Keys whose reference value the closed division fixes (besides the model section).
 CLOSED_FIXED_KEYS = (
@@ -42,9 +45,9 @@ CLOSED_FIXED_KEYS = (
     "solver.bias_lr_factor",
     "solver.gamma",
 )
-# Model keys the closed division leaves free: num_image_candidates may be 1000 x images per
-# GPU (checked as a multiple of 1000 below), and the norm is FrozenBN either way.
-CLOSED_FREE_MODEL_KEYS = ("model.rpn.post_nms_top_n_train",)
+# Model keys the closed division leaves free: the top-k of proposals may be per image (1000) or
+# over each GPU's batch (1000 x images per GPU); the count itself is checked below.
+CLOSED_FREE_MODEL_KEYS = ("model.rpn.post_nms_top_n_train", "model.rpn.post_nms_per_batch")
 
 
 def parameter_groups(
@@ -79,12 +82,14 @@ def _apex_fused_sgd():
 
 
 def build_optimizer(
-    model: nn.Module, solver_cfg: Config, device: torch.device
+    model: nn.Module, solver_cfg: Config, device: torch.device, grad_scaling: bool = False
 ) -> tuple[torch.optim.Optimizer, str]:
     """Momentum SGD over `parameter_groups`, the fastest implementation the machine has.
 
-    `solver_cfg.optimizer`: auto (apex FusedSGD on CUDA when apex imports, else
-    torch's fused SGD on CUDA, foreach on CPU) | apex | fused | foreach | plain.
+    `solver_cfg.optimizer`: auto (on CUDA apex FusedSGD when apex imports, else torch's fused
+    SGD; foreach on CPU) | apex | fused | foreach | plain. With `grad_scaling` (fp16's
+    GradScaler) auto takes torch's fused SGD: it unscales and skips inside its kernel, while
+    GradScaler.step reads found-inf on the host every step for any other optimizer (apex's too).
     Returns the optimizer and the name of the implementation chosen.
     """
     groups = parameter_groups(
@@ -99,7 +104,7 @@ def build_optimizer(
         if device.type != "cuda":
             choice = "foreach"
         else:
-            choice = "apex" if _apex_fused_sgd() is not None else "fused"
+            choice = "apex" if _apex_fused_sgd() is not None and not grad_scaling else "fused"
     momentum = solver_cfg.momentum
     if choice == "apex":
         fused_sgd = _apex_fused_sgd()
@@ -146,28 +151,90 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, solver_cfg: Config, iter
     return solver_cfg.base_lr * scale
 
 
-def mlperf_lr_and_steps(global_batch: int, k: int) -> tuple[float, tuple[int, int]]:
-    """Base LR and decay steps the MLPerf rules allow for a global batch and LR multiple K.
-
-    Steps are rounded to the nearest iteration, e.g. batch 96, K 6 -> 0.12, (16000, 21333).
-    """
-    if k < 1:
-        raise ValueError(f"K must be a positive integer, got {k}")
-    base_lr = REFERENCE_LR_UNIT * k if global_batch >= REFERENCE_BATCH else REFERENCE_LR_UNIT / k
-    scale = (1 + k / 10) * REFERENCE_BATCH / global_batch
-    first, second = (int(round(step * scale)) for step in REFERENCE_STEPS)
-    return base_lr, (first, second)
-
-
 def lr_multiple(base_lr: float, global_batch: int) -> int | None:
-    """K such that base_lr = 0.02 x K (or 0.02 / K below batch 16), or None if there is none."""
-    ratio = base_lr / REFERENCE_LR_UNIT
-    if ratio >= 1 and math.isclose(ratio, round(ratio), rel_tol=1e-9):
-        return round(ratio)
-    inverse = REFERENCE_LR_UNIT / base_lr
-    if global_batch < REFERENCE_BATCH and math.isclose(inverse, round(inverse), rel_tol=1e-9):
-        return round(inverse)
+    """K1 >= 1 with base_lr = 0.02 x K1 (or 0.02 / K1 below a global batch of 16), else None.
+
+    "Integer" within 1e-5, as the compliance checker's `is_integer` reads the logged LR.
+    """
+    if base_lr <= 0:
+        return None
+    ratios = [base_lr / REFERENCE_LR_UNIT]
+    if global_batch < REFERENCE_BATCH:
+        ratios.append(REFERENCE_LR_UNIT / base_lr)
+    for ratio in ratios:
+        if round(ratio) >= 1 and abs(ratio - round(ratio)) < INTEGER_TOLERANCE:
+            return round(ratio)
     return None
+
+
+def decay_steps(global_batch: int, k2: int) -> tuple[int, int]:
+    """The decay steps the rule gives: (60000, 80000) x (1 + K2/10) x 16 / global_batch, truncated.
+
+    The rules state the product and not how a fraction becomes an iteration; the MLPerf
+    reference convergence points truncate it (mlperf_logging rcp_checker, rcps_maskrcnn.json,
+    maskrcnn_ref_272: 5294.1, 7058.8 -> [5294, 7058]), so we do. Integer arithmetic: exact.
+    """
+    return tuple(_decay_step(step, global_batch, k2) for step in REFERENCE_STEPS)
+
+
+def _decay_step(reference_step: int, global_batch: int, k2: int) -> int:
+    return reference_step * REFERENCE_BATCH * (10 + k2) // (10 * global_batch)
+
+
+def _k2_of_step(step: int, reference_step: int, global_batch: int) -> int | None:
+    """K2 >= 0 whose rule gives `step` from `reference_step`, or None."""
+    # The smallest 10 + K2 whose product reaches `step` is the only candidate: the product grows
+    # by reference_step x 16 / (10 x batch) >= 1 iteration per unit of K2 (any batch up to 96000).
+    ten_plus_k2 = -(-step * 10 * global_batch // (reference_step * REFERENCE_BATCH))
+    k2 = ten_plus_k2 - 10
+    return k2 if k2 >= 0 and _decay_step(reference_step, global_batch, k2) == step else None
+
+
+def decay_step_multiple(steps: Iterable[int], global_batch: int) -> int | None:
+    """The one K2 >= 0 whose `decay_steps` are `steps`, or None."""
+    steps = tuple(steps)
+    if len(steps) != len(REFERENCE_STEPS):
+        return None
+    k2s = {_k2_of_step(s, r, global_batch) for s, r in zip(steps, REFERENCE_STEPS)}
+    return k2s.pop() if len(k2s) == 1 and None not in k2s else None
+
+
+def schedule_violations(solver: Config) -> list[str]:
+    """What the solver section breaks of the closed division's LR rule, one sentence each.
+
+    Tunable (training_rules.adoc, maskrcnn hyperparameters): base LR = 0.02 x K1 (or 0.02 / K1
+    below a global batch of 16); decay steps = (60000, 80000) x (1 + K2/10) x 16 / batch,
+    K1 and K2 independent integers; warmup iterations and factor (the 3.1.0 compliance
+    checker requires a factor > 0).
+    """
+    problems = []
+    batch, steps = solver.ims_per_batch, list(solver.steps)
+    if lr_multiple(solver.base_lr, batch) is None:
+        below = " (or 0.02 / K1, allowed below a global batch of 16)" if batch < REFERENCE_BATCH else ""
+        problems.append(f"solver.base_lr={solver.base_lr} is not 0.02 x K1 for an integer K1 >= 1{below}")
+    rule = f"(60000, 80000) x (1 + K2/10) x 16 / {batch} (truncated)"
+    if len(steps) != 2:
+        problems.append(f"solver.steps={steps} must hold two decay steps, {rule}")
+    elif decay_step_multiple(steps, batch) is None:
+        k2s = [_k2_of_step(s, r, batch) for s, r in zip(steps, REFERENCE_STEPS)]
+        k2 = next((k for k in k2s if k is not None), None)
+        if k2 is not None:
+            problems.append(
+                f"solver.steps={steps} do not share one K2: one step is K2 = {k2}'s in {rule}, which makes the pair "
+                f"{list(decay_steps(batch, k2))}"
+            )
+        else:
+            below = max(0, -(-steps[0] * 10 * batch // (REFERENCE_STEPS[0] * REFERENCE_BATCH)) - 11)
+            nearest = " or ".join(f"{list(decay_steps(batch, k))} (K2 = {k})" for k in (below, below + 1))
+            problems.append(f"solver.steps={steps} fit no integer K2 >= 0 in {rule}; nearest: {nearest}")
+    if solver.warmup_factor <= 0:
+        problems.append(
+            f"solver.warmup_factor={solver.warmup_factor} must be > 0: the MLPerf compliance checker "
+            "rejects opt_learning_rate_warmup_factor <= 0"
+        )
+    if solver.warmup_iters < 0:
+        problems.append(f"solver.warmup_iters={solver.warmup_iters} must be >= 0")
+    return problems
 
 
 def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -190,23 +257,18 @@ def _flatten(cfg: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def closed_division_violations(cfg: Config, reference: Config | None = None) -> list[str]:
     """What in `cfg` the MLPerf closed division does not allow, one sentence each (empty: compliant)."""
     reference = reference if reference is not None else load_config(REFERENCE_CONFIG)
-    problems = []
-    batch, solver = cfg.solver.ims_per_batch, cfg.solver
-    k = lr_multiple(solver.base_lr, batch)
-    if k is None:
-        problems.append(f"solver.base_lr={solver.base_lr} is not 0.02 x K (or 0.02 / K below batch 16)")
-    else:
-        _, steps = mlperf_lr_and_steps(batch, k)
-        if tuple(solver.steps) != steps:
-            problems.append(f"solver.steps={list(solver.steps)} should be {list(steps)} for batch {batch}, K {k}")
+    problems = schedule_violations(cfg.solver)
     fixed = [k for k in _flatten(reference.model, "model.") if k not in CLOSED_FREE_MODEL_KEYS]
     for key in list(CLOSED_FIXED_KEYS) + fixed:
         ours, theirs = _lookup(cfg, key), _lookup(reference, key)
         if ours != theirs:
             problems.append(f"{key}={ours!r} differs from the reference {theirs!r}")
     candidates = cfg.model.rpn.post_nms_top_n_train
-    if candidates % 1000:
-        problems.append(f"model.rpn.post_nms_top_n_train={candidates} is not a multiple of 1000")
+    if candidates != REFERENCE_CANDIDATES:
+        problems.append(
+            f"model.rpn.post_nms_top_n_train={candidates} is not 1000: num_image_candidates must be 1000 per "
+            "image (or 1000 x images per GPU with model.rpn.post_nms_per_batch=true)"
+        )
     if not cfg.train.weights:
         problems.append("train.weights is empty: the closed division starts from the provided R-50 weights")
     return problems

@@ -1,0 +1,106 @@
+"""Stopping on SIGTERM or Ctrl-C: a checkpoint at the next step boundary, then a clean exit.
+
+Schedulers send SIGTERM some time before SIGKILL (Slurm, Kubernetes: 30 s by default), and a
+terminal's Ctrl-C sends SIGINT to every process of the job. The handler only records the
+signal; the training loop asks `StopRequest.agreed()` at its step boundaries, saves a
+checkpoint and raises `TrainingStopped`. A signal may reach one rank only, so several
+processes agree through one small all_reduce at the loss read-back points (which wait for the
+device anyway): every rank stops after the same step, within `train.loss_readback_every`
+steps of the signal. One process checks after every step. A second Ctrl-C stops at once,
+without saving; a copy that arrives within REPEAT_S of the first is not a second press:
+torchrun's agent forwards the signal that the terminal already sent to every worker.
+Under torchrun the agent SIGKILLs workers still running 30 s after it forwarded the signal,
+so `train.loss_readback_every` steps and a checkpoint write must take less than that.
+
+The process exits with 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), the
+code a shell gives a process that a signal ended, so a scheduler still sees an interrupted job.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.distributed import DistributedContext
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is torchrun forwarding it
+
+
+class TrainingStopped(Exception):
+    """The ranks agreed to stop on a signal; `checkpoint` is the run's newest (None: none yet)."""
+
+    def __init__(
+        self, signum: int, ranks: list[int], *, iteration: int, checkpoint: Path | None = None, world_size: int = 1
+    ):
+        super().__init__(signum, ranks, iteration)
+        self.signum, self.ranks, self.iteration = signum, ranks, iteration
+        self.checkpoint, self.world_size = checkpoint, world_size
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def sentence(self) -> str:
+        name = signal.Signals(self.signum).name
+        where = f" (received by rank {', '.join(map(str, self.ranks))})" if self.world_size > 1 else ""
+        kept = f"its newest checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
+        return f"stopped by {name}{where} after iteration {self.iteration}; {kept}: continue with --resume"
+
+
+class StopRequest:
+    """Records SIGTERM/SIGINT while installed; `agreed()` says, identically on every rank, whether to stop."""
+
+    def __init__(self, ctx: DistributedContext, readback_every: int):
+        self.ctx = ctx
+        self.readback_every = readback_every
+        self.signum = 0
+        self._received_at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; a caller elsewhere keeps its own handling
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:
+            if signum == signal.SIGINT and time.monotonic() - self._received_at >= REPEAT_S:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
+            return
+        self.signum, self._received_at = signum, time.monotonic()
+        when = "after this step" if not self.ctx.is_distributed else f"within {self.readback_every} steps"
+        log.warning(
+            "%s received: stopping %s with a checkpoint (Ctrl-C again stops at once, without saving)",
+            signal.Signals(signum).name, when,
+        )
+
+    def agreed(self, at_readback: bool) -> tuple[int, list[int]] | None:
+        """(signal, ranks that received it) when the ranks stop here, else None.
+
+        Every rank must call it with the same `at_readback`; with several ranks it only
+        decides (one all_reduce) at read-back points.
+        """
+        if not self.ctx.is_distributed:
+            return (self.signum, [0]) if self.signum else None
+        if not at_readback:
+            return None
+        flags = torch.zeros(self.ctx.world_size, dtype=torch.int32, device=self.ctx.device)
+        flags[self.ctx.rank] = self.signum
+        dist.all_reduce(flags)
+        received = [(rank, signum) for rank, signum in enumerate(flags.tolist()) if signum]
+        return (received[0][1], [rank for rank, _ in received]) if received else None
