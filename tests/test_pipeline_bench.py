@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,17 @@ def test_without_dali_the_torch_rows_run(train_shards, tmp_path, monkeypatch):
     assert bench_pipeline.main(args) == 0
     result = json.loads(out.read_text())
     assert result["backend"] == "torch" and set(result["rows"]) == {"torch_loader"}
+
+
+def test_sample_check_benchmark_measures_every_sample(train_shards, tmp_path):
+    out = tmp_path / "check.json"
+    repo = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "tools/bench_sample_check.py", "--data", str(train_shards), "--repeat", "1",
+                             "--json", str(out)], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["samples"] == json.loads((train_shards / "manifest.json").read_text())["samples"]
+    assert all(figures[f"{row}_us"] > 0 for row in ("crc32", "checked_decode", "unchecked_decode", "read_sample"))
+    missing = subprocess.run([sys.executable, "tools/bench_sample_check.py", "--data", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, cwd=repo)
+    assert missing.returncode == 2 and "no such shard folder" in missing.stderr
