@@ -11,7 +11,7 @@ from pipeline.collate import SampleRecord, make_batch, padded_count
 from pipeline.loader import build_loader
 from pipeline.shard_format import shard_name, write_manifest, write_shard
 from pipeline.shard_set import ShardReadError
-from pipeline_shards import data_config, write_drawn_shards
+from pipeline_shards import DRAWN_CATEGORIES, data_config, write_drawn_shards
 
 CPU = torch.device("cpu")
 
@@ -66,11 +66,18 @@ def test_a_sample_past_the_maxima_is_an_error_naming_the_sample():
 def test_loaders_pad_each_batch_to_its_own_count(tmp_path, backend):
     # Six drawn images with 1-3 instances; the first gets 20 boxes, so only its batch needs more than 16 slots.
     samples = write_drawn_shards(tmp_path / "drawn", [(60, 80)] * 6, samples_per_shard=6)
-    crowded = dataclasses.replace(samples[0], boxes=np.tile(samples[0].boxes[:1], (20, 1)), labels=np.ones(20, np.int32))
-    entry = write_shard(tmp_path / shard_name("train", "landscape", 0), [crowded, *samples[1:]])
-    maxima = {"max_instances": 20, "max_polygons": max(len(s.polys) for s in samples),
-              "max_vertices": max(len(s.verts) for s in samples)}
-    write_manifest(tmp_path, {"split": "train", "shards": [entry], "samples": 6, **maxima})
+    # Each of the 20 instances keeps a polygon of its own (the shard format requires one per instance).
+    first = samples[0].verts[samples[0].polys[0, 1] : samples[0].polys[0, 2]]
+    crowded = dataclasses.replace(
+        samples[0], boxes=np.tile(samples[0].boxes[:1], (20, 1)), labels=np.ones(20, np.int32),
+        polys=np.array([(i, i * len(first), (i + 1) * len(first)) for i in range(20)], np.int32),
+        verts=np.tile(first, (20, 1)),
+    )
+    stored = [crowded, *samples[1:]]
+    entry = write_shard(tmp_path / shard_name("train", "landscape", 0), stored)
+    maxima = {"max_instances": 20, "max_polygons": max(len(s.polys) for s in stored),
+              "max_vertices": max(len(s.verts) for s in stored)}
+    write_manifest(tmp_path, {"split": "train", "shards": [entry], "samples": 6, "categories": DRAWN_CATEGORIES, **maxima})
     loader = build_loader(data_config("data.flip_prob=0.0"), tmp_path, training=False, batch_size=3, backend=backend)
     slots = {crowded.image_id in b.image_ids.tolist(): b.boxes.shape[1] for b in loader}
     assert slots == {True: 20, False: 16}  # 20: the manifest's maximum caps the next power of two
