@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from model.synthetic import synthetic_batch
+from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
 from train import components
 from train.config import Config
@@ -165,8 +166,8 @@ class TrainingStep:
         return getattr(self.model, "module", self.model).static_part.replays
 
 
-def build_training_step(cfg: Config, ctx: DistributedContext, num_classes: int) -> TrainingStep:
-    model = components.build_training_model(cfg, ctx.device, num_classes)
+def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> TrainingStep:
+    model = components.build_training_model(cfg, ctx.device, categories)
     model.train()
     precision = resolve_precision(cfg.train.precision, ctx.device)
     scaler = make_grad_scaler(precision, ctx.device)
@@ -202,11 +203,12 @@ def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[s
 def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     images = cfg.solver.ims_per_batch // ctx.world_size
     manifest = read_manifest(Path(cfg.data.train_shards)) if cfg.data.train_shards else None
-    num_classes = len(manifest["categories"]) + 1 if manifest else cfg.model.num_classes
+    categories = manifest["categories"] if manifest else coco_categories()
+    num_classes = len(categories) + 1
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    step = build_training_step(cfg, ctx, num_classes)
+    step = build_training_step(cfg, ctx, categories)
     result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
                      replays=lambda: step.graph_replays)
     return {**result, "image_size": [height, width], "setup": step.setup}
@@ -215,7 +217,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     loader = components.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
-    step = build_training_step(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
+    step = build_training_step(cfg, ctx, components.categories_of(cfg.data.train_shards))
 
     def next_batch(lap: Callable[[str], None]) -> Any:
         batch = next(batches)
