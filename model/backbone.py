@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 # Bottleneck blocks per stage (res2..res5); depth = 3 * sum(blocks) + 2.
 BLOCKS_PER_STAGE = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 GROUP_NORM_GROUPS = 32
+NORMS = ("frozen_bn", "bn", "gn")  # what norm_layer_factory builds
 
 
 class BackboneError(ValueError):
@@ -38,7 +39,7 @@ def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
         return nn.BatchNorm2d
     if norm == "gn":
         return lambda channels: nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels)
-    raise BackboneError(f"model.backbone.norm must be frozen_bn, bn or gn, got {norm!r}")
+    raise BackboneError(f"model.backbone.norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:

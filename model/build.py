@@ -14,6 +14,11 @@ from model.normalization import InputNormalization, normalization
 from model.pooler import MultiLevelRoIAlign
 from model.roi_heads import RoIHeads, init_reference_heads
 from model.rpn import Anchors, RegionProposals
+from pipeline.coco_categories import COCO_CATEGORY_IDS
+
+# The class count (categories + background) is the data's: the trainer takes it from the shards'
+# manifest, the tools from the checkpoint. COCO's when nothing says otherwise.
+DEFAULT_NUM_CLASSES = len(COCO_CATEGORY_IDS) + 1
 
 
 def _plain(value: Any) -> Any:
@@ -25,11 +30,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) -> MaskRCNN:
-    """Mask R-CNN from the `model:` config section; `num_classes` (K+1 with background) overrides it."""
-    cfg = _plain(model_cfg)
-    if num_classes is not None:
-        cfg["num_classes"] = num_classes
+def build_model(model_cfg: Mapping[str, Any], num_classes: int = DEFAULT_NUM_CLASSES) -> MaskRCNN:
+    """Mask R-CNN from the `model:` config section for `num_classes` classes (K categories + background)."""
+    cfg = {**_plain(model_cfg), "num_classes": num_classes}
     bb, rpn, roi = cfg["backbone"], cfg["rpn"], cfg["roi_heads"]
     backbone = build_backbone(
         bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]

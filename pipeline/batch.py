@@ -10,8 +10,14 @@ padded at the bottom and right with zeros. The model normalizes them on the devi
 first op of its static part (model/normalization.py: channel order, mean and std are a
 property of the weights), and zeroes the padding after normalization, as the reference does.
 
-Ground truth is padded to fixed per-image maxima taken from the manifest, so every tensor has
-a static shape for a given bucket and the model can avoid host synchronization.
+Ground truth is padded per batch to one of a few fixed sizes (pipeline/collate.py
+`padded_count`): for boxes/labels (G), polygons (P) and vertices (V) alike, the batch's largest
+count rounded up to a power of two, at least 16, and at most the manifest's maximum (which no
+sample exceeds: a longer one is an error, never cut). On COCO (at most 93 instances) that is
+G = 16, 32, 64 or 93, where padding to the maximum made RPN matching and mask targets work on
+93 slots for batches whose fullest image has a dozen objects. Both backends pad with the same
+function, so their ground truth agrees exactly. Every shape is still static within a batch and
+the model never needs the host (`num_boxes`, `num_polys` mark the real rows).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ checkpoints' class outputs to contiguous class indices (model/weights.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 # The 80 COCO 2017 categories: (id, name, supercategory). Ids are sparse (1..90 with gaps).
 COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
@@ -39,3 +41,8 @@ COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
 # The ids alone, in contiguous order 1..80 (sorted by id): torchvision's COCO checkpoints
 # index their class outputs by these ids (91 outputs, gaps unused).
 COCO_CATEGORY_IDS: tuple[int, ...] = tuple(category_id for category_id, _, _ in COCO_CATEGORIES)
+
+
+def coco_categories() -> list[dict[str, Any]]:
+    """COCO's 80 categories as a shard manifest lists them: contiguous id 1..80, COCO id, name."""
+    return [{"id": i, "coco_id": cid, "name": name} for i, (cid, name, _) in enumerate(COCO_CATEGORIES, start=1)]

@@ -1,260 +1,183 @@
-"""The DALI backend: one pipeline per orientation group, read as a line of stages.
+"""The DALI backend: one pipeline that decodes and resizes what the epoch plan feeds it.
 
-`detection_pipeline` is the whole per-sample path: webdataset reader (this rank's range, seeded
-shuffle) -> one coin per image -> decode ("mixed" on the GPU, "cpu" without one) -> flip the
-image (flip), boxes and polygons (bb_flip, coord_flip), all with that coin -> resize (reference
-sizes, integer maths shared with the torch fallback) -> ground truth padded to the manifest's
-maxima. Images stay uint8 RGB: the model normalizes them on the device (pipeline/batch.py). Images are padded to their bucket in the one copy
-out of DALI's buffers (`transforms.pad_images`), which costs no extra pass over the pixels.
+`detection_pipeline` is the per-sample work on the pixels: JPEG bytes, each with its reference
+size and its flip coin, from an external source -> decode ("mixed" on the GPU, "cpu" without
+one) -> resize to that size, mirrored by the coin in the same pass (a region of interest from
+x = 1 to x = 0: no separate flip over the pixels). Images stay uint8 RGB: the model normalizes
+them on the device (pipeline/batch.py).
 
-`DaliLoader` runs one such pipeline per group, picks the group of each batch from the shared
-epoch plan (pipeline/sampling.py) and turns DALI's outputs into a `Batch` on the device.
-Pipelines are rebuilt every epoch with seeds derived from (seed, epoch, rank, group), so an
-epoch depends only on those, and a mid-epoch position is saved with DALI's own checkpoints.
+What to feed is the epoch plan both backends share (pipeline/sampling.py): which samples this
+rank reads, in which order, with which coin, and the group (orientation) of every batch. The
+samples are read by random access (pipeline/sample_reader.py) on the Python side, where their
+ground truth stays: `DaliLoader` scales, flips and pads it per batch with the code the torch
+fallback uses (pipeline/collate.py), and pads the images in the one copy out of DALI's buffers.
+So both backends yield the same samples with the same coins; one pipeline serves both
+orientation groups; a mid-epoch resume replays the plan from the saved position, with no DALI
+checkpoint; and the reference sizes are Python integers, not DALI arithmetic.
+
+Measured against the graph this replaced (docs/PERFORMANCE.md): a webdataset reader per group
+(two pipelines cost about 6% more CPU than one doing the same work), `peek_image_shape` and
+the size arithmetic, `fn.flip`, `bb_flip`/`coord_flip` and `fn.pad` to the manifest's maxima.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
+from collections import deque
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
+from pipeline.collate import SampleRecord, make_batch, sample_record
 from pipeline.loader_base import LoaderBase
-from pipeline.sampling import derive_seed, group_order, reader_shard
+from pipeline.sample_reader import SampleRef, read_sample, sample_refs
 from pipeline.settings import LoaderSettings
-from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
-from pipeline.shard_format import GROUPS
-from pipeline.torch_loader import find_undecodable_jpeg
-from pipeline.transforms import check_fits_bucket, pad_images, padded_shape, resized_size
-
-READER_NAME = "reader"
-COMPONENTS = ["jpg", "json", "boxes", "labels", "polys", "verts"]
-DTYPES = [types.UINT8, types.UINT8, types.FLOAT, types.INT32, types.INT32, types.FLOAT]
+from pipeline.shard_set import ShardReadError, ShardSet, shard_error
+from pipeline.timing import StageTimer
 
 
-def _as_float(*values: Any) -> Any:
-    return fn.cast(fn.stack(*values), dtype=types.FLOAT)
-
-
-@pipeline_def(enable_checkpointing=True)
-def detection_pipeline(
-    shards: GroupShards,
-    shard_id: int,
-    num_shards: int,
-    settings: LoaderSettings,
-    max_instances: int,
-    max_polygons: int,
-    max_vertices: int,
-    decode_on_gpu: bool,
-    output_on_gpu: bool,
-):
-    jpegs, meta, boxes, labels, polys, verts = fn.readers.webdataset(
-        paths=[str(p) for p in shards.tars],
-        index_paths=[str(p) for p in shards.indices],
-        ext=COMPONENTS,
-        dtypes=DTYPES,
-        missing_component_behavior="error",
-        shard_id=shard_id,
-        num_shards=num_shards,
-        stick_to_shard=True,  # the epoch plan moves ranks between ranges, one pipeline per epoch
-        pad_last_batch=True,  # every rank yields the same number of batches (repeats its last sample)
-        random_shuffle=settings.shuffle_buffer > 0,
-        initial_fill=max(min(settings.shuffle_buffer, shards.samples), 1),  # no use buffering more than the data
-        name=READER_NAME,
+@pipeline_def
+def detection_pipeline(source: Any, decode_on_gpu: bool, output_on_gpu: bool):
+    """`source()` -> one batch as (JPEG bytes, resize ROI (y0, x0, y1, x1) relative, (h, w) size); yields the images (uint8 HWC)."""
+    jpegs, roi, size = fn.external_source(
+        source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT]
     )
-    boxes = fn.reshape(boxes, shape=[-1, 4])
-    polys = fn.reshape(polys, shape=[-1, 3])
-    verts = fn.reshape(verts, shape=[-1, 2])
-
-    # The one random draw per image: image, boxes and polygons are flipped by the same coin.
-    coin = fn.random.coin_flip(probability=settings.flip_prob)
-
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # [h, w, c], from the JPEG header
-    height, width = shape[0], shape[1]
-    new_h, new_w = resized_size(height, width, settings.min_size, settings.max_size)
-
-    # Pixels, uint8 RGB throughout (the model normalizes on the device). COCO annotations refer
-    # to the stored pixel grid, so EXIF orientation is ignored. Flipping before the resize
-    # touches the small source image; padding happens in the one copy out of DALI.
+    # COCO annotations refer to the stored pixel grid, so EXIF orientation is ignored.
     images = fn.decoders.image(
         jpegs, device="mixed" if decode_on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
     )
-    images = fn.flip(images, horizontal=coin)
     images = fn.resize(
         images,
-        resize_x=fn.cast(new_w, dtype=types.FLOAT),
-        resize_y=fn.cast(new_h, dtype=types.FLOAT),
+        size=size,
+        roi_start=roi[0:2],
+        roi_end=roi[2:4],
+        roi_relative=True,
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
     if output_on_gpu and not decode_on_gpu:
         images = images.gpu()
+    return images
 
-    # Ground truth: flipped in relative coordinates (bb_flip/coord_flip map x -> 1 - x), then
-    # scaled to the resized image, which is x -> W - x in pixels.
-    boxes_rel = boxes / _as_float(width, height, width, height)
-    verts_rel = verts / _as_float(width, height)
-    boxes_rel = fn.bb_flip(boxes_rel, ltrb=True, horizontal=coin)
-    verts_rel = fn.coord_flip(verts_rel, layout="xy", flip_x=coin)
-    boxes = boxes_rel * _as_float(new_w, new_h, new_w, new_h)
-    verts = verts_rel * _as_float(new_w, new_h)
 
-    num_boxes = boxes.shape()[0]
-    num_polys = polys.shape()[0]
-    return (
-        images,
-        meta,
-        fn.stack(height, width),
-        fn.stack(new_h, new_w),
-        coin,
-        fn.pad(boxes, axes=(0,), shape=(max_instances,), fill_value=0.0),
-        fn.pad(labels, axes=(0,), shape=(max_instances,), fill_value=0),
-        num_boxes,
-        fn.pad(verts, axes=(0,), shape=(max_vertices,), fill_value=0.0),
-        fn.pad(polys, axes=(0,), shape=(max_polygons,), fill_value=-1),
-        num_polys,
-    )
+class PlanFeeder:
+    """The pipeline's external source: reads the plan's next batch and remembers its records.
+
+    DALI calls it up to `prefetch` batches ahead of the outputs; `fed` holds the records (and
+    JPEG bytes) of every batch fed but not yet taken, oldest first, which is the order DALI
+    returns them in.
+    """
+
+    def __init__(self, plan: list[list[tuple[str, int, bool]]], refs: dict[str, list[SampleRef]],
+                 settings: LoaderSettings, timer: StageTimer):
+        self._batches = iter(plan)
+        self.refs = refs
+        self.settings = settings
+        self.timer = timer
+        self.fed: deque[list[tuple[SampleRecord, np.ndarray]]] = deque()
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        entries = next(self._batches)  # StopIteration past the plan's end: DALI's end of data
+        with self.timer.measure("read"):
+            samples = [self._sample(group, position, flip) for group, position, flip in entries]
+        self.fed.append(samples)
+        rois = [np.array([0, 1, 1, 0] if r.flipped else [0, 0, 1, 1], np.float32) for r, _ in samples]
+        sizes = [np.array(r.resized, np.float32) for r, _ in samples]
+        return [jpeg for _, jpeg in samples], rois, sizes
+
+    def _sample(self, group: str, position: int, flip: bool) -> tuple[SampleRecord, np.ndarray]:
+        ref = self.refs[group][position]
+        sample = read_sample(ref)
+        record = sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size)
+        return record, np.frombuffer(sample.jpeg, dtype=np.uint8)
 
 
 class DaliLoader(LoaderBase):
     """Iterable over `Batch` for one rank; see pipeline/loader.py for the contract."""
 
-    HIDDEN_STAGES = ("read", "decode", "augment")  # run inside DALI's threads
+    HIDDEN_STAGES = ("decode", "augment")  # run inside DALI's threads
 
     def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
         """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
         super().__init__(shard_set, settings, **placement)
-        self._pipes: dict[str, Any] = {}
+        self.refs = sample_refs(shard_set)
 
-    def _backend_state(self) -> dict[str, Any]:
-        """Each group pipeline's DALI checkpoint."""
-        return {"checkpoints": {g: pipe.checkpoint() for g, pipe in self._pipes.items()}}
-
-    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
-        checkpoints = resume["checkpoints"] if resume is not None else {}
-        self._pipes = {
-            g: self._build(g, epoch, checkpoints.get(g)) for g in GROUPS if self.batches[g] > 0
-        }
-        for group in group_order(self.batches, self.seed, epoch)[start:]:
-            with self.timer.measure("wait"):
-                outputs = self._run(group)
-            with self.timer.measure("collate"):
-                batch = self._to_batch(outputs, group)
-            yield batch
-
-    def _build(self, group: str, epoch: int, checkpoint: str | None):
-        shards = self.shard_set.groups[group]
+    def epoch_pipeline(self, epoch: int, start: int = 0) -> tuple[Any, PlanFeeder, list[str]]:
+        """The built pipeline fed with `epoch`'s plan from batch `start`, its feeder, and each batch's group."""
+        plan = self._plan(epoch)[start:]
+        feeder = PlanFeeder(plan, self.refs, self.settings, self.timer)
         pipe = detection_pipeline(
-            shards=shards,
-            shard_id=reader_shard(self.rank, self.world_size, epoch, self.training),
-            num_shards=self.world_size,
-            settings=self.settings,
-            max_instances=max(self.shard_set.max_instances, 1),
-            max_polygons=max(self.shard_set.max_polygons, 1),
-            max_vertices=max(self.shard_set.max_vertices, 1),
+            source=feeder,
             decode_on_gpu=self.decode_on_device,
             output_on_gpu=self.device.type == "cuda",
             batch_size=self.batch_size,
             num_threads=self.settings.num_threads,
             device_id=self.device.index if self.device.type == "cuda" else None,
-            seed=derive_seed(self.seed, epoch, self.rank, GROUPS.index(group)),
             prefetch_queue_depth=self.settings.prefetch,
-            checkpoint=checkpoint,
         )
-        try:
-            pipe.build()
-        except RuntimeError as e:
-            raise _read_error(e, group, shards) from None
-        return pipe
+        pipe.build()
+        return pipe, feeder, [entries[0][0] for entries in plan]
 
-    def _run(self, group: str):
-        try:
-            return self._pipes[group].run()
-        except RuntimeError as e:
-            self._pipes.pop(group)  # a failed DALI pipeline cannot run again
-            raise _read_error(e, group, self.shard_set.groups[group]) from None
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """The epoch's plan from batch `start` on: a resume replays the plan, reading nothing before `start`."""
+        if start >= len(self):
+            return
+        pipe, feeder, groups = self.epoch_pipeline(epoch, start)
+        for group in groups:
+            with self.timer.measure("wait"):
+                images = _run(pipe, feeder)
+            with self.timer.measure("collate"):
+                batch = self._to_batch(images, [record for record, _ in feeder.fed.popleft()], group)
+            yield batch
 
-    def _to_batch(self, outputs, group: str) -> Batch:
-        images, meta, original, resized, coin, boxes, labels, num_boxes, verts, polys, num_polys = outputs
-        folder = self.shard_set.folder
-        host = {
-            "original": _dense(original, folder).int(),
-            "resized": _dense(resized, folder).int(),
-            "flipped": _dense(coin, folder).bool(),
-            "boxes": _dense(boxes, folder),
-            "labels": _dense(labels, folder).long(),
-            "num_boxes": _dense(num_boxes, folder).int(),
-            "verts": _dense(verts, folder),
-            "polys": _dense(polys, folder),
-            "num_polys": _dense(num_polys, folder).int(),
-        }
-        ids = torch.tensor([json.loads(np.asarray(meta[i]).tobytes())["image_id"] for i in range(len(meta))])
-        bucket = None if self.settings.buckets is None else self.settings.buckets[group]
-        if bucket is not None:
-            check_fits_bucket(host["resized"], bucket, ids)
-        shape = padded_shape(host["resized"], bucket, self.settings.size_divisibility)
-        host["polys"][..., 1:].clamp_(min=0)  # padding rows are (-1, 0, 0)
+    def _to_batch(self, images, records: list[SampleRecord], group: str) -> Batch:
         with self._on_copy_stream():
             # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
-            batch = Batch(
-                images=pad_images(
-                    [torch.from_dlpack(images[i]) for i in range(len(images))], shape, self.device, self._buffers
-                ),
-                image_sizes=host["resized"],
-                original_sizes=host["original"],
-                scales=host["resized"].float() / host["original"].float(),
-                flipped=host["flipped"],
-                image_ids=ids.long(),
-                boxes=host["boxes"],
-                labels=host["labels"],
-                num_boxes=host["num_boxes"],
-                verts=host["verts"],
-                polys=host["polys"].int(),
-                num_polys=host["num_polys"],
+            batch = make_batch(
+                records,
+                [torch.from_dlpack(images[i]) for i in range(len(images))],
+                maxima=self.maxima,
+                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+                size_divisibility=self.settings.size_divisibility,
+                device=self.device,
             ).to(self.device, non_blocking=True)
-        return self._hand_over(batch)
+        copies_done = self._copies_done()
+        if copies_done is not None:
+            # DALI reuses its output buffers once run() is called again, on its own stream, which
+            # nothing orders after this copy: the copy out must be over before then (a
+            # device-to-device copy of the batch, on a stream that holds nothing else).
+            copies_done.synchronize()
+        return self._hand_over(batch, copies_done)
 
 
-def _dense(tensor_list, folder: Path) -> torch.Tensor:
-    """Copy a uniform-shape CPU TensorList into a new torch tensor (DALI reuses its buffers)."""
-    if not tensor_list.is_dense_tensor():
-        # fn.pad never crops: ground truth longer than the manifest's maxima leaves ragged shapes.
-        raise ShardReadError(
-            f"{folder}/manifest.json: a sample has more instances, polygons or vertices than max_instances/"
-            f"max_polygons/max_vertices; re-run tools/shard_coco.py to rewrite the manifest"
-        )
-    dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype])
-    feed_ndarray(dense, out)
-    return out
+def _run(pipe: Any, feeder: PlanFeeder):
+    """The next batch's images; a DALI failure becomes one sentence naming the sample when it can be found."""
+    try:
+        (images,) = pipe.run()
+    except RuntimeError as e:
+        raise _decode_error(e, feeder) from None
+    return images
 
 
-_SOURCE = re.compile(r"(\S+?\.tar):\d+:(\d+)\.\w+")
-
-
-def _read_error(error: RuntimeError, group: str, shards: GroupShards) -> ShardReadError:
-    """One sentence from a DALI failure, naming the shard and sample key whenever they can be found."""
-    text = str(error)
+def _decode_error(error: RuntimeError, feeder: PlanFeeder) -> ShardReadError:
     lines = [
         line.strip()
-        for line in text.split("encountered:", 1)[-1].splitlines()
+        for line in str(error).split("encountered:", 1)[-1].splitlines()
         if line.strip() and "no longer valid" not in line and not line.strip().startswith("C++ context")
     ]
     detail = lines[0] if lines else "unknown DALI error"
-    source = _SOURCE.search(text)
-    if source:
-        return shard_error(source.group(1), f"DALI could not read or decode this sample ({detail})", source.group(2))
-    if "decoders.image" in text:
-        # DALI did not say which sample: find it with the Python reader (only on this error path).
-        bad = find_undecodable_jpeg(shards)
-        if bad is not None:
-            return shard_error(bad[0], f"the JPEG does not decode (DALI: {detail})", bad[1])
-    folder = shards.tars[0].parent
-    return shard_error(folder, f"DALI failed while reading the {group} shards ({detail})")
+    # DALI does not say which sample failed: find it among those fed (only on this error path).
+    for samples in feeder.fed:
+        for record, jpeg in samples:
+            try:
+                decode_jpeg(torch.from_numpy(jpeg.copy()), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                tar, key = record.source
+                return shard_error(tar, f"the JPEG does not decode (DALI: {detail})", key)
+    if not feeder.fed:
+        return ShardReadError(f"DALI failed ({detail})")
+    tar, key = feeder.fed[0][0][0].source
+    return shard_error(tar, f"DALI failed on a batch starting with this sample ({detail})", key)

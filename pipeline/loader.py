@@ -12,12 +12,13 @@ iteration:
   yielded earlier by the same rank: the evaluator dedupes by image id.
 - `state_dict()` / `load_state_dict()`: mid-epoch resume. After loading, the next iteration
   yields exactly the batches an uninterrupted epoch would have yielded after the saved position
-  (DALI: the group pipelines' own checkpoints; torch: the plan is replayed without decoding).
-  A state belongs to the backend that saved it. `set_epoch` with the saved epoch keeps it.
+  (both backends replay the epoch plan, pipeline/sampling.py, reading nothing before the
+  position). `set_epoch` with the saved epoch keeps it.
 - `timings()`: per-stage totals and per-image milliseconds (pipeline/timing.py).
 
-Batches belong to the consumer: they are copied out of the pipeline's buffers, and a CPU image
-buffer is recycled only once nothing references it any more (pipeline/buffers.py).
+Batches belong to the consumer: they are copied out of the pipeline's buffers into fresh
+tensors (pipeline/transforms.py `pad_images` says why a fresh CPU buffer costs no more than a
+reused one), so a batch may be kept as long as the consumer likes.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def build_loader(
     shard_set = open_shard_set(shard_dir)
     for group, shards in shard_set.groups.items():
         if 0 < shards.samples < world_size:
-            # DALI's readers need a sample for every rank; a rank with nothing to read cannot pad.
+            # The plan pads a rank's range by repeating its last sample; a rank with nothing to read cannot pad.
             raise ValueError(
                 f"{shard_dir}: the {group} group has {shards.samples} samples, fewer than the {world_size} ranks; "
                 f"use fewer ranks or more images"

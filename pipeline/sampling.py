@@ -11,16 +11,17 @@
 - Order: which group the next batch comes from is drawn in proportion to the batches each group
   has left (`group_order`), seeded by (seed, epoch) only, so every rank uses the same bucket
   shape at the same step.
+- `epoch_plan` puts it together for both backends: a rank's batches of an epoch as lists of
+  (group, sample position, flip coin), the permutation and the coins seeded by
+  (seed, epoch, rank, group), so an epoch depends on those alone and a resume replays it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed for one (seed, epoch, rank, ...) combination; DALI takes non-negative int seeds."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+from pipeline.shard_format import GROUPS
+from pipeline.shard_set import ShardSet
 
 
 def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
@@ -55,3 +56,35 @@ def group_order(batches: dict[str, int], seed: int, epoch: int) -> list[str]:
         remaining[group] -= 1
         order.append(group)
     return order
+
+
+def epoch_plan(
+    shard_set: ShardSet,
+    *,
+    training: bool,
+    flip_prob: float,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+) -> list[list[tuple[str, int, bool]]]:
+    """This rank's batches for an epoch: lists of (group, sample position, flip)."""
+    per_group: dict[str, list[list[tuple[str, int, bool]]]] = {}
+    batches = group_batches(shard_set.samples, world_size, batch_size)
+    for group_index, group in enumerate(GROUPS):
+        if not batches[group]:
+            continue
+        rng = np.random.default_rng([seed, epoch, rank, group_index])
+        positions = np.array(
+            shard_range(shard_set.groups[group].samples, reader_shard(rank, world_size, epoch, training), world_size)
+        )
+        if training:
+            positions = rng.permutation(positions)
+        total = batches[group] * batch_size
+        positions = np.concatenate([positions, np.full(total - len(positions), positions[-1])])
+        coins = rng.random(total) < flip_prob
+        entries = [(group, int(p), bool(c)) for p, c in zip(positions, coins)]
+        per_group[group] = [entries[i : i + batch_size] for i in range(0, total, batch_size)]
+    cursors = {g: iter(b) for g, b in per_group.items()}
+    return [next(cursors[g]) for g in group_order(batches, seed, epoch)]

@@ -2,7 +2,7 @@
 
 A shard set is a folder holding `manifest.json` and tars named `{split}-{group}-{NNNNNN}.tar`,
 each with its DALI index (`.idx`, the wds2idx v1.2 text format) beside it. A sample is a key
-(the zero-padded image id) and six components:
+(the zero-padded image id) and seven components:
 
   jpg     the original JPEG bytes
   json    {"image_id", "file_name", "height", "width"}
@@ -10,9 +10,21 @@ each with its DALI index (`.idx`, the wds2idx v1.2 text format) beside it. A sam
   labels  int32   [N]     contiguous category ids 1..K (the manifest maps them to COCO ids)
   polys   int32   [P, 3]  (instance index, first vertex, end vertex) into `verts`
   verts   float32 [V, 2]  polygon vertices (x, y) in the same coordinates as `boxes`
+  crc32   uint32  [6]     zlib.crc32 of each component above, in this order
 
 Arrays are headerless little-endian, so DALI's webdataset reader takes them with `dtypes`
 and the torch fallback with `np.frombuffer`; an empty array is a zero-byte member.
+
+What every sample satisfies, checked by `decode_sample` whenever a loader reads one (so damage
+that still parses stops the run instead of training on it, and the check exists once):
+- each component matches its crc32 (a flipped byte anywhere, pixels included);
+- the json decodes, and its image id is the sample's key;
+- one label per box, each in 1..K (K = the manifest's categories);
+- boxes finite, inside the image (up to BOX_TOLERANCE) and of positive width and height;
+- vertices finite; `polys` rows in instance order, every instance with at least one polygon,
+  each polygon at least 3 vertices, and together covering `verts` in order.
+Format 2 added the crc32 component; a folder of another format is refused with a request to
+re-shard.
 """
 
 from __future__ import annotations
@@ -20,27 +32,40 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, NamedTuple, Union
 
 import numpy as np
 
-FORMAT = "coco-wds/1"
+FORMAT = "coco-wds/2"
 MANIFEST_NAME = "manifest.json"
 GROUPS = ("landscape", "portrait")
 KEY_DIGITS = 12  # COCO file names use 12-digit zero-padded image ids
+SHARD_STEM = rf"[A-Za-z0-9_.]+-(?:{'|'.join(GROUPS)})-\d{{6}}"  # `{split}-{group}-{NNNNNN}`
+SHARD_NAME = re.compile(rf"{SHARD_STEM}\.tar")
+# The sharder clips boxes to the image exactly; the tolerance only absorbs float rounding in
+# other writers' arithmetic, while damage that still parses (a sign or exponent bit) lands far outside.
+BOX_TOLERANCE = 0.01  # pixels
 
-# Component -> (numpy dtype, shape of one row); `None` marks a non-array component.
+# Component -> (numpy dtype, shape of one row).
 ARRAY_COMPONENTS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "boxes": (np.dtype("<f4"), (4,)),
     "labels": (np.dtype("<i4"), ()),
     "polys": (np.dtype("<i4"), (3,)),
     "verts": (np.dtype("<f4"), (2,)),
 }
-COMPONENTS = ("jpg", "json", *ARRAY_COMPONENTS)
+CHECKED_COMPONENTS = ("jpg", "json", *ARRAY_COMPONENTS)  # what the crc32 component covers, in its order
+CHECKSUM = "crc32"
+CHECKSUM_DTYPE = np.dtype("<u4")
+COMPONENTS = (*CHECKED_COMPONENTS, CHECKSUM)
+
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]  # a component's bytes as a reader holds them
 
 
 class ShardFormatError(ValueError):
@@ -95,9 +120,18 @@ def encode_array(name: str, array: np.ndarray) -> bytes:
     return array.tobytes()
 
 
-def decode_array(name: str, data: bytes) -> np.ndarray:
+def decode_array(name: str, data: Buffer) -> np.ndarray:
     dtype, row = ARRAY_COMPONENTS[name]
+    row_bytes = dtype.itemsize * math.prod(row)
+    size = memoryview(data).nbytes
+    if size % row_bytes:
+        raise ShardFormatError(f"the {name} member has {size} bytes, not a whole number of {row_bytes}-byte rows")
     return np.frombuffer(data, dtype=dtype).reshape((-1, *row))
+
+
+def checksums(members: Mapping[str, Buffer]) -> bytes:
+    """The crc32 component: zlib.crc32 of each of CHECKED_COMPONENTS (tens of microseconds per image)."""
+    return np.array([zlib.crc32(members[c]) for c in CHECKED_COMPONENTS], CHECKSUM_DTYPE).tobytes()
 
 
 def encode_sample(sample: Sample) -> dict[str, bytes]:
@@ -111,23 +145,100 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
     members = {"jpg": sample.jpeg, "json": json.dumps(meta, sort_keys=True).encode()}
     for name in ARRAY_COMPONENTS:
         members[name] = encode_array(name, getattr(sample, name))
+    members[CHECKSUM] = checksums(members)
     return members
 
 
-def decode_sample(members: dict[str, bytes]) -> Sample:
-    """Inverse of `encode_sample`; `members` maps component names to bytes."""
+def decode_sample(members: Mapping[str, Buffer], key: str, num_categories: int) -> Sample:
+    """Inverse of `encode_sample`, after checking everything the module docstring lists.
+
+    `members` maps component names to their bytes, `key` is the sample's key in the tar and
+    `num_categories` the manifest's K. Raises ShardFormatError saying what is wrong, for the
+    caller to name the shard and key; both loaders and `--verify` read samples through here.
+    """
     missing = [c for c in COMPONENTS if c not in members]
     if missing:
-        raise ShardFormatError(f"sample is missing components {missing}")
-    meta = json.loads(members["json"])
-    return Sample(
-        image_id=int(meta["image_id"]),
-        file_name=str(meta["file_name"]),
-        height=int(meta["height"]),
-        width=int(meta["width"]),
+        raise ShardFormatError(f"the sample lacks the components {missing}")
+    _check_checksums(members)
+    sample = Sample(
+        **_decode_meta(members["json"], key),
         jpeg=bytes(members["jpg"]),
         **{name: decode_array(name, members[name]) for name in ARRAY_COMPONENTS},
     )
+    check_ground_truth(sample, num_categories)
+    return sample
+
+
+def _check_checksums(members: Mapping[str, Buffer]) -> None:
+    stored = members[CHECKSUM]
+    expected_size = CHECKSUM_DTYPE.itemsize * len(CHECKED_COMPONENTS)
+    if memoryview(stored).nbytes != expected_size:
+        raise ShardFormatError(
+            f"the {CHECKSUM} member has {memoryview(stored).nbytes} bytes, not {expected_size} (the shard is damaged)"
+        )
+    for component, crc in zip(CHECKED_COMPONENTS, np.frombuffer(stored, CHECKSUM_DTYPE)):
+        if zlib.crc32(members[component]) != crc:
+            raise ShardFormatError(f"the {component} member does not match its {CHECKSUM} (the shard is damaged)")
+
+
+_META_FIELDS = {"image_id": int, "file_name": str, "height": int, "width": int}
+
+
+def _decode_meta(data: Buffer, key: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(bytes(data))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ShardFormatError(f"the json member does not decode ({e})") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError("the json member is not an object")
+    for field, kind in _META_FIELDS.items():
+        if type(meta.get(field)) is not kind:  # `type`, so that true/false is no number
+            raise ShardFormatError(f"the json member lacks a valid {field!r}")
+    if meta["height"] < 1 or meta["width"] < 1:
+        raise ShardFormatError(f"the json member gives an image of {meta['width']}x{meta['height']} pixels")
+    if sample_key(meta["image_id"]) != key:
+        raise ShardFormatError(f"the json member names image {meta['image_id']}, not the sample's key")
+    return {field: meta[field] for field in _META_FIELDS}
+
+
+def check_ground_truth(sample: Sample, num_categories: int) -> None:
+    """The format's invariants on one sample's arrays; raises ShardFormatError naming the first one broken.
+
+    Written as few whole-array operations (and a plain loop over the few polygon rows), because
+    every loader runs it on every image it reads.
+    """
+    boxes, labels, polys, verts = sample.boxes, sample.labels, sample.polys, sample.verts
+    if len(labels) != len(boxes):
+        raise ShardFormatError(f"the sample has {len(labels)} labels for {len(boxes)} boxes")
+    if len(labels) and (labels.min() < 1 or labels.max() > num_categories):
+        outside = labels[(labels < 1) | (labels > num_categories)][0]
+        raise ShardFormatError(f"label {outside} is outside 1..{num_categories} (the manifest's categories)")
+    if len(boxes):
+        if not np.isfinite(boxes).all():
+            raise ShardFormatError("a box coordinate is not finite")
+        low, high = boxes[:, :2], boxes[:, 2:]
+        tolerance = BOX_TOLERANCE
+        if low.min() < -tolerance or high[:, 0].max() > sample.width + tolerance \
+                or high[:, 1].max() > sample.height + tolerance or (high <= low).any():
+            bad = (low < -tolerance).any(1) | (high > [sample.width + tolerance, sample.height + tolerance]).any(1) \
+                | (high <= low).any(1)
+            raise ShardFormatError(
+                f"box {boxes[bad][0].tolist()} (xyxy) is empty or outside the {sample.width}x{sample.height} image"
+            )
+    if len(verts) and not np.isfinite(verts).all():
+        raise ShardFormatError("a polygon vertex is not finite")
+    if not _polygon_rows_are_consistent(polys, len(labels), len(verts)):
+        raise ShardFormatError("the polys rows do not index the instances and vertices in order")
+
+
+def _polygon_rows_are_consistent(polys: np.ndarray, num_instances: int, num_verts: int) -> bool:
+    """Rows in instance order, every instance with a polygon of >= 3 vertices, covering `verts` in order."""
+    previous, cursor = -1, 0
+    for instance, first, end in polys.tolist():
+        if instance < 0 or instance - previous not in (0, 1) or first != cursor or end - first < 3:
+            return False
+        previous, cursor = instance, end
+    return previous == num_instances - 1 and cursor == num_verts
 
 
 def _tar_member(name: str, data: bytes) -> tarfile.TarInfo:
@@ -143,18 +254,22 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
     """Write one tar and its DALI index atomically; returns the manifest entry of the shard.
 
     Both files are written under temporary names and renamed only when complete, so a shard
-    appears under its final name only when it is whole.
+    appears under its final name only when it is whole; a failed write leaves neither behind.
     """
     path = Path(path)
     tmp_tar = path.with_name(path.name + ".tmp")
-    with open(tmp_tar, "wb") as raw:
-        hashed = _HashingWriter(raw)
-        index_rows = _write_tar(hashed, samples)
-    index_text = f"v1.2 {len(index_rows)}\n" + "".join(r + "\n" for r in index_rows)
     tmp_idx = path.with_name(index_name(path.name) + ".tmp")
-    tmp_idx.write_text(index_text)
-    os.replace(tmp_idx, path.with_name(index_name(path.name)))
-    os.replace(tmp_tar, path)
+    try:
+        with open(tmp_tar, "wb") as raw:
+            hashed = _HashingWriter(raw)
+            index_rows = _write_tar(hashed, samples)
+        tmp_idx.write_text(f"v1.2 {len(index_rows)}\n" + "".join(r + "\n" for r in index_rows))
+        os.replace(tmp_idx, path.with_name(index_name(path.name)))
+        os.replace(tmp_tar, path)
+    except BaseException:
+        tmp_tar.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
+        raise
     return {
         "name": path.name,
         "group": path.name.split("-")[-2],
@@ -203,22 +318,46 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_index(path: Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a wds2idx v1.2 index: per sample, component -> (offset, size)."""
-    lines = Path(path).read_text().splitlines()
-    if not lines or not lines[0].startswith("v1.2 "):
-        raise ShardFormatError(f"{path}: not a wds2idx v1.2 index; re-run tools/shard_coco.py")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) % 4:
-            raise ShardFormatError(f"{path}: malformed index line {line!r}; re-run tools/shard_coco.py")
-        samples.append(
-            {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-        )
-    if len(samples) != int(lines[0].split()[1]):
-        raise ShardFormatError(f"{path}: header says {lines[0].split()[1]} samples, found {len(samples)}")
-    return samples
+class IndexRow(NamedTuple):
+    """One sample of a wds2idx index: its key, and component -> (data offset, size) in the tar."""
+
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+def read_index(path: Path) -> list[IndexRow]:
+    """Parse a wds2idx v1.2 index (lines of `component offset size member-name` quadruples)."""
+    fix = "re-run tools/shard_coco.py"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path}: cannot read the index ({e}); {fix}") from None
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != "v1.2" or not header[1].isdecimal():
+        raise ShardFormatError(f"{path}: not a wds2idx v1.2 index; {fix}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        row = _parse_index_line(line)
+        if row is None:
+            raise ShardFormatError(f"{path}: line {number} is not a valid index line ({line[:60]!r}); {fix}")
+        rows.append(row)
+    if len(rows) != int(header[1]):
+        raise ShardFormatError(f"{path}: header says {header[1]} samples, found {len(rows)}; {fix}")
+    return rows
+
+
+def _parse_index_line(line: str) -> IndexRow | None:
+    fields = line.split()
+    if not fields or len(fields) % 4:
+        return None
+    members = {}
+    keys = set()
+    for component, offset, size, member in zip(*[iter(fields)] * 4):
+        if not (offset.isdecimal() and size.isdecimal()) or not member.endswith("." + component):
+            return None
+        members[component] = (int(offset), int(size))
+        keys.add(member[: -len(component) - 1])
+    return IndexRow(keys.pop(), members) if len(keys) == 1 and len(members) == len(fields) // 4 else None
 
 
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
@@ -230,14 +369,53 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShardFormatError(f"{path} is missing; create the shards with tools/shard_coco.py")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/shard_coco.py") from e
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ShardFormatError(f"cannot read {path} ({e.strerror}); make it readable") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/shard_coco.py") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ShardFormatError(
-            f"{path} has format {manifest.get('format')!r}, this code reads {FORMAT!r}; re-shard with tools/shard_coco.py"
+            f"{path} has format {found!r}, this code reads {FORMAT!r}; re-shard with tools/shard_coco.py"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardFormatError(f"{path}: {problem} (edited, or written by another tool?); re-shard with tools/shard_coco.py")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest unusable to the readers, or None: the fields they rely on, with their types."""
+    for field in ("samples", "max_instances", "max_polygons", "max_vertices"):
+        if not _is_count(manifest.get(field)):
+            return f"{field!r} is missing or not a count"
+    categories = manifest.get("categories")
+    if not isinstance(categories, list) or not categories:
+        return "'categories' is missing or empty"
+    for number, category in enumerate(categories, start=1):
+        if not isinstance(category, dict) or category.get("id") != number or type(category.get("coco_id")) is not int \
+                or not isinstance(category.get("name"), str):
+            return f"category {number} is not {{'id': {number}, 'coco_id': int, 'name': str}}"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is missing or not a list"
+    for entry in shards:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or entry.get("group") != name.split("-")[-2]:
+            return f"shard entry {name!r} has no valid name and group"
+        for field in ("samples", "bytes"):
+            if not _is_count(entry.get(field)):
+                return f"shard {name}: {field!r} is missing or not a count"
+        if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            return f"shard {name}: 'sha256' is missing or not 64 hex digits"
+    if sum(entry["samples"] for entry in shards) != manifest["samples"]:
+        return f"'samples' is {manifest['samples']} but the shards hold {sum(e['samples'] for e in shards)}"
+    return None
 
 
 def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:

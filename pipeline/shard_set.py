@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.shard_format import GROUPS, ShardFormatError, index_name, read_index, read_manifest
+from pipeline.shard_format import GROUPS, IndexRow, ShardFormatError, index_name, read_index, read_manifest
 
 VERIFY_HINT = "re-run tools/shard_coco.py --verify --out {folder} (and re-shard if it fails)"
 
@@ -69,6 +69,11 @@ class ShardSet:
     def max_vertices(self) -> int:
         return int(self.manifest["max_vertices"])
 
+    @property
+    def num_categories(self) -> int:
+        """K: every stored label is in 1..K."""
+        return len(self.manifest["categories"])
+
 
 def open_shard_set(folder: str | Path) -> ShardSet:
     """Read the manifest and run the cheap consistency checks; raises ShardReadError naming the bad file."""
@@ -81,11 +86,6 @@ def open_shard_set(folder: str | Path) -> ShardSet:
     if not entries:
         raise ShardReadError(
             f"{folder}/manifest.json lists no shards (empty shard folder); re-run tools/shard_coco.py to write them"
-        )
-    missing = [k for k in ("max_instances", "max_polygons", "max_vertices") if k not in manifest]
-    if missing:
-        raise ShardReadError(
-            f"{folder}/manifest.json lacks {', '.join(missing)} (written by an older sharder); re-run tools/shard_coco.py"
         )
     groups: dict[str, tuple[list[Path], list[int]]] = {g: ([], []) for g in GROUPS}
     for entry in entries:
@@ -120,22 +120,22 @@ def _check_shard(tar: Path, entry: dict[str, Any]) -> None:
         _check_index_matches_tar(tar, index, samples, size)
 
 
-def _check_index_matches_tar(tar: Path, index: Path, samples: list, size: int) -> None:
+def _check_index_matches_tar(tar: Path, index: Path, samples: list[IndexRow], size: int) -> None:
     """Every member must lie inside the tar, and the first and last must sit where the index says.
 
     Reading two tar headers is enough to catch an index written for another tar without
     scanning the shard (the full member-by-member check is `--verify`).
     """
-    end = max(offset + length for sample in samples for offset, length in sample.values())
+    end = max(offset + length for sample in samples for offset, length in sample.members.values())
     if end > size:
         raise shard_error(index, f"the index points past the end of {tar.name} (byte {end} of {size})")
     with open(tar, "rb") as f:
         for sample in (samples[0], samples[-1]):
-            component, (offset, length) = next(iter(sample.items()))
+            component, (offset, length) = next(iter(sample.members.items()))
             f.seek(offset - tarfile.BLOCKSIZE)
             try:
                 header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
             except tarfile.TarError:
                 header = None
-            if header is None or header.size != length or not header.name.endswith("." + component):
+            if header is None or header.size != length or header.name != f"{sample.key}.{component}":
                 raise shard_error(index, f"the index does not match the members of {tar.name}")

@@ -112,14 +112,28 @@ def make_synthetic_coco(
         for instance in scene.instances:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **instance})
 
+    return write_instances_json(
+        out_dir, split, f"synthetic COCO-format set, split {split}, seed {seed}", images, annotations, categories
+    )
+
+
+def write_instances_json(
+    out_dir: Path,
+    split: str,
+    description: str,
+    images: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    categories: list[dict[str, Any]],
+) -> Path:
+    """Write `out_dir/instances_<split>.json` in COCO's layout; returns its path."""
     dataset = {
-        "info": {"description": f"synthetic COCO-format set, split {split}, seed {seed}", "version": "1.0"},
+        "info": {"description": description, "version": "1.0"},
         "licenses": [{"id": 1, "name": "CC0", "url": ""}],
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
-    json_path = out_dir / f"instances_{split}.json"
+    json_path = Path(out_dir) / f"instances_{split}.json"
     json_path.write_text(json.dumps(dataset))
     return json_path
 
@@ -248,7 +262,7 @@ def _place(
     return None
 
 
-def _shape(rng: np.random.Generator, kind: str, cx: float, cy: float, rx: float, ry: float) -> list[float]:
+def polygon_shape(rng: np.random.Generator, kind: str, cx: float, cy: float, rx: float, ry: float) -> list[float]:
     """A polygon as COCO's flat [x0, y0, x1, y1, ...] list, vertices rounded to 2 decimals."""
     if kind == "rectangle":
         points = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
@@ -292,30 +306,39 @@ def _add_object(
     if corner is None:
         return
     x0, y0 = corner
-    kind = str(rng.choice(["rectangle", "star", "ellipse"]))
-    if box_w > 24 and rng.random() < 0.25:  # multi-part: two pieces side by side, one instance
-        half = box_w / 2
-        polygons = [
-            _shape(rng, kind, x0 + half * 0.45, y0 + box_h / 2, half * 0.42, box_h / 2),
-            _shape(rng, kind, x0 + half * 1.55, y0 + box_h / 2, half * 0.42, box_h / 2),
-        ]
-    else:
-        polygons = [_shape(rng, kind, x0 + box_w / 2, y0 + box_h / 2, box_w / 2, box_h / 2)]
+    polygons = object_polygons(rng, x0, y0, box_w, box_h, multipart_prob=0.25)
     class_index = int(rng.integers(options.num_classes))
     _paint(scene, _rasterize(polygons, scene.height, scene.width), class_index, options.num_classes)
+    scene.instances.append(polygon_annotation(polygons, scene.height, scene.width, categories[class_index]["id"]))
 
-    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, scene.height, scene.width))
+
+def object_polygons(
+    rng: np.random.Generator, x0: float, y0: float, box_w: float, box_h: float, multipart_prob: float
+) -> list[list[float]]:
+    """One object's polygons filling the box at (x0, y0): a rectangle, star or ellipse, sometimes
+    (boxes over 24 pixels wide, with `multipart_prob`) two pieces side by side."""
+    kind = str(rng.choice(["rectangle", "star", "ellipse"]))
+    if box_w > 24 and rng.random() < multipart_prob:
+        half = box_w / 2
+        return [
+            polygon_shape(rng, kind, x0 + half * 0.45, y0 + box_h / 2, half * 0.42, box_h / 2),
+            polygon_shape(rng, kind, x0 + half * 1.55, y0 + box_h / 2, half * 0.42, box_h / 2),
+        ]
+    return [polygon_shape(rng, kind, x0 + box_w / 2, y0 + box_h / 2, box_w / 2, box_h / 2)]
+
+
+def polygon_annotation(polygons: list[list[float]], height: int, width: int, category_id: int) -> dict[str, Any]:
+    """A non-crowd COCO annotation (without ids): `bbox` the polygons' extent, `area` their mask's pixels."""
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     xs = [v for p in polygons for v in p[0::2]]
     ys = [v for p in polygons for v in p[1::2]]
-    scene.instances.append(
-        {
-            "category_id": categories[class_index]["id"],
-            "segmentation": polygons,
-            "area": float(mask_utils.area(rle)),
-            "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-            "iscrowd": 0,
-        }
-    )
+    return {
+        "category_id": category_id,
+        "segmentation": polygons,
+        "area": float(mask_utils.area(rle)),
+        "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
+        "iscrowd": 0,
+    }
 
 
 def _add_crowd(
@@ -330,7 +353,7 @@ def _add_crowd(
     x0, y0 = corner
     radius = max(2.0, short / 40)
     blobs = [
-        _shape(rng, "ellipse", x0 + rng.uniform(radius, box_w - radius), y0 + rng.uniform(radius, box_h - radius),
+        polygon_shape(rng, "ellipse", x0 + rng.uniform(radius, box_w - radius), y0 + rng.uniform(radius, box_h - radius),
                radius, radius)
         for _ in range(int(rng.integers(8, 16)))
     ]

@@ -2,9 +2,11 @@
 
 Stages: `read` (bytes from the shards), `decode` (JPEG -> pixels), `augment` (flip, resize,
 pad), `collate` (batch assembly and the copy to the device) and `wait` (time the
-consumer spent blocked waiting for the next batch). Stages that run inside DALI's own threads are
-not visible to Python: for the DALI backend they are reported as None, and `wait` holds what
-they cost the consumer after prefetching; `tools/bench_pipeline.py` measures them separately.
+consumer spent blocked waiting for the next batch). Stages that run inside DALI's own threads
+(decode, augment) are not visible to Python: for the DALI backend they are reported as None,
+and `wait` holds what they cost the consumer after prefetching (with the reads of the batches
+fed meanwhile, which happen on the consumer's thread); `tools/bench_pipeline.py --stages`
+measures them separately.
 """
 
 from __future__ import annotations

@@ -1,92 +1,33 @@
 """The torch fallback: the same `Batch` contract without DALI, and the in-repo baseline for benchmarks.
 
 Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
-when the training device is CUDA) -> flip image, boxes and polygons with one coin -> resize
-(pipeline/transforms.py) -> pad, in uint8; DataLoader workers do the per-sample work.
+when the training device is CUDA) -> flip and resize the image with the sample's coin
+(pipeline/transforms.py) -> scale, flip and pad the ground truth and pad the images per batch
+(pipeline/collate.py, the code the DALI backend uses), in uint8. DataLoader workers do the
+per-sample work on the CPU; a producer thread (pipeline/prefetch.py) finishes each batch
+(the GPU decode and resize when the device is CUDA, the padding, the copies to the device, on
+a side stream) up to `data.prefetch` batches ahead of the training thread.
 
-Samples are read by random access with the shards' DALI indices (`.idx` offsets) rather than
-streamed with the `webdataset` library: an exact per-epoch permutation, the same per-rank
-sample ranges as DALI's readers, and a mid-epoch resume that skips batches without reading
-them all need random access, which a tar stream cannot give.
+Which samples, in which order and with which coins, is the epoch plan both backends share
+(pipeline/sampling.py); samples are read by random access (pipeline/sample_reader.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch
-from pipeline.buffers import BufferPool
+from pipeline.collate import make_batch, sample_record
 from pipeline.loader_base import LoaderBase
-from pipeline.sampling import group_batches, group_order, reader_shard, shard_range
+from pipeline.prefetch import prefetched
+from pipeline.sample_reader import SampleRef, read_sample, sample_refs
 from pipeline.settings import LoaderSettings
-from pipeline.shard_format import GROUPS, ShardFormatError, decode_sample, read_index
-from pipeline.shard_set import GroupShards, ShardReadError, ShardSet, shard_error
-from pipeline.transforms import (
-    check_fits_bucket,
-    flip_boxes,
-    flip_vertices,
-    pad_images,
-    padded_shape,
-    resized_size,
-    scale_boxes,
-    scale_vertices,
-    transform_image,
-)
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's components sit: its tar and component -> (offset, size) from the index."""
-
-    tar: Path
-    members: dict[str, tuple[int, int]]
-
-
-def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
-    """Every sample of each group, in the order DALI's reader numbers them (shard order, then index order)."""
-    return {
-        group: [SampleRef(tar, sample) for tar, index in zip(shards.tars, shards.indices) for sample in read_index(index)]
-        for group, shards in shard_set.groups.items()
-    }
-
-
-def epoch_plan(
-    shard_set: ShardSet,
-    *,
-    training: bool,
-    flip_prob: float,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-) -> list[list[tuple[str, int, bool]]]:
-    """This rank's batches for an epoch: lists of (group, sample position, flip)."""
-    per_group: dict[str, list[list[tuple[str, int, bool]]]] = {}
-    batches = group_batches(shard_set.samples, world_size, batch_size)
-    for group_index, group in enumerate(GROUPS):
-        if not batches[group]:
-            continue
-        rng = np.random.default_rng([seed, epoch, rank, group_index])
-        positions = np.array(
-            shard_range(shard_set.groups[group].samples, reader_shard(rank, world_size, epoch, training), world_size)
-        )
-        if training:
-            positions = rng.permutation(positions)
-        total = batches[group] * batch_size
-        positions = np.concatenate([positions, np.full(total - len(positions), positions[-1])])
-        coins = rng.random(total) < flip_prob
-        entries = [(group, int(p), bool(c)) for p, c in zip(positions, coins)]
-        per_group[group] = [entries[i : i + batch_size] for i in range(0, total, batch_size)]
-    cursors = {g: iter(b) for g, b in per_group.items()}
-    return [next(cursors[g]) for g in group_order(batches, seed, epoch)]
+from pipeline.shard_set import ShardReadError, ShardSet, shard_error
+from pipeline.transforms import transform_image
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -107,60 +48,19 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
         start = time.perf_counter()
-        sample = _read_sample(ref)
-        height, width = sample.height, sample.width
-        new_h, new_w = resized_size(height, width, self.settings.min_size, self.settings.max_size)
-        sx, sy = new_w / width, new_h / height
-        boxes = scale_boxes(torch.from_numpy(sample.boxes.copy()), sx, sy)
-        verts = scale_vertices(torch.from_numpy(sample.verts.copy()), sx, sy)
-        if flip:
-            boxes, verts = flip_boxes(boxes, new_w), flip_vertices(verts, new_w)
+        sample = read_sample(ref)
         out = {
-            "image_id": sample.image_id,
-            "original": (height, width),
-            "resized": (new_h, new_w),
-            "flipped": flip,
-            "boxes": boxes,
-            "labels": torch.from_numpy(sample.labels.astype(np.int64)),
-            "verts": verts,
-            "polys": torch.from_numpy(sample.polys.copy()),
+            "record": sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size),
             "jpeg": torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8),
-            "source": (ref.tar, sample.key),
             "times": {"read": time.perf_counter() - start},
         }
         if self.decode:
-            decode_and_transform([out], self.settings, torch.device("cpu"))
+            decode_and_transform([out], torch.device("cpu"))
         return out
 
 
-def _read_sample(ref: SampleRef):
-    try:
-        with open(ref.tar, "rb") as f:
-            members = {}
-            for component, (offset, size) in ref.members.items():
-                f.seek(offset)
-                members[component] = f.read(size)
-        if any(len(members[c]) != ref.members[c][1] for c in members):
-            raise ShardFormatError("the tar ends before a member the index lists")
-        return decode_sample(members)
-    except (OSError, ValueError) as e:
-        raise shard_error(ref.tar, f"cannot read this sample ({e})") from None
-
-
-def find_undecodable_jpeg(shards: GroupShards) -> tuple[Path, str] | None:
-    """(tar, sample key) of the first JPEG in `shards` that torchvision cannot decode, if any."""
-    for tar, index in zip(shards.tars, shards.indices):
-        for members in read_index(index):
-            sample = _read_sample(SampleRef(tar, members))
-            try:
-                decode_jpeg(torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                return tar, sample.key
-    return None
-
-
-def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings, device: torch.device) -> None:
-    """Decode each sample's JPEG on `device` (batched on CUDA) and apply flip and resize in place."""
+def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) -> None:
+    """Decode each sample's JPEG on `device` (batched on CUDA) and apply its flip and resize, in place."""
     start = time.perf_counter()
     try:
         images = decode_jpeg([s["jpeg"] for s in samples], mode=ImageReadMode.RGB, device=device)
@@ -168,10 +68,11 @@ def decode_and_transform(samples: list[dict[str, Any]], settings: LoaderSettings
         images = [_decode_one(s, device) for s in samples]  # find and name the sample that fails
     decoded = time.perf_counter()
     for sample, image in zip(samples, images):
-        if tuple(image.shape[1:]) != sample["original"]:
-            tar, key = sample["source"]
-            raise shard_error(tar, f"the JPEG is {tuple(image.shape[1:])} but its json says {sample['original']}", key)
-        sample["image"] = transform_image(image, sample["resized"], sample["flipped"])
+        record = sample["record"]
+        if tuple(image.shape[1:]) != record.original:
+            tar, key = record.source
+            raise shard_error(tar, f"the JPEG is {tuple(image.shape[1:])} but its json says {record.original}", key)
+        sample["image"] = transform_image(image, record.resized, record.flipped)
         del sample["jpeg"]
     per_sample = 1.0 / len(samples)
     for sample in samples:
@@ -183,61 +84,13 @@ def _decode_one(sample: dict[str, Any], device: torch.device) -> torch.Tensor:
     try:
         return decode_jpeg(sample["jpeg"], mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:
-        tar, key = sample["source"]
+        tar, key = sample["record"].source
         raise shard_error(tar, f"the JPEG does not decode ({e})", key) from None
 
 
 def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep the samples as a list; images are padded once they exist (after a GPU decode, if any)."""
     return samples
-
-
-def pad_batch(
-    samples: list[dict[str, Any]],
-    settings: LoaderSettings,
-    bucket: tuple[int, int] | None,
-    maxima: tuple[int, int, int],
-    buffers: BufferPool | None = None,
-) -> Batch:
-    """Pad images (to the bucket, or the batch's largest size rounded up) and ground truth (to the maxima)."""
-    max_instances, max_polygons, max_vertices = maxima
-    for s in samples:
-        if len(s["boxes"]) > max_instances or len(s["polys"]) > max_polygons or len(s["verts"]) > max_vertices:
-            tar, key = s["source"]
-            raise shard_error(tar, "the sample has more instances, polygons or vertices than manifest.json's maxima", key)
-    original = torch.tensor([s["original"] for s in samples], dtype=torch.int32)
-    resized = torch.tensor([s["resized"] for s in samples], dtype=torch.int32)
-    image_ids = torch.tensor([s["image_id"] for s in samples], dtype=torch.int64)
-    if bucket is not None:
-        check_fits_bucket(resized, bucket, image_ids)
-    shape = padded_shape(resized, bucket, settings.size_divisibility)
-    images = pad_images([s["image"] for s in samples], shape, samples[0]["image"].device, buffers)
-
-    def padded(name: str, rows: int, fill: float) -> torch.Tensor:
-        first = samples[0][name]
-        out = first.new_full((len(samples), rows, *first.shape[1:]), fill)
-        for i, s in enumerate(samples):
-            out[i, : len(s[name])] = s[name]
-        return out
-
-    num_boxes = torch.tensor([len(s["boxes"]) for s in samples], dtype=torch.int32)
-    num_polys = torch.tensor([len(s["polys"]) for s in samples], dtype=torch.int32)
-    polys = padded("polys", max_polygons, 0)
-    polys[..., 0][torch.arange(max_polygons) >= num_polys[:, None]] = -1  # padding rows are (-1, 0, 0)
-    return Batch(
-        images=images,
-        image_sizes=resized,
-        original_sizes=original,
-        scales=resized.float() / original.float(),
-        flipped=torch.tensor([s["flipped"] for s in samples]),
-        image_ids=image_ids,
-        boxes=padded("boxes", max_instances, 0.0),
-        labels=padded("labels", max_instances, 0),
-        num_boxes=num_boxes,
-        verts=padded("verts", max_vertices, 0.0),
-        polys=polys.int(),
-        num_polys=num_polys,
-    )
 
 
 class _PlanSampler:
@@ -259,7 +112,6 @@ class TorchLoader(LoaderBase):
     def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
         """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
         super().__init__(shard_set, settings, **placement)
-        self.maxima = tuple(max(m, 1) for m in (shard_set.max_instances, shard_set.max_polygons, shard_set.max_vertices))
         self._sampler = _PlanSampler()
         workers = settings.num_threads
         self._loader = torch.utils.data.DataLoader(
@@ -271,37 +123,48 @@ class TorchLoader(LoaderBase):
             prefetch_factor=settings.prefetch if workers > 0 else None,
         )
 
-    def _epoch_batches(self, epoch: int, start: int, resume: dict[str, Any] | None) -> Iterator[Batch]:
-        """The epoch's plan from batch `start` on: a resume replays the plan, skipping batches without decoding."""
-        plan = epoch_plan(
-            self.shard_set,
-            training=self.training,
-            flip_prob=self.settings.flip_prob,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=epoch,
-        )
-        self._sampler.batches = plan[start:]
-        batches = iter(self._loader)
-        for entries in self._sampler.batches:
-            with self.timer.measure("wait"):
-                samples = next(batches)
-            yield self._finish(samples, entries[0][0])
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """The epoch's plan from batch `start` on: a resume replays the plan, skipping batches without decoding.
 
-    def _finish(self, samples: list[dict[str, Any]], group: str) -> Batch:
+        Batches are finished on the producer thread; the position the loader saves counts the
+        batches handed over here, so a state taken mid-epoch never skips the prefetched ones.
+        """
+        self._sampler.batches = self._plan(epoch)[start:]
+        groups = [entries[0][0] for entries in self._sampler.batches]
+        # The worker processes start (fork) here, on the consumer's thread, not on the producer's.
+        samples = iter(self._loader)
+        ready = prefetched(
+            lambda: (self._finish(next(samples), group) for group in groups),
+            depth=self.settings.prefetch,
+            context=self._on_copy_stream,
+        )
+        try:
+            while True:
+                with self.timer.measure("wait"):
+                    item = next(ready, None)
+                if item is None:
+                    return
+                yield self._hand_over(*item)
+        finally:
+            ready.close()
+
+    def _finish(self, samples: list[dict[str, Any]], group: str) -> tuple[Batch, Any]:
+        """On the producer thread, inside `_on_copy_stream`: the batch on the device, and its copies' event."""
         for s in samples:
             if "error" in s:
                 raise s["error"]
-        with self._on_copy_stream():
-            if self.decode_on_device:
-                decode_and_transform(samples, self.settings, self.device)
-            for s in samples:
-                for stage, seconds in s["times"].items():
-                    self.timer.add(stage, seconds)
-            bucket = None if self.settings.buckets is None else self.settings.buckets[group]
-            with self.timer.measure("collate"):
-                batch = pad_batch(samples, self.settings, bucket, self.maxima, self._buffers)
-                batch = batch.to(self.device, non_blocking=True)
-        return self._hand_over(batch)
+        if self.decode_on_device:
+            decode_and_transform(samples, self.device)
+        for s in samples:
+            for stage, seconds in s["times"].items():
+                self.timer.add(stage, seconds)
+        with self.timer.measure("collate"):
+            batch = make_batch(
+                [s["record"] for s in samples],
+                [s["image"] for s in samples],
+                maxima=self.maxima,
+                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+                size_divisibility=self.settings.size_divisibility,
+                device=self.device,
+            ).to(self.device, non_blocking=True)
+        return batch, self._copies_done()

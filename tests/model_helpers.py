@@ -21,6 +21,14 @@ TINY = [
 ]
 
 
+# The demo config shrunk to 64x80 images, batches of 2 and one thread: a train/main.py run in seconds.
+TINY_RUN = [
+    "data.min_size=64", "data.max_size=80", "data.buckets=[[64, 80], [80, 64]]", "data.num_threads=1",
+    "data.backend=torch", "solver.ims_per_batch=2", "eval.ims_per_batch=2", "eval.num_workers=0",
+    "train.checkpoint_every=100", "train.num_threads=1",
+]
+
+
 def model_config(*overrides: str):
     return load_config("configs/reference.yaml", list(overrides)).model
 
@@ -61,3 +69,16 @@ def batch_from(images: torch.Tensor, boxes: list[list[list[float]]], labels: lis
         polys=polys,
         num_polys=num_polys,
     )
+
+
+def random_checkpoint(folder, config, categories, seed: int = 0):
+    """A trainer checkpoint (train/checkpoint.py) of a randomly initialized model of `config`
+    for `categories` (manifest style): it carries its config and categories, as a real run's does."""
+    from model import build_model
+    from train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model(config.model, num_classes=len(categories) + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return save_checkpoint(folder, model=model, optimizer=optimizer, scaler=None, iteration=7, epoch=1,
+                           loader_state=None, config=config, categories=list(categories))

@@ -18,6 +18,10 @@ from train.config import load_config
 REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
 
 
+# The manifest categories of drawn samples, whose labels are 1..3.
+DRAWN_CATEGORIES = [{"id": i, "coco_id": i, "name": f"class {i}"} for i in (1, 2, 3)]
+
+
 def data_config(*overrides: str):
     """The reference `data` section with small sizes and one worker thread, plus `overrides`."""
     base = ["data.min_size=96", "data.max_size=160", "data.num_threads=1", "data.shuffle_buffer=8"]
@@ -87,6 +91,7 @@ def write_drawn_shards(
             "max_instances": max(len(s.labels) for s in samples),
             "max_polygons": max(len(s.polys) for s in samples),
             "max_vertices": max(len(s.verts) for s in samples),
+            "categories": DRAWN_CATEGORIES,
         },
     )
     return samples

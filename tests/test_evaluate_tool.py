@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,9 @@ from pycocotools.cocoeval import COCOeval
 
 from model import build_model
 from pipeline.shard_format import read_manifest
+from tools import evaluate as evaluate_tool
 from tools.evaluate import get_args_parser, main
+from tests.model_helpers import random_checkpoint
 from train.config import load_config
 from train.evaluation import STAT_NAMES
 
@@ -63,16 +66,70 @@ def test_evaluate_writes_metrics_that_pycocotools_reproduces(synthetic_coco, val
         assert metrics[iou_type]["AP"] == pytest.approx(_official_ap(synthetic_coco.val_json, results, iou_type), abs=1e-12)
 
 
+def _one_sentence_error(capsys, *argv) -> tuple[str, str]:
+    assert _run(*argv) == 2
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err, out
+
+
 def test_evaluate_explains_mismatched_weights_and_annotations(synthetic_coco, val_shards, weights, tmp_path, capsys):
     common = ["--config", CONFIG, "--data", val_shards, "--device", "cpu", "data.backend=torch"]
-    assert _run(*common, "--weights", weights, "--annotations", synthetic_coco.train_json) == 1
-    assert "not the annotation file these shards were made from" in capsys.readouterr().err
+    err, _ = _one_sentence_error(capsys, *common, "--weights", weights, "--annotations", synthetic_coco.train_json)
+    assert "not the annotation file these shards were made from" in err
 
     other_width = f"model.fpn_channels={2 * load_config(CONFIG).model.fpn_channels}"
-    assert _run(*common, "--weights", weights, "--annotations", synthetic_coco.val_json, other_width) == 1
-    assert "does not fit the model built from the config" in capsys.readouterr().err
+    err, _ = _one_sentence_error(capsys, *common, "--weights", weights, "--annotations", synthetic_coco.val_json, other_width)
+    assert re.search(r"static_part\.backbone\.fpn\.\S+ is \(32, .*\) in the file but \(64, .*\) in the model; "
+                     r"set model\.fpn_channels to what the weights were trained with", err), err
 
     not_weights = tmp_path / "notes.pt"
     shutil.copy(synthetic_coco.val_json, not_weights)
-    assert _run(*common, "--weights", not_weights, "--annotations", synthetic_coco.val_json) == 1
-    assert "does not fit the model" in capsys.readouterr().err
+    err, _ = _one_sentence_error(capsys, *common, "--weights", not_weights, "--annotations", synthetic_coco.val_json)
+    assert "is not a loadable torch weights file" in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(val_shards, tmp_path_factory):
+    """A trainer checkpoint (train/checkpoint.py) of a random demo-config model: it carries its config and categories."""
+    return random_checkpoint(tmp_path_factory.mktemp("run"), load_config(CONFIG), read_manifest(val_shards)["categories"])
+
+
+def test_evaluate_reads_the_model_config_from_the_checkpoint(synthetic_coco, val_shards, checkpoint, tmp_path, capsys):
+    metrics_file = tmp_path / "metrics.json"
+    common = ["--weights", checkpoint, "--data", val_shards, "--annotations", synthetic_coco.val_json, "--device", "cpu"]
+    # No --config: the demo model of the checkpoint, not the reference one; overrides still apply.
+    assert _run(*common, "--json", metrics_file, "data.backend=torch", "eval.ims_per_batch=4") == 0
+    assert list(json.loads(metrics_file.read_text())["bbox"]) == list(STAT_NAMES)
+    # --config on top: the reference model does not fit; the sentence names the layer and the key.
+    err, _ = _one_sentence_error(capsys, *common, "--config", "configs/reference.yaml", "data.backend=torch")
+    assert re.search(r"ckpt-00000007.pt lacks static_part\.backbone\.body\.\S+ and \d+ more; set model\.backbone\.", err), err
+
+
+def test_evaluate_checks_its_output_paths_before_evaluating(synthetic_coco, val_shards, weights, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    common = ["--config", CONFIG, "--weights", weights, "--data", val_shards, "--annotations", synthetic_coco.val_json,
+              "--device", "cpu", "data.backend=torch"]
+    for flag in ("--json", "--results"):
+        err, out = _one_sentence_error(capsys, *common, flag, a_file / "eval.json")
+        assert f"{flag} {a_file / 'eval.json'} cannot be written" in err
+        assert "inference:" not in out  # stopped before the evaluation
+    err, _ = _one_sentence_error(capsys, *common, "--json", tmp_path)
+    assert "is a folder; pass a file path" in err
+
+
+def test_a_write_that_fails_at_the_end_comes_after_the_printed_metrics(
+    synthetic_coco, val_shards, weights, tmp_path, capsys, monkeypatch
+):
+    # The folder became unwritable during the evaluation: stand in for that by skipping the early check.
+    monkeypatch.setattr(evaluate_tool, "check_writable", lambda path, flag: None)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err, out = _one_sentence_error(
+        capsys, "--config", CONFIG, "--weights", weights, "--data", val_shards, "--annotations", synthetic_coco.val_json,
+        "--device", "cpu", "--json", a_file / "eval.json", "data.backend=torch",
+    )
+    assert "could not be written" in err and "the metrics were printed above" in err
+    assert re.search(r"box AP \d\.\d{4}, mask AP \d\.\d{4}", out) and "COCO segm (pycocotools" in out

@@ -253,7 +253,8 @@ def test_mismatched_inputs_get_one_clear_sentence(tmp_path):
     eval_set = make_eval_set(tmp_path, num_images=4, dets_per_image=2)
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_manifest(shards, {"categories": eval_set.categories, "annotations_sha256": "0" * 64})
+    write_manifest(shards, {"categories": eval_set.categories, "annotations_sha256": "0" * 64, "shards": [], "samples": 0,
+                            "max_instances": 0, "max_polygons": 0, "max_vertices": 0})
     with pytest.raises(EvaluationError, match="not the annotation file these shards were made from"):
         COCOEvaluator.for_shards(eval_set.annotations_file, shards)
     check_annotations_match(eval_set.annotations_file, {"annotations_sha256": file_sha256(eval_set.annotations_file)})

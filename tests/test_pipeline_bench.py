@@ -1,6 +1,10 @@
-"""tools/bench_pipeline.py end to end on tiny shards: every figure is written, bad arguments fail cleanly."""
+"""tools/bench_pipeline.py end to end on tiny shards: every row and ratio is written, bad arguments fail cleanly."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -10,32 +14,75 @@ from tools import bench_pipeline
 SMALL = ["--config", str(REFERENCE_CONFIG), "data.min_size=96", "data.max_size=160", "data.num_threads=1"]
 
 
-def test_benchmark_reports_rates_stages_and_ratios(train_shards, synthetic_coco, tmp_path, capsys):
+def test_benchmark_reports_every_row_and_both_ratios(train_shards, synthetic_coco, tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = bench_pipeline.get_args_parser().parse_args(
-        ["--data", str(train_shards), "--batch-size", "2", "--iters", "2", "--warmup", "1",
+        ["--data", str(train_shards), "--batch-size", "2", "--iters", "2", "--warmup", "1", "--stages",
          "--baseline-images", str(synthetic_coco.train_images),
          "--baseline-annotations", str(synthetic_coco.train_json), "--json", str(out), *SMALL]
     )
     assert bench_pipeline.main(args) == 0
     result = json.loads(out.read_text())
-    assert result["backend"] == "dali" and result["images_per_s"] > 0
-    assert set(result["ratios"]) == {"vs_bare_dali", "cpu_time_vs_bare_dali", "vs_torchvision"}
-    assert result["ratios"]["vs_torchvision"] == pytest.approx(
-        result["images_per_s"] / result["baselines"]["torchvision"]["images_per_s"]
-    )
+    rows = result["rows"]
+    assert set(rows) == {*bench_pipeline.ROWS, *bench_pipeline.STAGE_ROWS}
+    assert all(r["images_per_s"] > 0 and r["cpu_ms_per_image"] > 0 for r in rows.values())
+    assert result["backend"] == "dali" and result["images_per_s"] == rows["dali_loader"]["images_per_s"]
+    ratio = result["ratios"]["dali_loader/dali_graph"]
+    assert ratio["cpu"] == pytest.approx(rows["dali_loader"]["cpu_ms_per_image"] / rows["dali_graph"]["cpu_ms_per_image"])
+    assert ratio["rate"] == pytest.approx(rows["dali_loader"]["images_per_s"] / rows["dali_graph"]["images_per_s"])
+    assert {"dali_graph/bare_dali", "dali_loader/bare_dali", "torch_loader/torchvision"} <= set(result["ratios"])
     assert all(result["stage_ms_per_image"][s] is not None for s in ("read", "decode", "augment", "collate", "wait"))
-    assert "ratio vs_bare_dali" in capsys.readouterr().out
+    assert "ratio dali_loader/dali_graph" in capsys.readouterr().out
 
 
-def test_torch_backend_reports_its_own_stages(train_shards):
-    args = bench_pipeline.get_args_parser().parse_args(
-        ["--data", str(train_shards), "--batch-size", "2", "--iters", "2", "--warmup", "1", "--backend", "torch", *SMALL]
-    )
-    assert bench_pipeline.main(args) == 0
+def test_cpu_time_counts_live_child_processes():
+    # DataLoader workers decode in child processes: their CPU time must count, not only ours.
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"])
+    try:
+        start, own = bench_pipeline.cpu_seconds(), time.process_time()
+        deadline = time.time() + 20
+        while bench_pipeline.cpu_seconds() - start < 0.3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert bench_pipeline.cpu_seconds() - start >= 0.3  # counted while the child is still alive
+        assert time.process_time() - own < 0.2
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_bad_shard_folder_exits_with_one_line(tmp_path, capsys):
     args = bench_pipeline.get_args_parser().parse_args(["--data", str(tmp_path / "none"), "--iters", "1", "--config", str(REFERENCE_CONFIG)])
     assert bench_pipeline.main(args) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_torchvision_row_without_its_folder_exits_with_one_line(train_shards, capsys):
+    args = bench_pipeline.get_args_parser().parse_args(["--data", str(train_shards), "--rows", "torchvision", *SMALL])
+    assert bench_pipeline.main(args) == 1
+    assert "--baseline-images" in capsys.readouterr().err
+
+
+def test_without_dali_the_torch_rows_run(train_shards, tmp_path, monkeypatch):
+    # As on the GPU machine, which has no DALI: the default rows and the heading loader are the torch ones.
+    monkeypatch.setattr(bench_pipeline, "dali_available", lambda: False)
+    out = tmp_path / "bench.json"
+    args = bench_pipeline.get_args_parser().parse_args(
+        ["--data", str(train_shards), "--batch-size", "2", "--iters", "2", "--warmup", "1", "--json", str(out), *SMALL]
+    )
+    assert bench_pipeline.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "torch" and set(result["rows"]) == {"torch_loader"}
+
+
+def test_sample_check_benchmark_measures_every_sample(train_shards, tmp_path):
+    out = tmp_path / "check.json"
+    repo = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "tools/bench_sample_check.py", "--data", str(train_shards), "--repeat", "1",
+                             "--json", str(out)], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["samples"] == json.loads((train_shards / "manifest.json").read_text())["samples"]
+    assert all(figures[f"{row}_us"] > 0 for row in ("crc32", "checked_decode", "unchecked_decode", "read_sample"))
+    missing = subprocess.run([sys.executable, "tools/bench_sample_check.py", "--data", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, cwd=repo)
+    assert missing.returncode == 2 and "no such shard folder" in missing.stderr

@@ -1,60 +1,378 @@
-"""Throughput-only dry run of the input pipeline: images/s, per-stage times, and baselines.
+"""The input pipeline alone (no model), next to the baselines that say where its time goes.
 
-    python tools/bench_pipeline.py --data SHARDS --batch-size 8 --iters 20
-    python tools/bench_pipeline.py --data SHARDS --batch-size 8 --iters 20 --backend torch
-    python tools/bench_pipeline.py --data SHARDS --batch-size 8 --iters 20 \\
-        --baseline-images coco/train2017 --baseline-annotations coco/instances_train2017.json \\
-        --json runs/bench_pipeline.json data.num_threads=2
+    python tools/bench_pipeline.py --data SHARDS --batch-size 8 --iters 30 \\
+        --baseline-images photos/train2017 --baseline-annotations photos/instances_train.json \\
+        --repeat 3 --json runs/bench_pipeline.json data.num_threads=2
+    python tools/bench_pipeline.py --data SHARDS --rows torch_loader torchvision ...   # without DALI
+    python tools/bench_pipeline.py --data SHARDS --device cuda ...                     # on a GPU
 
-Runs the pipeline alone (no model) after a warm-up. With DALI it also times a bare DALI
-decode -> flip -> resize pipeline on the same shards; with --baseline-images/--baseline-annotations
-(the COCO folder and JSON the shards were made from) it also times torchvision's
-reference-style loader, and prints our rate over each baseline's. KEY=VALUE pairs override the
-config (sizes, data.num_threads, data.decode_device, ...). `--json` writes every figure; key
-`images_per_s` holds the selected backend's rate. For steady-state figures keep --warmup plus
---iters within one epoch (the report prints the batches per epoch): each epoch starts fresh
-pipelines.
+Rows, each pulled as fast as it delivers after a warm-up, one after the other on the same cores:
+
+- `dali_loader`: `build_loader(..., backend="dali")`, batches as the trainer gets them;
+- `dali_graph`: the loader's own DALI pipeline (pipeline/dali_pipeline.py), fed by its epoch
+  plan (the reads included), outputs left in DALI's buffers: the loader minus its batching;
+- `bare_dali`: a plain webdataset reader -> decode -> flip -> resize (resize_shorter/max_size)
+  over the same shards: the cost of DALI's operators alone;
+- `torch_loader`: the torch fallback (`backend="torch"`);
+- `torchvision`: torchvision's reference-style loader (`CocoDetection` + `transforms.v2`:
+  decode, flip, resize, full-image masks from the polygons, DataLoader workers) on the COCO
+  folder the shards were made from (--baseline-images/--baseline-annotations).
+
+Each row reports images/s (wall clock) and CPU ms per image: the CPU time of this process and
+its worker processes, which another job on a shared machine disturbs far less than images/s.
+Ratios: `dali_loader/dali_graph` is the host overhead around the graph, `dali_graph/bare_dali`
+the graph's excess over plain operators, `dali_loader/bare_dali` the goal (CPU <= 1/0.9, rate
+>= 0.9), `torch_loader/torchvision` and `dali_loader/torchvision` the speed-ups over
+torchvision's loader; each as CPU-time ratio (above 1: costs more) and rate ratio (above 1:
+faster). `--repeat N` runs all rows N times interleaved and reports medians (every run is in the
+JSON). With `--device cuda` the DALI rows decode with nvJPEG (`mixed`) and the torch fallback
+decodes and resizes on the GPU; batches are waited for on the device before a clock is read.
+`--stages` adds the bare pipeline cut after the reader and after the decoder, which splits the
+DALI rows' CPU time into read, decode and flip+resize. Keep --warmup plus --iters within one
+epoch (the report prints the batches per epoch): each epoch starts fresh pipelines.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
+import os
+import resource
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
-from pipeline.bench import run_pipeline_benchmark
+import torch
+
+from pipeline.loader import build_loader, dali_available
+from pipeline.settings import LoaderSettings, settings_from_config
 from pipeline.shard_format import ShardFormatError
+from pipeline.shard_set import open_shard_set
 from train.config import ConfigError, load_config
+
+ROWS = ("dali_loader", "dali_graph", "bare_dali", "torch_loader", "torchvision")
+STAGE_ROWS = ("bare_dali_read", "bare_dali_decode")
+RATIOS = (
+    ("dali_loader", "dali_graph"),
+    ("dali_graph", "bare_dali"),
+    ("dali_loader", "bare_dali"),
+    ("torch_loader", "torchvision"),
+    ("dali_loader", "torchvision"),
+)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (DALI's threads included) and of its child processes (DataLoader workers).
+
+    Live children are read from /proc (Linux); children that already exited count through
+    getrusage. Elsewhere only this process and its exited children count.
+    """
+    total = time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total += children.ru_utime + children.ru_stime
+    task_dir = Path(f"/proc/{os.getpid()}/task")
+    if not task_dir.is_dir():
+        return total
+    ticks = os.sysconf("SC_CLK_TCK")
+    for task in task_dir.iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited in between: counted by getrusage once reaped
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_rate(
+    batches: Iterator[Any], images_in: Callable[[Any], int], *, warmup: int, iters: int, device: torch.device
+) -> dict[str, float]:
+    """images/s and CPU ms per image over `iters` batches pulled after `warmup` batches."""
+    for _ in range(warmup):
+        next(batches)
+    _sync(device)
+    images, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
+    for _ in range(iters):
+        images += images_in(next(batches))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    cpu_ms = 1000.0 * (cpu_seconds() - cpu_start) / images
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "cpu_ms_per_image": cpu_ms}
+
+
+def _endless(make_epoch: Callable[[int], Iterable[Any]]) -> Iterator[Any]:
+    for epoch in itertools.count():
+        yield from make_epoch(epoch)
+
+
+class Bench:
+    """The rows of one benchmark run: same shards, batch size, settings and device."""
+
+    def __init__(self, data_cfg: Any, shard_dir: Path, *, batch_size: int, warmup: int, iters: int, device: torch.device):
+        self.data_cfg = data_cfg
+        self.shard_dir = shard_dir
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.iters = iters
+        self.device = device
+        self.settings: LoaderSettings = settings_from_config(data_cfg, training=True)
+
+    def _loader(self, backend: str):
+        return build_loader(
+            self.data_cfg, self.shard_dir, training=True, batch_size=self.batch_size, device=self.device, backend=backend
+        )
+
+    def _rate(self, batches: Iterator[Any], images_in: Callable[[Any], int] | None = None) -> dict[str, float]:
+        images_in = images_in or (lambda _: self.batch_size)
+        return measure_rate(batches, images_in, warmup=self.warmup, iters=self.iters, device=self.device)
+
+    def loader(self, backend: str) -> dict[str, Any]:
+        """The loader's rate and its per-stage wall-clock breakdown (pipeline/timing.py)."""
+        loader = self._loader(backend)
+
+        def epoch(e: int) -> Iterable[Any]:
+            loader.set_epoch(e)
+            return loader
+
+        batches = _endless(epoch)
+        for _ in range(self.warmup):
+            next(batches)
+        before = loader.timings()["total_s"]
+        rate = measure_rate(batches, len, warmup=0, iters=self.iters, device=self.device)
+        after = loader.timings()["total_s"]
+        stages = {s: None if t is None else 1000.0 * (t - before[s]) / rate["images"] for s, t in after.items()}
+        return {**rate, "stage_ms_per_image": stages, "batches_per_epoch": len(loader)}
+
+    def dali_graph(self) -> dict[str, Any]:
+        """The DALI loader's pipeline alone, fed by its plan; outputs stay in DALI's buffers."""
+        loader = self._loader("dali")
+
+        def epoch(e: int) -> Iterator[Any]:
+            pipe, feeder, groups = loader.epoch_pipeline(e)
+            for _ in groups:
+                yield pipe.run()
+                feeder.fed.popleft()  # the records the loader would batch
+
+        return self._rate(_endless(epoch))
+
+    def bare_dali(self, stage: str = "resize") -> dict[str, Any]:
+        """webdataset reader -> decode -> flip -> resize over every shard, cut after `stage`."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        groups = open_shard_set(self.shard_dir).groups.values()
+        tars = [str(t) for g in groups for t in g.tars]
+        indices = [str(i) for g in groups for i in g.indices]
+        on_gpu = self.device.type == "cuda" and self.settings.decode_device != "cpu"
+        settings = self.settings
+
+        @pipeline_def
+        def bare():
+            jpegs = fn.readers.webdataset(
+                paths=tars, index_paths=indices, ext=["jpg"], dtypes=[types.UINT8],
+                random_shuffle=True, initial_fill=max(min(settings.shuffle_buffer, 1000), 1),
+            )
+            if stage == "read":
+                return jpegs
+            images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+            if stage == "decode":
+                return images
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            return fn.resize(images, resize_shorter=settings.min_size, max_size=settings.max_size)
+
+        pipe = bare(
+            batch_size=self.batch_size,
+            num_threads=settings.num_threads,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            prefetch_queue_depth=settings.prefetch,
+            seed=0,
+        )
+        pipe.build()
+        return self._rate(iter(pipe.run, None))
+
+    def torchvision(self, images: Path, annotations: Path) -> dict[str, Any]:
+        loader = torchvision_reference_loader(images, annotations, self.settings, batch_size=self.batch_size)
+        return self._rate(_endless(lambda _: loader), lambda batch: len(batch[0]))
+
+    def run(self, row: str, baseline: tuple[Path, Path] | None) -> dict[str, Any]:
+        if row in ("dali_loader", "torch_loader"):
+            return self.loader(row.split("_")[0])
+        if row == "dali_graph":
+            return self.dali_graph()
+        if row == "torchvision":
+            return self.torchvision(*baseline)
+        return self.bare_dali(row.rsplit("_", 1)[1] if row in STAGE_ROWS else "resize")
+
+
+def _as_tuples(batch: list[tuple[Any, Any]]) -> tuple[tuple[Any, ...], ...]:
+    return tuple(zip(*batch))  # torchvision references/detection utils.collate_fn
+
+
+def torchvision_reference_loader(
+    images: Path, annotations: Path, settings: LoaderSettings, *, batch_size: int
+) -> torch.utils.data.DataLoader:
+    """torchvision references/detection style: CocoDetection + transforms.v2, masks from polygons."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    transforms = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomHorizontalFlip(0.5),
+            v2.Resize(settings.min_size, max_size=settings.max_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    dataset = datasets.CocoDetection(str(images), str(annotations), transforms=transforms)
+    dataset = datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=("boxes", "labels", "masks"))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=settings.num_threads,
+        collate_fn=_as_tuples,
+        persistent_workers=True,
+    )
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    median = dict(runs[len(runs) // 2])
+    for key in ("images_per_s", "cpu_ms_per_image"):
+        median[key] = statistics.median(r[key] for r in runs)
+    if "stage_ms_per_image" in median:
+        median["stage_ms_per_image"] = {
+            s: None if v is None else statistics.median(r["stage_ms_per_image"][s] for r in runs)
+            for s, v in median["stage_ms_per_image"].items()
+        }
+    return median
+
+
+def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`a/b`: CPU ms per image of a over b's, and images/s of a over b's, for the pairs both measured."""
+    out = {}
+    for a, b in RATIOS:
+        if a in rows and b in rows:
+            out[f"{a}/{b}"] = {
+                "cpu": rows[a]["cpu_ms_per_image"] / rows[b]["cpu_ms_per_image"],
+                "rate": rows[a]["images_per_s"] / rows[b]["images_per_s"],
+            }
+    return out
+
+
+def run_pipeline_benchmark(
+    data_cfg: Any,
+    shard_dir: str | Path,
+    *,
+    batch_size: int,
+    iters: int,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    rows: Iterable[str] | None = None,
+    stages: bool = False,
+    repeat: int = 1,
+    baseline_images: str | Path | None = None,
+    baseline_annotations: str | Path | None = None,
+) -> dict[str, Any]:
+    """Every figure of `rows` (default: the loader of `backend`, and for DALI its graph and the bare pipeline).
+
+    `images_per_s` and `stage_ms_per_image` at the top are the loader of `backend` (default:
+    `data.backend`), what train/dry_run.py reports; `stages` adds STAGE_ROWS. Raises ValueError
+    for a row that cannot run here.
+    """
+    device = torch.device(device)
+    backend = backend or data_cfg.backend
+    baseline = (Path(baseline_images), Path(baseline_annotations)) if baseline_images and baseline_annotations else None
+    rows = list(rows or (["dali_loader", "dali_graph", "bare_dali"] if backend == "dali" else []))
+    rows += list(STAGE_ROWS) if stages else []
+    if f"{backend}_loader" not in rows:
+        rows.insert(0, f"{backend}_loader")
+    if any("dali" in r for r in rows) and not dali_available():
+        raise ValueError("the dali rows need nvidia-dali (pip install -e '.[dali]'); pass --rows torch_loader torchvision")
+    if "torchvision" in rows and baseline is None:
+        raise ValueError("the torchvision row needs --baseline-images and --baseline-annotations")
+    bench = Bench(data_cfg, Path(shard_dir), batch_size=batch_size, warmup=warmup, iters=iters, device=device)
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
+    for _ in range(repeat):
+        for row in rows:
+            runs[row].append(bench.run(row, baseline))
+            gc.collect()  # end this row's pipelines and worker processes before the next row
+    figures = {row: _median_row(r) for row, r in runs.items()}
+    ours = figures[f"{backend}_loader"]
+    stages = dict(ours["stage_ms_per_image"])
+    if backend == "dali" and all(r in figures for r in ("bare_dali", *STAGE_ROWS)):
+        cpu = {r: figures[r]["cpu_ms_per_image"] for r in ("bare_dali_read", "bare_dali_decode", "bare_dali")}
+        stages.update(  # CPU ms inside DALI's threads, from the bare pipeline's prefixes
+            read=cpu["bare_dali_read"],
+            decode=cpu["bare_dali_decode"] - cpu["bare_dali_read"],
+            augment=cpu["bare_dali"] - cpu["bare_dali_decode"],
+        )
+    return {
+        "backend": backend,
+        "device": str(device),
+        "batch_size": batch_size,
+        "iters": iters,
+        "warmup": warmup,
+        "repeat": repeat,
+        "batches_per_epoch": ours["batches_per_epoch"],
+        "min_size": bench.settings.min_size,
+        "max_size": bench.settings.max_size,
+        "num_threads": bench.settings.num_threads,
+        "images_per_s": ours["images_per_s"],
+        "cpu_ms_per_image": ours["cpu_ms_per_image"],
+        "stage_ms_per_image": stages,
+        "rows": figures,
+        "runs": runs,
+        "ratios": ratios(figures),
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="shard folder written by tools/shard_coco.py")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    parser.add_argument("--iters", type=int, default=20, help="batches measured after the warm-up")
-    parser.add_argument("--warmup", type=int, default=3, help="batches pulled before measuring")
-    parser.add_argument("--backend", choices=["dali", "torch"], default=None, help="default: data.backend of the config")
+    parser.add_argument("--iters", type=int, default=20, help="batches measured after the warm-up, per row")
+    parser.add_argument("--warmup", type=int, default=3, help="batches pulled before measuring, per row")
+    parser.add_argument("--repeat", type=int, default=1, help="run all rows this many times, interleaved; medians reported")
+    parser.add_argument(
+        "--rows", nargs="+", choices=ROWS + STAGE_ROWS, default=None,
+        help="rows to run (default: every row this machine can run with the arguments given)",
+    )
+    parser.add_argument("--stages", action="store_true", help="add the bare pipeline's prefixes (read, decode)")
+    parser.add_argument("--backend", choices=["dali", "torch"], default=None, help="whose loader heads the report (default: data.backend; torch without DALI)")
     parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda")
     parser.add_argument("--config", type=Path, default=Path("configs/reference.yaml"), help="config file")
-    parser.add_argument("--baseline-images", type=Path, help="COCO image folder for the torchvision baseline")
-    parser.add_argument("--baseline-annotations", type=Path, help="COCO instances JSON for the torchvision baseline")
+    parser.add_argument("--baseline-images", type=Path, help="COCO image folder for the torchvision row")
+    parser.add_argument("--baseline-annotations", type=Path, help="COCO instances JSON for the torchvision row")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.num_threads=2")
     return parser
 
 
-def print_report(result: dict) -> None:
-    print(f"{result['backend']}: {result['images_per_s']:.1f} images/s, {result['cpu_ms_per_image']:.1f} CPU ms/image in this process "
-          f"(batch {result['batch_size']}, {result['num_threads']} threads, sizes {result['min_size']}/{result['max_size']})")
+def print_report(result: dict[str, Any]) -> None:
+    print(f"batch {result['batch_size']}, {result['num_threads']} threads, sizes {result['min_size']}/{result['max_size']}, "
+          f"device {result['device']}, medians of {result['repeat']} run(s) of {result['iters']} batches")
+    for row, figures in result["rows"].items():
+        print(f"  {row:18s} {figures['images_per_s']:8.1f} images/s {figures['cpu_ms_per_image']:8.2f} CPU ms/image")
+    print(f"{result['backend']} loader stages (ms/image):")
     for stage, ms in result["stage_ms_per_image"].items():
-        print(f"  {stage:8s} {'inside DALI' if ms is None else f'{ms:8.2f} ms/image'}")
-    for name, figures in result["baselines"].items():
-        if "images_per_s" in figures:
-            cpu = f", {figures['cpu_ms_per_image']:.1f} CPU ms/image" if "cpu_ms_per_image" in figures else ""
-            print(f"baseline {name}: {figures['images_per_s']:.1f} images/s{cpu}")
+        print(f"  {stage:8s} {'inside DALI' if ms is None else f'{ms:8.2f}'}")
     for name, ratio in result["ratios"].items():
-        print(f"ratio {name}: {ratio:.2f}x")
+        print(f"ratio {name:26s} CPU {ratio['cpu']:.2f}x  rate {ratio['rate']:.2f}x")
     if result["warmup"] + result["iters"] > result["batches_per_epoch"]:
         print(f"note: the measurement crossed an epoch start ({result['batches_per_epoch']} batches per epoch)")
     machine = result["machine"]
@@ -62,12 +380,13 @@ def print_report(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
-        print("bench_pipeline: --batch-size and --iters must be >= 1, --warmup >= 0", file=sys.stderr)
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0 or args.repeat < 1:
+        print("bench_pipeline: --batch-size, --iters and --repeat must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
     if bool(args.baseline_images) != bool(args.baseline_annotations):
         print("bench_pipeline: pass both --baseline-images and --baseline-annotations, or neither", file=sys.stderr)
         return 2
+    rows = args.rows or [r for r in ROWS if (dali_available() or "dali" not in r) and (args.baseline_images or r != "torchvision")]
     try:
         cfg = load_config(args.config, args.overrides)
         result = run_pipeline_benchmark(
@@ -75,13 +394,19 @@ def main(args: argparse.Namespace) -> int:
             args.data,
             batch_size=args.batch_size,
             iters=args.iters,
-            backend=args.backend,
             warmup=args.warmup,
             device=args.device,
+            backend=args.backend or (None if dali_available() else "torch"),  # no DALI: the torch rows head
+            rows=rows,
+            stages=args.stages,
+            repeat=args.repeat,
             baseline_images=args.baseline_images,
             baseline_annotations=args.baseline_annotations,
         )
-    except (ConfigError, ShardFormatError, ValueError) as e:
+    except ConfigError as e:
+        print(f"bench_pipeline: {e}", file=sys.stderr)
+        return 2
+    except (ShardFormatError, ValueError) as e:
         print(f"bench_pipeline: {e}", file=sys.stderr)
         return 1
     print_report(result)

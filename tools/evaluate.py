@@ -8,14 +8,17 @@ runs in the training precision, `train.precision` (auto: bf16 autocast on CUDA, 
     python tools/evaluate.py --weights runs/reference/checkpoints/ckpt-00090000.pt \\
         --data shards/val --annotations coco/annotations/instances_val2017.json --json runs/eval.json
     torchrun --nproc_per_node=8 tools/evaluate.py --weights maskrcnn_resnet50_fpn_coco.pth \\
-        --data shards/val --annotations coco/annotations/instances_val2017.json \\
-        --backend faster model.backbone.stride_in_1x1=false model.normalization=rgb model.rpn.anchor_generator=torchvision
-    python tools/evaluate.py --config configs/demo.yaml --weights runs/demo/model.pt \\
+        --data shards/val --annotations coco/annotations/instances_val2017.json --backend faster
+    python tools/evaluate.py --weights runs/demo/checkpoints/ckpt-00000138.pt \\
         --data runs/demo/shards/val --annotations runs/demo/data/instances_val.json \\
         --results runs/demo/detections.json data.backend=torch
 
---weights takes a trainer checkpoint, this model's state dict, torchvision's COCO Mask R-CNN
-or ResNet-50 state dicts, or Detectron's R-50.pkl. KEY=VALUE pairs override the config.
+--weights takes a trainer checkpoint, this model's state dict, or torchvision's COCO Mask R-CNN.
+The model config comes from the checkpoint (trainer checkpoints carry theirs); --config and
+KEY=VALUE overrides apply on top. Files without a config take configs/reference.yaml and what
+the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). The --json and
+--results paths are checked before the evaluation starts; if writing still fails at the end,
+the metrics have been printed first. Errors end in one sentence, exit code 2.
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ import argparse
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from model.weights import WeightsError
+from model.weights import WeightsError, read_weights
 from pipeline.loader import build_loader
 from pipeline.shard_format import ShardFormatError, read_manifest
 from train.components import per_rank_batch
-from train.config import ConfigError, load_config
+from train.config import ConfigError
 from train.distributed import init_distributed, shutdown_distributed
 from train.engine import autocast_context, resolve_precision
-from train.evaluation import COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
+from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
+from train.inference import config_for_weights
+
+
+class OutputError(OSError):
+    """An output file that cannot be written; the message says which, and that the metrics were printed."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,8 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict to evaluate")
     parser.add_argument("--data", required=True, type=Path, help="val shard folder (tools/shard_coco.py --mode eval)")
     parser.add_argument("--annotations", required=True, type=Path, help="the instances JSON the shards were made from")
-    parser.add_argument("--config", type=Path, default=Path("configs/reference.yaml"), help="model and data config")
-    parser.add_argument("--backend", choices=("pycocotools", "faster"), help="COCOeval implementation (default: eval.backend)")
+    parser.add_argument("--config", type=Path, help="model and data config (default: the one saved in the checkpoint)")
+    parser.add_argument("--backend", choices=BACKENDS, help="COCOeval implementation (default: eval.backend)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     parser.add_argument("--json", type=Path, help="write the metrics (12 COCO stats per type) to this JSON file")
     parser.add_argument("--results", type=Path, help="write the detections as a COCO results JSON (tools/visualize.py reads it)")
@@ -52,22 +61,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        metrics = evaluate(args)
-    except (EvaluationError, ConfigError, WeightsError, ShardFormatError) as e:
+        evaluate(args)
+    except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if metrics is not None else 1
+        return 2
+    return 0
 
 
-def evaluate(args: argparse.Namespace) -> dict | None:
-    cfg = load_config(args.config, args.overrides)
+def evaluate(args: argparse.Namespace) -> dict:
+    weights = read_weights(args.weights)
+    cfg = config_for_weights(weights, args.config, args.overrides)
     ctx = init_distributed(args.device)
     try:
+        outputs = {flag: path for flag, path in (("--json", args.json), ("--results", args.results)) if path}
+        if ctx.is_main:
+            for flag, path in outputs.items():
+                check_writable(path, flag)  # before the long part: a typo costs nothing
         categories = read_manifest(args.data)["categories"]
         evaluator = COCOEvaluator.for_shards(
             args.annotations, args.data, backend=args.backend or cfg.eval.backend, num_workers=cfg.eval.num_workers
         )
-        model = build_eval_model(cfg.model, args.weights, categories, ctx.device)
+        model = build_eval_model(cfg.model, weights, categories, ctx.device)
         loader = build_loader(
             cfg.data,
             args.data,
@@ -82,18 +96,37 @@ def evaluate(args: argparse.Namespace) -> dict | None:
             precision = resolve_precision(cfg.train.precision, ctx.device)  # as training: bf16 on CUDA by default
             autocast = functools.partial(autocast_context, precision, ctx.device)
             metrics = inference_on_dataset(model, loader, evaluator, autocast=autocast)
-            if ctx.is_main and args.results:
-                _write_json(args.results, coco_results(evaluator.gathered))
-        if ctx.is_main and args.json:
-            _write_json(args.json, metrics)
+            detections = coco_results(evaluator.gathered) if ctx.is_main and args.results else None
+        if ctx.is_main:
+            print(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}")
+            for path, value in ((args.json, metrics), (args.results, detections)):
+                if path:
+                    write_output(path, value)
         return metrics
     finally:
         shutdown_distributed()
 
 
-def _write_json(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1) + "\n")
+def check_writable(path: Path, flag: str) -> None:
+    """`path` can be created or replaced: its folder exists or can be made, and takes a file."""
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; pass a file path such as {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a folder you can write to") from None
+
+
+def write_output(path: Path, value: object) -> None:
+    try:
+        path.write_text(json.dumps(value, indent=1) + "\n")
+    except OSError as e:
+        raise OutputError(
+            f"{path} could not be written ({e.strerror or e}); the metrics were printed above, so nothing needs rerunning "
+            "but writing the file: free space or fix the folder and pass --json/--results again"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -119,12 +119,13 @@ def _setup(scale: Scale, *overrides: str) -> tuple[Config, DistributedContext]:
 
 
 def _training_batch(cfg: Config, ctx: DistributedContext, gt_per_image: int | None = None):
+    from model.build import DEFAULT_NUM_CLASSES
     from model.synthetic import synthetic_batch
     from train import components
 
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket: 800x1344 for the reference
     max_gt = gt_per_image or 16
-    return synthetic_batch(cfg.solver.ims_per_batch, (height, width), cfg.model.num_classes, max_gt,
+    return synthetic_batch(cfg.solver.ims_per_batch, (height, width), DEFAULT_NUM_CLASSES, max_gt,
                            device=ctx.device, seed=cfg.seed, gt_per_image=gt_per_image)
 
 
@@ -145,10 +146,11 @@ def training_stage(precision: str, graphs: bool, gt_per_image: int | None = None
 
     def stage(scale: Scale) -> dict[str, Any]:
         from train.dry_run import build_training_step, measure
+        from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
         cfg, ctx = _setup(scale, f"train.precision={precision}", f"train.cuda_graphs={str(graphs).lower()}")
         start = time.perf_counter()
-        step = build_training_step(cfg, ctx, cfg.model.num_classes)
+        step = build_training_step(cfg, ctx, coco_categories())
         build_s = time.perf_counter() - start
         batch = _training_batch(cfg, ctx, gt_per_image)
         figures = measure(precision, lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),
@@ -221,11 +223,12 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
     """The graphed bf16 step as the loop runs it (LR, step, loss rows kept on the device) under
     `torch.cuda.set_sync_debug_mode("error")`: any host synchronization raises where it happens."""
     from train.dry_run import build_training_step
+    from pipeline.coco_categories import coco_categories  # the reference's 80 classes
     from train.engine import LossReadback, scale_snapshot
     from train.solver import set_learning_rate
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
-    step = build_training_step(cfg, ctx, cfg.model.num_classes)
+    step = build_training_step(cfg, ctx, coco_categories())
     batch = _training_batch(cfg, ctx)
     readback = LossReadback(step.scaler)
 
@@ -276,10 +279,11 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
     from pipeline.loader import build_loader
     from train import components
     from train.dry_run import build_training_step
+    from pipeline.coco_categories import coco_categories  # the reference's 80 classes
     from train.evaluation import COCOEvaluator, inference_on_dataset
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
-    step = build_training_step(cfg, ctx, cfg.model.num_classes)
+    step = build_training_step(cfg, ctx, coco_categories())
     batch = _training_batch(cfg, ctx)
     for _ in range(scale.warmup):
         step(batch)
@@ -314,7 +318,7 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
 
 def torch_pipeline(scale: Scale) -> dict[str, Any]:
     """The torch fallback loader alone on the training device (GPU decode there), on synthetic shards."""
-    from pipeline.bench import run_pipeline_benchmark
+    from tools.bench_pipeline import run_pipeline_benchmark
 
     cfg, ctx = _setup(scale)
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,6 +336,7 @@ def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     """One rank of DDP over NCCL (gloo without CUDA), joined and wrapped as the trainer does."""
     from train.distributed import data_parallel, join_process_group
     from train.dry_run import build_training_step, measure
+    from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
     with socket.socket() as s:
@@ -340,7 +345,7 @@ def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     join_process_group(0, 1, ctx.device)
     try:
-        step = build_training_step(cfg, ctx, cfg.model.num_classes)
+        step = build_training_step(cfg, ctx, coco_categories())
         step.model = data_parallel(step.model, ctx.device)
         batch = _training_batch(cfg, ctx)
         figures = measure("ddp", lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),

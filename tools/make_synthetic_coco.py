@@ -8,15 +8,23 @@ Examples:
   # the full-size setting (640x480, JPEGs of about 100-140 KB, like COCO's)
   python tools/make_synthetic_coco.py --out data/synthetic_full --num-images 300
 
+  # COCO-like real photographs for pipeline benchmarks (needs scikit-image: the dev extra)
+  python tools/make_synthetic_coco.py --photos --out data/photos --num-images 400
+
 The output is `OUT/instances_<split>.json` and `OUT/<split>2017/<12-digit image id>.jpg`.
-What the data contains is described in pipeline/synthetic.py.
+What the data contains is described in pipeline/synthetic.py (drawn scenes) and
+pipeline/photo_coco.py (`--photos`, which takes --split, --num-images, --seed and
+--jpeg-quality; the other options shape drawn scenes only).
 """
 
 import argparse
 from pathlib import Path
 
 from pipeline.coco_categories import COCO_CATEGORIES
+from pipeline.photo_coco import make_photo_coco
 from pipeline.synthetic import make_synthetic_coco
+
+SCENE_ONLY = ("image_size", "num_classes", "max_objects", "grayscale_fraction", "empty_fraction", "crowd_fraction")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,25 +51,41 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--crowd-fraction", type=float, default=0.15,
         help="share of images with a crowd region annotated as RLE, iscrowd=1 (default: 0.15)",
     )
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality, 1..95 (default: 90)")
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=None, help="JPEG quality, 1..95 (default: 90; 94 with --photos)"
+    )
+    parser.add_argument(
+        "--photos", action="store_true",
+        help="COCO-like real photographs (pipeline/photo_coco.py) instead of drawn scenes, for benchmarks",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
+    parser = get_args_parser()
+    if args.photos:
+        changed = [f"--{n.replace('_', '-')}" for n in SCENE_ONLY if getattr(args, n) != parser.get_default(n)]
+        if changed:
+            raise SystemExit(f"make_synthetic_coco: {', '.join(changed)} shape drawn scenes only; drop them with --photos")
     try:
-        json_path = make_synthetic_coco(
-            args.out,
-            args.split,
-            args.num_images,
-            seed=args.seed,
-            image_size=tuple(args.image_size),
-            num_classes=args.num_classes,
-            max_objects=args.max_objects,
-            grayscale_fraction=args.grayscale_fraction,
-            empty_fraction=args.empty_fraction,
-            crowd_fraction=args.crowd_fraction,
-            jpeg_quality=args.jpeg_quality,
-        )
+        if args.photos:
+            json_path = make_photo_coco(
+                args.out, args.split, args.num_images, seed=args.seed, jpeg_quality=args.jpeg_quality or 94
+            )
+        else:
+            json_path = make_synthetic_coco(
+                args.out,
+                args.split,
+                args.num_images,
+                seed=args.seed,
+                image_size=tuple(args.image_size),
+                num_classes=args.num_classes,
+                max_objects=args.max_objects,
+                grayscale_fraction=args.grayscale_fraction,
+                empty_fraction=args.empty_fraction,
+                crowd_fraction=args.crowd_fraction,
+                jpeg_quality=args.jpeg_quality or 90,
+            )
     except ValueError as e:
         raise SystemExit(f"make_synthetic_coco: {e}") from None
     print(f"wrote {args.num_images} images to {args.out / f'{args.split}2017'} and annotations to {json_path}")

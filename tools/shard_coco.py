@@ -7,8 +7,12 @@ Examples:
   python tools/shard_coco.py --images coco/val2017 --annotations coco/annotations/instances_val2017.json \\
       --out shards/val --mode eval --workers 16
 
-  # check a finished shard folder (sha256, sample counts, index against tar)
+  # check a finished shard folder before a long run: sha256, counts, index against tar, and
+  # every sample against the format (checksums, labels, boxes, polygons)
   python tools/shard_coco.py --verify --out shards/train
+
+A re-run replaces the shard set in --out only once the new one is complete. Errors a user can
+fix end in one sentence and exit status 2.
 
 The rules each mode applies, and what the manifest records, are described in pipeline/sharding.py;
 the shard layout in pipeline/shard_format.py.
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 from pipeline.shard_format import ShardFormatError
-from pipeline.sharding import MODES, CocoInputError, shard_coco, verify_shards
+from pipeline.sharding import MODES, CocoInputError, ShardWriteError, shard_coco, verify_shards
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,12 +43,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    """Exit status: 0 done, 2 for anything a user can fix (one sentence on stderr), 130 interrupted."""
     try:
         if args.verify:
             verify_shards(args.out)
-            print(f"{args.out}: every shard matches manifest.json")
-            return
+            print(f"{args.out}: every shard matches manifest.json and every sample passes the format's checks")
+            return 0
         if args.images is None or args.annotations is None or args.mode is None:
             raise CocoInputError("sharding needs --images, --annotations and --mode (or pass --verify)")
         start = time.perf_counter()
@@ -52,8 +57,13 @@ def main(args: argparse.Namespace) -> None:
             args.images, args.annotations, args.out, mode=args.mode, samples_per_shard=args.samples_per_shard,
             workers=args.workers, seed=args.seed, split=args.split, progress=True,
         )
-    except (CocoInputError, ShardFormatError) as e:
-        sys.exit(f"shard_coco: {e}")
+    except (CocoInputError, ShardFormatError, ShardWriteError) as e:
+        print(f"shard_coco: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = "" if args.verify else f"; {args.out} is as it was before this run"
+        print(f"shard_coco: interrupted{kept}", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
     megabytes = sum(s["bytes"] for s in manifest["shards"]) / 1e6
     for reason, count in {**manifest["dropped"], **manifest["repaired"]}.items():
@@ -62,7 +72,8 @@ def main(args: argparse.Namespace) -> None:
         f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out} "
         f"in {seconds:.1f} s: {manifest['samples'] / seconds:.1f} images/s, {megabytes / seconds:.1f} MB/s"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main(get_args_parser().parse_args()))

@@ -2,6 +2,9 @@
 
 One PNG per image, named by image id: the ground truth, or with --predictions the ground
 truth (left) and the predictions (right) side by side; --no-ground-truth draws predictions only.
+Each panel is at least 640 pixels wide, with a header saying what it shows. A predictions file
+that is not COCO results (a list of {image_id, category_id, bbox, score[, segmentation]}) is
+refused in one sentence naming the entry, exit code 2.
 
     python tools/visualize.py --annotations coco/annotations/instances_val2017.json \\
         --images coco/val2017 --out runs/pictures/gt --num 16
@@ -33,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if not args.annotations.is_file():
         print(f"error: {args.annotations} does not exist; pass a COCO instances JSON", file=sys.stderr)
-        return 1
+        return 2
     try:
         paths = write_visualizations(
             args.annotations,
@@ -46,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         )
     except VisualizationError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {len(paths)} pictures to {args.out}")
     return 0
 

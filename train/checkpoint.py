@@ -2,10 +2,10 @@
 
 A checkpoint holds the model, optimizer and GradScaler state, the schedule position
 (iteration and epoch), the RNG states, the input pipeline's position inside the epoch,
-the resolved config and the id of the run that wrote it. It is written to a temporary file
-in the same folder and renamed into place (`os.replace` is atomic on POSIX), so a crash or
-SIGKILL never leaves a half-written file under a checkpoint name. A file damaged later (a
-disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
+the resolved config, the categories of the class outputs and the id of the run that wrote
+it. It is written to a temporary file in the same folder and renamed into place (`os.replace`
+is atomic on POSIX), so a crash or SIGKILL never leaves a half-written file under a checkpoint
+name. A file damaged later (a disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
 the newest one that still reads. Which checkpoints a run may delete is the run folder's
 business (train/run_folder.py).
 """
@@ -96,11 +96,14 @@ def save_checkpoint(
     loader_state: Any,
     config: Config,
     run_id: str = "",
+    categories: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `ckpt-<iteration>.pt` atomically (over an older file of that name).
 
     `epoch` is the epoch the next iteration belongs to and `loader_state` the pipeline's
-    position inside it (None: the epoch starts from its beginning).
+    position inside it (None: the epoch starts from its beginning). `categories` (the train
+    manifest's) say what the class outputs stand for, so the checkpoint alone can predict,
+    name its detections and be fine-tuned onto other categories (model/weights.py).
     """
     path = checkpoint_path(output_dir, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,7 @@ def save_checkpoint(
         "rng": rng_states(),
         "loader": loader_state,
         "config": config.to_dict(),
+        "categories": categories,
         "run_id": run_id,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

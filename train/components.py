@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from model import build_model
+from model.weights import load_weights
 from pipeline.loader import build_loader
 from pipeline.shard_format import read_manifest
 from pipeline.transforms import bucket_shapes
@@ -25,6 +26,8 @@ from train.config import Config, ConfigError
 from train.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_WANTED = "a trainer checkpoint, a torchvision ResNet-50 or Mask R-CNN state dict, or Detectron's R-50.pkl"
 
 
 def configure_torch(train_cfg: Config, seed: int, rank: int) -> None:
@@ -76,7 +79,7 @@ def require_inputs(cfg: Config) -> None:
         require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
         require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
     if cfg.train.weights:
-        require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict")
+        require_file(cfg.train.weights, "train.weights", WEIGHTS_WANTED)
 
 
 def build_data_loader(cfg: Config, ctx: DistributedContext, *, training: bool) -> Any:
@@ -93,18 +96,21 @@ def build_data_loader(cfg: Config, ctx: DistributedContext, *, training: bool) -
     )
 
 
-def num_classes_of(shard_dir: str | Path) -> int:
-    """Categories in the shards' manifest plus background."""
-    return len(read_manifest(Path(shard_dir))["categories"]) + 1
+def categories_of(shard_dir: str | Path) -> list[dict[str, Any]]:
+    """The shards' categories as their manifest lists them (contiguous id, COCO id, name)."""
+    return read_manifest(Path(shard_dir))["categories"]
 
 
-def build_training_model(cfg: Config, device: torch.device, num_classes: int) -> torch.nn.Module:
-    """The model with its initial weights, on `device`, in channels_last."""
-    model = build_model(cfg.model, num_classes=num_classes)
+def build_training_model(cfg: Config, device: torch.device, categories: list[dict[str, Any]]) -> torch.nn.Module:
+    """The model for `categories` (plus background) with its initial weights, on `device`, in channels_last.
+
+    `train.weights` may be any file model/weights.py reads; fine-tuning onto other categories
+    starts the class-specific layers fresh (the log names them).
+    """
+    model = build_model(cfg.model, num_classes=len(categories) + 1)
     if cfg.train.weights:
-        from model.weights import load_weights
-
-        load_weights(model, require_file(cfg.train.weights, "train.weights", "a R-50.pkl or torchvision state dict"))
+        weights = require_file(cfg.train.weights, "train.weights", WEIGHTS_WANTED)
+        load_weights(model, weights, categories, for_training=True)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

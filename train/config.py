@@ -1,9 +1,12 @@
 """One frozen configuration, built once from a YAML file plus `KEY=VALUE` overrides.
 
 Keys are dotted paths into the YAML (`solver.base_lr=0.04`). An override must name a key that
-the file defines and keep its type; an unknown key is an error naming the closest valid one.
-A file may start from another with `base: other.yaml` (relative to itself) and hold only the
-keys it changes, under the same rules, so every default is written once.
+the file defines; an unknown key is an error naming the closest valid one. A file may start
+from another with `base: other.yaml` (relative to itself) and hold only the keys it changes,
+under the same rules, so every default is written once. Once merged, every value goes through
+one validation pass (train/config_schema.py: choices, ranges, element types), and a bad one is
+a `ConfigError` of one sentence naming the key, what it may hold and where the value came from
+(the file or the override), raised before a tool writes anything.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
+
+from train import config_schema
+
+REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
 
 
 class ConfigError(ValueError):
@@ -78,30 +85,54 @@ def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _check_type(key: str, old: Any, new: Any) -> Any:
+def _check_type(key: str, old: Any, new: Any, origin: str) -> None:
+    """A section stays a section; a key the schema does not know keeps the type of its default."""
+    if isinstance(old, Mapping):
+        example = next(iter(old), "KEY")
+        raise ConfigError(f"{key} is a section, not a value (from {origin}); set one of its keys, e.g. {key}.{example}=...")
+    if isinstance(new, Mapping):
+        raise ConfigError(f"{key} takes a value, not a section of keys (from {origin})")
+    if key in config_schema.SCHEMA:
+        return  # the validation pass checks it, with its allowed values
     if isinstance(old, bool) or isinstance(new, bool):
         ok = isinstance(old, bool) and isinstance(new, bool)
     elif isinstance(old, float):
         ok = isinstance(new, (int, float))
-        new = float(new) if ok else new
-    elif isinstance(old, Mapping):
-        ok = False
     else:
         ok = isinstance(new, type(old))
     if not ok:
-        raise ConfigError(f"{key} must be a {type(old).__name__} like {old!r}, got {new!r}")
-    return new
+        raise ConfigError(f"{key} must be a {type(old).__name__} like {old!r}, got {new!r} (from {origin})")
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=VALUE` to nested `data` in place; VALUE is parsed as YAML."""
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in a few words: what went wrong and where (PyYAML's own text spans lines)."""
+    problem = getattr(error, "problem", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """`a.b.c=VALUE` -> (key, VALUE parsed as YAML; an empty VALUE is the empty string)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like KEY=VALUE, e.g. solver.base_lr=0.04")
     key, raw = override.split("=", 1)
-    _set(data, key, yaml.safe_load(raw) if raw else "")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {override!r} is not valid YAML ({_yaml_problem(e)}); write lists as [a, b] and quote "
+            "strings that hold ':', '#', '[' or '{'"
+        ) from None
 
 
-def _set(data: dict[str, Any], key: str, value: Any) -> None:
+def apply_override(data: dict[str, Any], override: str, origins: dict[str, str] | None = None) -> None:
+    """Apply one `a.b.c=VALUE` to nested `data` in place; VALUE is parsed as YAML."""
+    key, value = parse_override(override)
+    _set(data, key, value, f"override {override}", origins)
+
+
+def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[str, str] | None = None) -> None:
     *parents, leaf = key.split(".")
     node: Any = data
     for part in parents:
@@ -109,8 +140,11 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     if not isinstance(node, dict) or leaf not in node:
         close = difflib.get_close_matches(key, _dotted_keys(data), n=1, cutoff=0.0)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint}")
-    node[leaf] = _check_type(key, node[leaf], value)
+        raise ConfigError(f"unknown config key {key!r} (from {origin}){hint}")
+    _check_type(key, node[leaf], value, origin)
+    node[leaf] = value
+    if origins is not None:
+        origins[key] = origin
 
 
 def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -121,31 +155,75 @@ def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield prefix + k, v
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A config file's keys, with its `base:` chain resolved."""
+def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
+    """A config file's keys, with its `base:` chain resolved; `origins` gets the file of each leaf."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one from configs/")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop("base", None)
     if base is None:
+        origins.update({key: str(path) for key, _ in _leaves(data)})
         return data
-    merged = _read_yaml(path.parent / base)
+    merged = _read_yaml(path.parent / base, origins)
     for key, value in _leaves(data):
-        try:
-            _set(merged, key, value)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        _set(merged, key, value, str(path), origins)
     return merged
 
 
+def validate(data: dict[str, Any], origins: Mapping[str, str]) -> None:
+    """The validation pass: every leaf the schema knows is checked (and normalized, e.g. 1 -> 1.0) in place."""
+    values = {}
+    for key, value in list(_leaves(data)):
+        if key not in config_schema.SCHEMA:
+            continue
+        kept, allowed = config_schema.check_value(key, value)
+        if allowed is not None:
+            raise ConfigError(f"{key}={value!r} ({_origin(origins, key)}) is not allowed: {key} must be {allowed}")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = kept
+        values[key] = kept
+    for relation, value, other in config_schema.check_relations(values):
+        raise ConfigError(
+            f"{relation.key}={value!r} ({_origin(origins, relation.key)}) must {relation.says}, "
+            f"which is {other!r} ({_origin(origins, relation.other)})"
+        )
+
+
+def _origin(origins: Mapping[str, str], key: str) -> str:
+    return f"from {origins[key]}" if key in origins else "default"
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config (and its `base:` chain), apply the overrides in order, and freeze it."""
-    data = _read_yaml(Path(path))
+    """Read a YAML config (and its `base:` chain), apply the overrides in order, validate, and freeze it."""
+    origins: dict[str, str] = {}
+    data = _read_yaml(Path(path), origins)
     for override in overrides:
-        apply_override(data, override)
+        apply_override(data, override, origins)
+    validate(data, origins)
+    return Config(data)
+
+
+def load_saved_config(saved: Mapping[str, Any], source: str, overrides: Iterable[str] = ()) -> Config:
+    """A resolved config saved with a run (e.g. in a checkpoint), over configs/reference.yaml, then `overrides`.
+
+    Keys the current reference no longer has (say, from an older version) are left out, so an old
+    checkpoint still yields the config it was trained with; the values it has are validated as usual.
+    """
+    origins: dict[str, str] = {}
+    data = _read_yaml(REFERENCE_CONFIG, origins)
+    known = set(_dotted_keys(data))
+    for key, value in _leaves(saved):
+        if key in known:
+            _set(data, key, value, source, origins)
+    for override in overrides:
+        apply_override(data, override, origins)
+    validate(data, origins)
     return Config(data)

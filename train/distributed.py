@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from train.config import ConfigError
+from train.config_schema import DEVICES
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ class DistributedContext:
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     """auto -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    if preference not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"train.device must be auto, cuda or cpu, got {preference!r}")
+    if preference not in DEVICES:
+        raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but CUDA is not available on this machine; use train.device=auto or cpu")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

@@ -3,7 +3,7 @@
     python train/main.py --config C --data SHARDS --dry-run pipeline|model|full|all --iters N [--report OUT.json]
 
 - pipeline: the input pipeline alone, batches pulled as fast as it delivers them
-  (pipeline/bench.py, with its per-stage breakdown and, for DALI, the bare-DALI ceiling);
+  (tools/bench_pipeline.py, with its per-stage breakdown and, for DALI, the graph alone and the bare-DALI ceiling);
 - model: the training step on one synthetic batch at the first bucket shape, no loading;
 - full: the real training loop (loader + step), without evaluation or checkpoints.
 
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from model.synthetic import synthetic_batch
-from pipeline.bench import run_pipeline_benchmark
+from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
 from train import components
 from train.config import Config
@@ -43,6 +43,7 @@ from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
 from train.engine import autocast_context, make_grad_scaler, no_lap, resolve_precision, train_step
 from train.solver import build_optimizer, set_learning_rate
+from tools.bench_pipeline import run_pipeline_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ class TrainingStep:
         return getattr(self.model, "module", self.model).static_part.replays
 
 
-def build_training_step(cfg: Config, ctx: DistributedContext, num_classes: int) -> TrainingStep:
-    model = components.build_training_model(cfg, ctx.device, num_classes)
+def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> TrainingStep:
+    model = components.build_training_model(cfg, ctx.device, categories)
     model.train()
     precision = resolve_precision(cfg.train.precision, ctx.device)
     scaler = make_grad_scaler(precision, ctx.device)
@@ -185,7 +186,7 @@ def build_training_step(cfg: Config, ctx: DistributedContext, num_classes: int) 
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
-    """The pipeline's own benchmark (pipeline/bench.py) on this rank's share of the batch."""
+    """The pipeline's own benchmark (tools/bench_pipeline.py) on this rank's share of the batch."""
     result = run_pipeline_benchmark(
         cfg.data,
         components.require_shards(cfg.data.train_shards, "data.train_shards (--data)"),
@@ -202,11 +203,12 @@ def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[s
 def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     images = cfg.solver.ims_per_batch // ctx.world_size
     manifest = read_manifest(Path(cfg.data.train_shards)) if cfg.data.train_shards else None
-    num_classes = len(manifest["categories"]) + 1 if manifest else cfg.model.num_classes
+    categories = manifest["categories"] if manifest else coco_categories()
+    num_classes = len(categories) + 1
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    step = build_training_step(cfg, ctx, num_classes)
+    step = build_training_step(cfg, ctx, categories)
     result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
                      replays=lambda: step.graph_replays)
     return {**result, "image_size": [height, width], "setup": step.setup}
@@ -215,7 +217,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     loader = components.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
-    step = build_training_step(cfg, ctx, components.num_classes_of(cfg.data.train_shards))
+    step = build_training_step(cfg, ctx, components.categories_of(cfg.data.train_shards))
 
     def next_batch(lap: Callable[[str], None]) -> Any:
         batch = next(batches)

@@ -22,10 +22,9 @@ from torch import nn
 
 from train.checkpoint import parameters_are_finite
 from train.config import ConfigError
+from train.config_schema import PRECISIONS
 from train.interrupts import StopRequest, TrainingStopped
 from train.solver import set_learning_rate
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):

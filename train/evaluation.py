@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -32,17 +33,18 @@ from pycocotools.cocoeval import COCOeval
 
 from model import build_model
 from model.detections import Detections
-from model.weights import WeightsError, load_weights
+from model.weights import WeightsFile, load_weights
 from pipeline.batch import Batch
 from pipeline.shard_format import file_sha256, read_manifest
 from pipeline.transforms import flip_boxes
-from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
+from train.metrics import format_duration
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
-BACKENDS = ("pycocotools", "faster")
 MAX_PENDING_PER_WORKER = 64  # images queued for encoding before process() waits (bounds host memory)
+PROGRESS_EVERY_S = 30.0  # a progress line while inference runs
 
 
 class EvaluationError(RuntimeError):
@@ -217,11 +219,15 @@ class COCOEvaluator:
             )
 
     def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
-        coco_dt = _load_results(self._coco_gt, _coco_results(merged, iou_type))
-        evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        print(f"COCO {iou_type} ({self.backend}):")
+        entries = _coco_results(merged, iou_type)
+        print(f"COCOeval {iou_type} ({self.backend}): matching {len(entries)} detections on {len(merged)} images ...", flush=True)
+        start = time.perf_counter()
+        with quiet():  # the API's progress chatter; its result table is printed below
+            coco_dt = _load_results(self._coco_gt, entries)
+            evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
         evaluator.summarize()
         return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
@@ -260,38 +266,20 @@ def coco_results(results: Mapping[int, ImageResult]) -> list[dict]:
 
 
 def build_eval_model(
-    model_cfg: Mapping[str, Any], weights: str | Path, categories: Sequence[Mapping[str, Any]], device: torch.device
+    model_cfg: Mapping[str, Any],
+    weights: WeightsFile | str | Path,
+    categories: Sequence[Mapping[str, Any]],
+    device: torch.device,
 ) -> torch.nn.Module:
-    """The model of `model_cfg` for the shards' categories, with `weights` loaded, on `device`.
+    """The model of `model_cfg` for `categories`, every parameter from `weights`, on `device`, in eval mode.
 
-    `weights` is a trainer checkpoint (train/checkpoint.py) or any file `model.load_weights`
-    reads; one that does not fit the model raises EvaluationError.
+    `weights` is any file model/weights.py reads; one that does not fit raises WeightsError in
+    one sentence naming the layer and the config key (tools read the config from the checkpoint,
+    so that happens only when the user overrides it).
     """
     model = build_model(model_cfg, num_classes=len(categories) + 1)
-    try:
-        state = _checkpoint_model_state(Path(weights))
-        if state is not None:
-            model.load_state_dict(state)
-        else:
-            load_weights(model, weights, coco_ids=[int(c["coco_id"]) for c in categories])
-    except (WeightsError, RuntimeError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise EvaluationError(
-            f"{weights} does not fit the model built from the config for {len(categories)} categories ({reason}); "
-            f"pass the --config and KEY=VALUE overrides the weights were trained with"
-        ) from e
-    return model.to(device).to(memory_format=torch.channels_last)
-
-
-def _checkpoint_model_state(path: Path) -> Mapping[str, torch.Tensor] | None:
-    """The model state of a trainer checkpoint, or None for any other file."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file at all: load_weights explains what it expects
-        return None
-    if isinstance(saved, Mapping) and saved.get("format") == CHECKPOINT_FORMAT:
-        return saved["model"]
-    return None
+    load_weights(model, weights, categories)
+    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def inference_on_dataset(
@@ -302,6 +290,7 @@ def inference_on_dataset(
     num_warmup: int = 5,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     score: bool = True,
+    progress_every_s: float = PROGRESS_EVERY_S,
 ) -> dict[str, dict[str, float]] | None:
     """Run `model` in eval mode over `loader` under `autocast`, feed `evaluator`, and return its metrics.
 
@@ -310,14 +299,16 @@ def inference_on_dataset(
 
     `autocast` is the training precision's context (train.engine.autocast_context). In eval mode
     the model runs eagerly, never from the training step's CUDA graphs (model/maskrcnn.py).
-    The model's train/eval mode is restored afterwards. The printed throughput leaves out the
-    first `num_warmup` batches (allocator growth, cudnn autotuning).
+    The model's train/eval mode is restored afterwards. A progress line (batches done, images/s,
+    ETA) is printed every `progress_every_s` seconds. The final throughput leaves out the first
+    `num_warmup` batches (allocator growth, cudnn autotuning).
     """
     evaluator.reset()
     was_training = model.training
     model.eval()
     num_batches = num_images = num_timed = 0
-    first = start = time.perf_counter()
+    total = len(loader) if hasattr(loader, "__len__") else None
+    first = start = last_report = time.perf_counter()
     try:
         with torch.inference_mode(), autocast():
             for step, batch in enumerate(loader):
@@ -328,6 +319,10 @@ def inference_on_dataset(
                 num_batches += 1
                 num_images += len(batch)
                 num_timed += len(batch)
+                now = time.perf_counter()
+                if now - last_report >= progress_every_s:
+                    last_report = now
+                    print(_progress_line(num_batches, total, num_images, now - first), flush=True)
             if num_batches:
                 _synchronize(batch)
     finally:
@@ -341,6 +336,14 @@ def inference_on_dataset(
     return evaluator.evaluate() if score else None
 
 
+def _progress_line(batches: int, total: int | None, images: int, seconds: float) -> str:
+    rate = images / max(seconds, 1e-9)
+    if total is None:
+        return f"inference: {batches} batches, {images} images, {rate:.1f} images/s"
+    eta = (total - batches) * seconds / batches
+    return f"inference: {batches}/{total} batches, {images} images, {rate:.1f} images/s, ETA {format_duration(eta)}"
+
+
 def _synchronize(batch: Batch) -> None:
     if batch.images.is_cuda:
         torch.cuda.synchronize(batch.images.device)
@@ -350,9 +353,15 @@ def _load_ground_truth(annotations_file: Path, backend: str) -> Any:
     if not annotations_file.is_file():
         raise EvaluationError(f"{annotations_file} does not exist; pass the COCO instances JSON, e.g. instances_val2017.json")
     try:
-        return _coco_api(backend)[0](str(annotations_file))
+        with quiet():
+            return _coco_api(backend)[0](str(annotations_file))
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise EvaluationError(f"{annotations_file} is not a COCO instances file ({e}); pass instances_val2017.json") from e
+
+
+def quiet() -> contextlib.AbstractContextManager:
+    """Swallow what the COCO APIs print while they load and match ('loading annotations...', 'DONE')."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _coco_api(backend: str) -> tuple[Any, Any]:

@@ -84,7 +84,7 @@ from train.engine import (
 )
 from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator, EvaluationError
 from train.interrupts import StopRequest, TrainingStopped
-from train.metrics import RunReporter
+from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
 from train.run_folder import RunFolder, RunFolderError, check_output_dir
 from train.solver import build_optimizer, log_closed_division_check
@@ -195,7 +195,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             cleanup.callback(queue.close)  # first: a scoring process still running is killed
 
         # Model, precision, CUDA graphs, DDP.
-        model = components.build_training_model(cfg, ctx.device, components.num_classes_of(cfg.data.train_shards))
+        categories = components.categories_of(cfg.data.train_shards)
+        model = components.build_training_model(cfg, ctx.device, categories)
         autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
         scaler = make_grad_scaler(precision, ctx.device)
 
@@ -233,8 +234,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 run_id=plan.run_id, resumed_from=str(plan.checkpoint) if plan.checkpoint else None, notes=plan.notes
             )
             (output_dir / "config.yaml").write_text(cfg.to_yaml())
-            log.info("attempt %d of run %s; resolved config (saved to %s):\n%s",
-                     attempt, folder.run_id, output_dir / "config.yaml", cfg.to_yaml())
+            log.info("attempt %d of run %s; resolved config saved to %s", attempt, folder.run_id, output_dir / "config.yaml")
         mlog = MLPerfLog(mlperf_path)
         cleanup.callback(mlog.close)
         mlog.start(C.INIT_START, time_ms=init_start_ms)
@@ -249,7 +249,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         mlog.end(C.INIT_STOP)
         mlog.start(C.RUN_START)
-        reporter = RunReporter(output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch)
+        reporter = RunReporter(
+            output_dir, enabled=ctx.is_main, global_batch=cfg.solver.ims_per_batch,
+            plan=RunPlan.of(cfg, len(train_loader)), data_timings=train_loader.timings,
+        )
         cleanup.callback(reporter.close)
         reporter.write({"attempt": attempt, "resumed_from": str(plan.checkpoint) if plan.checkpoint else None,
                         "iteration": state.iteration})
@@ -265,7 +268,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 folder.checkpoint_coming(path.name)
                 save_checkpoint(
                     output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
-                    epoch=epoch, loader_state=positions, config=cfg, run_id=folder.run_id,
+                    epoch=epoch, loader_state=positions, config=cfg, run_id=folder.run_id, categories=categories,
                 )
                 folder.rotate(checkpoint_dir(output_dir), cfg.train.keep_checkpoints)
             newest = path

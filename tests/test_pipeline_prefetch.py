@@ -1,0 +1,86 @@
+"""The producer thread the torch fallback finishes batches on: order, errors, stopping, resume."""
+
+import threading
+import time
+
+import pytest
+
+from pipeline.loader import build_loader
+from pipeline.prefetch import prefetched
+from pipeline_shards import data_config
+
+
+def test_items_arrive_in_order_and_at_most_depth_ahead():
+    made = []
+
+    def items():
+        for i in range(10):
+            made.append(i)
+            yield i
+
+    consumer = prefetched(items, depth=2)
+    assert next(consumer) == 0
+    time.sleep(0.2)  # the producer runs ahead until the queue is full
+    assert len(made) <= 1 + 2 + 1  # the one handed over, two queued, one waiting to be queued
+    assert list(consumer) == list(range(1, 10))
+
+
+def test_an_error_reaches_the_consumer_at_its_item():
+    def items():
+        yield 1
+        raise ValueError("sample 2 is broken")
+
+    consumer = prefetched(items, depth=4)
+    assert next(consumer) == 1
+    with pytest.raises(ValueError, match="sample 2 is broken"):
+        next(consumer)
+
+
+def test_closing_the_consumer_stops_and_joins_the_producer():
+    closed = threading.Event()
+
+    def items():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    consumer = prefetched(items, depth=2)
+    assert next(consumer) == 0
+    consumer.close()
+    assert closed.is_set()  # the source was closed on the producer thread before close() returned
+    assert not any(t.name == "batch-producer" for t in threading.enumerate())
+
+
+def test_the_context_is_entered_on_the_producer_thread():
+    entered = []
+
+    class Recording:
+        def __enter__(self):
+            entered.append(threading.current_thread().name)
+
+        def __exit__(self, *exc):
+            return False
+
+    assert list(prefetched(lambda: iter([1, 2]), depth=1, context=Recording)) == [1, 2]
+    assert entered == ["batch-producer"]
+
+
+def test_torch_loader_resumes_exactly_although_batches_were_prefetched(train_shards):
+    def loader():
+        return build_loader(data_config("data.flip_prob=0.5", "data.prefetch=3"), train_shards, training=True,
+                            batch_size=2, seed=1, backend="torch")
+
+    reference = [b.image_ids.tolist() for b in loader()]
+    interrupted = loader()
+    batches = iter(interrupted)
+    head = [next(batches).image_ids.tolist() for _ in range(2)]
+    time.sleep(0.3)  # let the producer run ahead of the two batches handed over
+    state = interrupted.state_dict()
+    batches.close()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert head + [b.image_ids.tolist() for b in resumed] == reference

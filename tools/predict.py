@@ -1,0 +1,144 @@
+"""Detect objects in a folder of photos: one COCO results JSON and one picture per image.
+
+    python tools/predict.py --weights runs/demo/checkpoints/ckpt-00000138.pt --images photos/ --out runs/predict
+    python tools/predict.py --weights maskrcnn_resnet50_fpn_coco.pth --images photos/ --out out --score-threshold 0.7
+
+Every JPEG and PNG directly in --images is read (any size; photos with an EXIF orientation
+are turned upright first, as viewers show them), batched by orientation, and run through the
+model on the GPU when there is one (--device). Each image is resized and padded by the same code
+as in evaluation, and its detections mapped back to the image's own pixels by the evaluator's
+code. Written to --out:
+
+- `detections.json`: COCO results entries, one per detection scoring at least
+  --score-threshold: `image_id` (the file name's number, e.g. 000000397133.jpg -> 397133, else
+  1..N by name), `file_name`, `category_id` and `category_name`, `bbox` [x, y, w, h] in the
+  image's pixels, `score`, `segmentation` (RLE); pycocotools' `loadRes` reads it;
+- `pictures/<name>.png`: the image with the detections drawn.
+
+The model config comes from the checkpoint (a trainer checkpoint carries its config and its
+categories); --config and KEY=VALUE overrides apply on top. Files without a config take
+configs/reference.yaml and what the weights need (torchvision's COCO Mask R-CNN: RGB
+normalization, stride in the 3x3 conv, its anchors, COCO's category names). Errors end in one sentence, exit
+code 2; an image that does not decode is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.io import write_png
+
+from model.weights import WeightsError, read_weights
+from pipeline.images import batch_from_images, orientation_batches
+from pipeline.settings import settings_from_config
+from train.config import ConfigError
+from train.distributed import pick_device
+from train.evaluation import build_eval_model
+from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
+from train.visualization import category_colors, draw_predictions
+
+CHUNK_BATCHES = 4  # batches of images decoded at a time
+
+
+class PredictError(ValueError):
+    """Inputs the user can fix (folders, weights without detection heads); the message says how."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, type=Path, help="trainer checkpoint, this model's or torchvision's Mask R-CNN state dict")
+    parser.add_argument("--images", required=True, type=Path, help="folder of JPEG/PNG images")
+    parser.add_argument("--out", required=True, type=Path, help="folder for detections.json and pictures/")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0: all)")
+    parser.add_argument("--config", type=Path, help="model config (default: the one saved in the checkpoint)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: eval.ims_per_batch)")
+    parser.add_argument("--no-pictures", action="store_true", help="write detections.json only")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.roi_heads.detections_per_img=50")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        predict(args)
+    except (PredictError, WeightsError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def predict(args: argparse.Namespace) -> list[dict]:
+    weights = read_weights(args.weights)
+    cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
+    categories = weights.class_categories()
+    if not weights.has_heads or not categories:
+        raise PredictError(f"{weights} holds a backbone only; pass a trained detector (a checkpoint of train/main.py)")
+    files = _inputs(args)
+    device = pick_device(args.device, 0)
+    model = build_eval_model(cfg.model, weights, categories, device)
+    settings = settings_from_config(cfg.data, training=False)
+    batch_size = args.batch_size or cfg.eval.ims_per_batch
+    names = {int(c["coco_id"]): c["name"] for c in categories}
+    colors = category_colors(sorted(names))
+
+    ids = dict(zip(files, image_ids(files)))
+    entries: list[dict] = []
+    start, done, skipped = time.perf_counter(), 0, 0
+    # Decoded a few batches at a time (memory stays bounded), batched by orientation within them.
+    for first in range(0, len(files), CHUNK_BATCHES * batch_size):
+        images = _decode(files[first : first + CHUNK_BATCHES * batch_size])
+        skipped += min(CHUNK_BATCHES * batch_size, len(files) - first) - len(images)
+        paths = list(images)
+        for indices in orientation_batches([tuple(images[p].shape[1:]) for p in paths], batch_size):
+            group = [paths[i] for i in indices]
+            batch = batch_from_images([images[p] for p in group], settings, device, [ids[p] for p in group])
+            for path, detections in zip(group, detect(model, batch)):
+                found = result_entries(detections, ids[path], path.name, categories, args.score_threshold)
+                entries.extend(found)
+                if not args.no_pictures:
+                    picture = draw_predictions(images[path], found, names, colors, args.score_threshold)
+                    write_png(picture, str(args.out / "pictures" / f"{path.stem}.png"))
+            done += len(group)
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"predict: {done}/{len(files) - skipped} images, {rate:.1f} images/s on {device}")
+    (args.out / "detections.json").write_text(json.dumps(entries))
+    pictures = "" if args.no_pictures else f" and {done} pictures to {args.out / 'pictures'}"
+    print(f"wrote {len(entries)} detections of {done} images to {args.out / 'detections.json'}{pictures}")
+    return entries
+
+
+def _decode(paths: list[Path]) -> dict[Path, torch.Tensor]:
+    """Path -> uint8 RGB image, upright; a file that does not decode is skipped with a warning."""
+    images = {}
+    for path in paths:
+        try:
+            images[path] = read_image(path)
+        except RuntimeError as e:
+            print(f"warning: skipped {path}: it does not decode as a JPEG or PNG ({' '.join(str(e).split())[:120]})")
+    return images
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The image files, after checking that --images has some and --out can be written."""
+    if not args.images.is_dir():
+        raise PredictError(f"--images {args.images} is not a folder; pass the folder holding the JPEG/PNG files")
+    files = image_files(args.images)
+    if not files:
+        raise PredictError(f"--images {args.images} holds no .jpg, .jpeg or .png file")
+    try:
+        (args.out / "pictures").mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PredictError(f"--out {args.out} cannot be written ({e.strerror}); pass a folder you can write to") from None
+    return files
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_intermixed_args()))
