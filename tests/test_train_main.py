@@ -29,9 +29,15 @@ from train_runs import DEMO, ENV, PYTHON, TINY, check_compliance, command, losse
 
 def test_uninterrupted_run_writes_its_results(reference_run):
     summary = json.loads((reference_run / "summary.json").read_text())
-    for key in ("epochs", "box_ap", "mask_ap", "box_ap50", "mask_ap50", "train_images_per_s", "eval_s", "wall_s", "reached_target"):
+    for key in ("epochs", "box_ap", "mask_ap", "box_ap50", "mask_ap50", "train_images_per_s", "eval_wait_s",
+                "eval_background_s", "wall_s", "reached_target", "target_epoch"):
         assert key in summary
-    assert summary["iterations"] == 6 and summary["reached_target"] is False
+    assert summary["iterations"] == 6 and summary["reached_target"] is False and summary["target_epoch"] is None
+    # the final evaluation, beside training (the reference config's mode), was awaited before the run ended
+    (evaluation,) = summary["evaluations"]
+    assert summary["eval_asynchronous"] is True
+    assert (evaluation["epoch"], evaluation["iteration"], evaluation["box_ap"]) == (1, 6, summary["box_ap"])
+    assert evaluation["wait_s"] >= evaluation["inference_s"] > 0 and summary["eval_wait_s"] == evaluation["wait_s"]
     assert sorted(losses(reference_run)) == [1, 2, 3, 4, 5, 6]
     assert (reference_run / "config.yaml").is_file() and (reference_run / "detections.json").is_file()
     newest = list_checkpoints(reference_run)[-1]

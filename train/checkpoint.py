@@ -12,11 +12,12 @@ business (train/run_folder.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -214,3 +215,18 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], sections: Seque
     for section in sections:
         walk(saved.get(section), current.get(section), section)
     return differences
+
+
+@contextlib.contextmanager
+def weights_loaded(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """`model` holds `state` (e.g. an older checkpoint's weights) inside the block, its own again after it, bit for bit.
+
+    Both loads copy in place (`load_state_dict`), so the optimizer and captured CUDA graphs
+    keep pointing at the same tensors.
+    """
+    own = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)

@@ -243,6 +243,7 @@ SCHEMA: dict[str, Rule] = {
     "train.mlperf.status": Choice(MLPERF_STATUSES),
     "eval.ims_per_batch": COUNT,
     "eval.every_epochs": NON_NEGATIVE_INT,  # 0: no evaluation
+    "eval.asynchronous": Flag(),
     "eval.num_workers": NON_NEGATIVE_INT,
     "eval.backend": Choice(EVAL_BACKENDS),
     "eval.box_ap_target": FRACTION,

@@ -211,6 +211,7 @@ def train_one_epoch(
     on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None,
     step_seed: tuple[int, ...] | None = None,
     stop: StopRequest | None = None,
+    poll: Callable[[], bool] | None = None,
 ) -> bool:
     """Step through `batches` until it ends or `max_iter` steps are done; True if it ended.
 
@@ -224,6 +225,10 @@ def train_one_epoch(
     When the ranks agree to `stop` (a signal), the step's checkpoint is saved and
     TrainingStopped raised. The loop leaves right after the step that reaches `max_iter`, so
     the pipeline's position is that step's (a run extended on resume continues from there).
+    `poll()` is called on every rank at the read-back points (unless stopping): True ends the
+    epoch there (an evaluation beside training reached the quality target: the run is over,
+    nothing more is saved); if it raises (that evaluation was lost), the step's checkpoint is
+    saved first.
     """
     model.train()
     readback = LossReadback(scaler)
@@ -235,6 +240,14 @@ def train_one_epoch(
         on_logged(steps)
         for step in steps:
             guard.check(step)
+
+    def target_reached() -> bool:
+        try:
+            return poll()
+        except Exception:
+            if save_checkpoint is not None and parameters_are_finite(model):
+                save_checkpoint()  # whatever failed beside training, the steps since the last checkpoint are kept
+            raise
 
     ended = True
     for batch in batches:
@@ -251,6 +264,9 @@ def train_one_epoch(
         stopping = stop.agreed(at_readback=readback_due) if stop is not None else None
         if readback_due or stopping:
             read_back()
+        if readback_due and not stopping and poll is not None and target_reached():
+            ended = False
+            break
         saving = (checkpoint_due or stopping) and save_checkpoint is not None
         if saving and parameters_are_finite(model):
             save_checkpoint()  # never over finite weights with NaN ones: the last good one stays

@@ -7,6 +7,9 @@ the inference loop never waits on encoding. `evaluate` gathers every rank's resu
 rank 0, keeps one result per image id (padded last batches repeat images), runs COCOeval for
 `bbox` and `segm` with pycocotools (the official API) or faster-coco-eval (same numbers,
 faster), prints the usual table and returns the 12 COCO stats of each type on every rank.
+Evaluation beside training (train/async_evaluation.py) takes the same steps one at a time:
+`inference_on_dataset(score=False)`, `take_results`, `encoding_futures` / `collect_encodings`,
+`gather_to_main`, `merge_ranks`, `score`.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class COCOEvaluator:
         backend: str = "pycocotools",
         num_workers: int = 2,
         mask_threshold: float = 0.5,
+        max_pending_per_worker: int | None = MAX_PENDING_PER_WORKER,
     ):
         if backend not in BACKENDS:
             raise EvaluationError(f"unknown COCO evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -103,6 +107,8 @@ class COCOEvaluator:
         self.backend = backend
         self.num_workers = num_workers
         self.mask_threshold = mask_threshold
+        # None: the pass's masks may all wait for the workers (evaluation beside training, train/async_evaluation.py)
+        self.max_pending_per_worker = max_pending_per_worker
         self._coco_gt = _load_ground_truth(self.annotations_file, backend)
         self._label_to_category = _category_lookup(categories, self._coco_gt, self.annotations_file)
         self._pool: ProcessPoolExecutor | None = None
@@ -142,15 +148,19 @@ class COCOEvaluator:
 
     def results(self) -> dict[int, ImageResult]:
         """This process's results, image id -> ImageResult, with every worker's RLEs collected."""
-        for result in self._images.values():
-            if isinstance(result.rles, Future):
-                result.rles = result.rles.result()
         self._pending.clear()
-        return self._images
+        return collect_encodings(self._images)
+
+    def take_results(self) -> dict[int, ImageResult]:
+        """This pass's results as they stand (RLEs may still be Futures) and an empty evaluator for the next pass."""
+        taken = self._images
+        self._pending.clear()
+        self.reset()
+        return taken
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Gather all ranks' results on rank 0, score them, and return the metrics on every rank."""
-        per_rank = _gather_to_main(self.results())
+        per_rank = gather_to_main(self.results())
         metrics = None
         if per_rank is not None:
             self.gathered = merge_ranks(per_rank)
@@ -188,7 +198,7 @@ class COCOEvaluator:
             # fork, like DataLoader workers: a spawned worker spends seconds importing torch, and
             # these workers only run CPU code (never CUDA, which a forked child cannot use).
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("fork"), initializer=init_worker)
-        while len(self._pending) >= MAX_PENDING_PER_WORKER * self.num_workers:
+        while self.max_pending_per_worker is not None and len(self._pending) >= self.max_pending_per_worker * self.num_workers:
             self._pending.popleft().result()
         future = self._pool.submit(encode_masks, masks, boxes, height, width, self.mask_threshold)
         self._pending.append(future)
@@ -220,6 +230,19 @@ class COCOEvaluator:
         print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
         evaluator.summarize()
         return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+
+def encoding_futures(results: Mapping[int, ImageResult]) -> list[Future]:
+    """The Futures of the RLEs in `results` that are still the workers' (`collect_encodings` replaces them)."""
+    return [result.rles for result in results.values() if isinstance(result.rles, Future)]
+
+
+def collect_encodings(results: dict[int, ImageResult]) -> dict[int, ImageResult]:
+    """`results` with each worker's RLEs in place of its Future (waits for them; raises a worker's error)."""
+    for result in results.values():
+        if isinstance(result.rles, Future):
+            result.rles = result.rles.result()
+    return results
 
 
 def merge_ranks(per_rank: Sequence[Mapping[int, ImageResult]]) -> dict[int, ImageResult]:
@@ -266,9 +289,13 @@ def inference_on_dataset(
     *,
     num_warmup: int = 5,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    score: bool = True,
     progress_every_s: float = PROGRESS_EVERY_S,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float]] | None:
     """Run `model` in eval mode over `loader` under `autocast`, feed `evaluator`, and return its metrics.
+
+    With `score=False` the pass's results stay in the evaluator, unscored (`take_results()`
+    hands them to evaluation beside training), and None is returned.
 
     `autocast` is the training precision's context (train.engine.autocast_context). In eval mode
     the model runs eagerly, never from the training step's CUDA graphs (model/maskrcnn.py).
@@ -306,7 +333,7 @@ def inference_on_dataset(
         f"inference: {num_images} images (padded repeats included) in {num_batches} batches, {end - first:.1f} s; "
         f"{num_timed / max(end - start, 1e-9):.1f} images/s{warmup}"
     )
-    return evaluator.evaluate()
+    return evaluator.evaluate() if score else None
 
 
 def _progress_line(batches: int, total: int | None, images: int, seconds: float) -> str:
@@ -381,7 +408,7 @@ def _load_results(coco_gt: Any, results: list[dict]) -> Any:
     return coco_dt
 
 
-def _gather_to_main(results: dict[int, ImageResult]) -> list[dict[int, ImageResult]] | None:
+def gather_to_main(results: dict[int, ImageResult]) -> list[dict[int, ImageResult]] | None:
     """Every rank's results on rank 0 (None on the others); just this one's without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return [results]

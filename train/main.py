@@ -18,16 +18,23 @@ the run says at start what it breaks (`train.solver.closed_division_violations`)
 Throughput only, no evaluation or checkpoints:
     python train/main.py --config ... --data SHARDS/train --dry-run all --iters 50 --report dry.json
 
+Evaluation (train/async_evaluation.py): at each epoch end inference runs on the training
+devices, then mask encoding and COCOeval run beside the next epoch (eval.asynchronous=true);
+the loop polls for results at its loss read-back points and epoch ends, and the run stops at
+the first epoch whose result reaches the target. The final epochs' results are awaited.
+
 A run lives in one output_dir (train/run_folder.py has the rules): a fresh run needs a folder
 without another run's files; `--resume` continues from the newest readable checkpoint there
-(or `--resume PATH`), first running an evaluation that a kill interrupted, and may extend a
-finished run (a larger solver.max_iter or train.max_epochs). `torchrun --max-restarts=N`
-restarts resume by themselves. Results: <output_dir>/summary.json, run.json, mlperf.log (one
-log per attempt), metrics.jsonl, config.yaml, checkpoints/.
+(or `--resume PATH`), first running the evaluations that a kill or a stop left unfinished (each
+on its own checkpoint's weights), and may extend a finished run (a larger solver.max_iter or
+train.max_epochs). `torchrun --max-restarts=N` restarts resume by themselves. Results:
+<output_dir>/summary.json (with what each evaluation cost the training), run.json, mlperf.log
+(one log per attempt), metrics.jsonl, config.yaml, checkpoints/.
 
 Exit codes: 0 done (or already done); 2 a user error, one sentence on stderr, nothing lost;
 143 (SIGTERM) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1 anything
-else, including a rank that stopped answering.
+else, including a rank that stopped answering and an evaluation lost beside training (one
+sentence; its checkpoint stays, and --resume runs it).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from mlperf_logging.mllog import constants as C
@@ -49,6 +56,7 @@ from mlperf_logging.mllog import constants as C
 from model.weights import WeightsError
 from pipeline.shard_format import ShardFormatError, read_manifest
 from train import components
+from train.async_evaluation import Evaluation, EvaluationLost, EvaluationQueue
 from train.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -56,9 +64,11 @@ from train.checkpoint import (
     load_checkpoint,
     newest_readable_checkpoint,
     parameters_are_finite,
+    read_checkpoint,
     restore_rng_states,
     save_checkpoint,
     schedule_changes,
+    weights_loaded,
 )
 from train.config import Config, ConfigError, load_config
 from train.cuda_graphs import graph_static_part
@@ -72,7 +82,7 @@ from train.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from train.evaluation import COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
+from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator, EvaluationError
 from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
@@ -86,6 +96,7 @@ USER_ERRORS = (
     ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DRAIN_POLL_S = 0.5  # waiting for the last results: a signal is honoured within this
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,13 +180,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         # Data: training shards sharded by rank; evaluation reads the original annotations.
         train_loader = components.build_data_loader(cfg, ctx, training=True)
-        val_loader = evaluator = None
+        val_loader = queue = None
         if evaluating:
             val_loader = components.build_data_loader(cfg, ctx, training=False)
             evaluator = COCOEvaluator.for_shards(
-                cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers
+                cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers,
+                # beside training, inference never waits for the encoders (~0.3 MB of masks an image wait in memory)
+                max_pending_per_worker=None if cfg.eval.asynchronous else MAX_PENDING_PER_WORKER,
             )
             cleanup.callback(evaluator.close)
+            queue = EvaluationQueue(
+                evaluator, ctx, asynchronous=cfg.eval.asynchronous, detections_path=output_dir / "detections.json"
+            )
+            cleanup.callback(queue.close)  # first: a scoring process still running is killed
 
         # Model, precision, CUDA graphs, DDP.
         categories = components.categories_of(cfg.data.train_shards)
@@ -256,32 +273,49 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 folder.rotate(checkpoint_dir(output_dir), cfg.train.keep_checkpoints)
             newest = path
 
-        eval_seconds = 0.0
-
-        def run_evaluation(epoch_num: int) -> dict[str, dict[str, float]]:
-            """Evaluate the current weights as epoch `epoch_num`'s result, and record that it is done."""
-            nonlocal eval_seconds
-            eval_start = time.perf_counter()
-            results = evaluate(model, val_loader, evaluator, mlog, epoch_num, output_dir if ctx.is_main else None, autocast)
-            eval_seconds += time.perf_counter() - eval_start
-            reporter.evaluation(epoch_num, state.iteration, results)
-            if folder is not None:
-                folder.evaluation_done(epoch_num, state.iteration, results)
-            return results
-
-        def target_reached(results: dict[str, dict[str, float]]) -> bool:
-            return results["bbox"]["AP"] >= cfg.eval.box_ap_target and results["segm"]["AP"] >= cfg.eval.mask_ap_target
-
         results, evaluated_at = plan.results, plan.evaluated_at
-        reached = results is not None and target_reached(results)
+        reached = results is not None and reaches_target(results, cfg.eval)
+        evaluations: list[Evaluation] = []  # this attempt's, with what each cost the training
+
+        def collect(finished: list[Evaluation]) -> bool:
+            """Record results in epoch order, on every rank; True once one reached the target (nothing after it counts)."""
+            nonlocal results, evaluated_at, reached
+            for evaluation in finished:
+                if reached:
+                    break  # the run ended at an earlier epoch's result
+                results, evaluated_at = evaluation.results, evaluation.iteration
+                mlog.end(C.EVAL_STOP, epoch_num=evaluation.epoch)
+                log_eval_accuracy(mlog, epoch=evaluation.epoch, box_ap=results["bbox"]["AP"], mask_ap=results["segm"]["AP"])
+                reporter.evaluation(evaluation.epoch, evaluation.iteration, results, timing=evaluation.timing())
+                if folder is not None:
+                    folder.evaluation_done(evaluation.epoch, evaluation.iteration, results)
+                evaluations.append(evaluation)
+                log.info(evaluation_sentence(evaluation))
+                reached = reaches_target(results, cfg.eval)
+            return reached
+
+        def start_evaluation(epoch_num: int, iteration: int) -> None:
+            """Inference now, on every rank; its result comes in beside training (at once when synchronous)."""
+            mlog.start(C.EVAL_START, epoch_num=epoch_num)
+            collect(queue.start(epoch_num, iteration, model, val_loader, autocast))
+
+        def poll() -> bool:
+            return collect(queue.poll())
+
         epochs_done, status, outcome = state.epoch, C.ABORTED, "failed"
         try:
-            if plan.due_evaluation is not None:  # a kill interrupted it: the weights are the checkpoint's
-                log.info("running the evaluation of epoch %d that the previous attempt did not finish", plan.due_evaluation)
-                mlog.start(C.BLOCK_START, first_epoch_num=plan.due_evaluation, epoch_count=1)  # the end of that block
-                results, evaluated_at = run_evaluation(plan.due_evaluation), state.iteration
-                mlog.end(C.BLOCK_STOP, first_epoch_num=plan.due_evaluation)
-                reached = target_reached(results)
+            for due in plan.due_evaluations:  # a kill or a stop left them unfinished: each on its checkpoint's weights
+                weights = due_weights(model, due, state.iteration)
+                if weights is None:
+                    if folder is not None:
+                        folder.drop_due_evaluation(due.iteration)
+                    continue
+                log.info("running the evaluation of epoch %d that the previous attempt did not finish (%s)",
+                         due.epoch, due.checkpoint.name)
+                mlog.start(C.BLOCK_START, first_epoch_num=due.epoch, epoch_count=1)  # the end of that block
+                with weights:
+                    start_evaluation(due.epoch, due.iteration)
+                mlog.end(C.BLOCK_STOP, first_epoch_num=due.epoch)
             for epoch in range(state.epoch, cfg.train.max_epochs):
                 if reached or state.iteration >= cfg.solver.max_iter:
                     break
@@ -299,35 +333,44 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     global_batch=cfg.solver.ims_per_batch, max_iter=cfg.solver.max_iter,
                     save_checkpoint=lambda: save(epoch, train_loader.state_dict()),
                     checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, step_seed=(cfg.seed, ctx.rank),
-                    stop=stop,
+                    stop=stop, poll=poll if queue is not None else None,
                 )
                 reporter.end_epoch()
+                if reached:
+                    break  # an earlier epoch's result reached the target while this one trained: the run ends here
                 mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
                 epochs_done = epoch + 1
+                if queue is not None and poll():
+                    mlog.end(C.BLOCK_STOP, first_epoch_num=epoch + 1)
+                    break  # an earlier epoch's result: this epoch is neither saved nor evaluated
                 last_epoch = epochs_done == cfg.train.max_epochs or state.iteration >= cfg.solver.max_iter
                 due = evaluating and (epochs_done % cfg.eval.every_epochs == 0 or last_epoch) and evaluated_at != state.iteration
                 if parameters_are_finite(model):  # a NaN state is never saved over the last good one
-                    if due and folder is not None:  # recorded first: a kill during the evaluation leaves it due
+                    if due and folder is not None:  # recorded first: a kill before its result leaves it due
                         folder.evaluation_due(epochs_done, state.iteration, checkpoint_path(output_dir, state.iteration).name)
                     if epoch_ended:
                         save(epoch + 1, None)
                     else:  # cut short by solver.max_iter: its position is kept, so that an extended run continues it
                         save(epoch, train_loader.state_dict())
                 if due:
-                    results, evaluated_at = run_evaluation(epochs_done), state.iteration
-                    reached = target_reached(results)
+                    start_evaluation(epochs_done, state.iteration)
                 mlog.end(C.BLOCK_STOP, first_epoch_num=epoch + 1)
                 if reached or last_epoch:
                     break  # reached: the quality target, where MLPerf stops the clock
                 stopping = stop.agreed(at_readback=True)
                 if stopping:
                     raise TrainingStopped(*stopping, iteration=state.iteration)
+            while queue is not None and queue.pending and not reached:  # the last epochs' results end the run
+                stopping = stop.agreed(at_readback=True)
+                if stopping:
+                    raise TrainingStopped(*stopping, iteration=state.iteration)
+                collect(queue.poll(timeout_s=DRAIN_POLL_S))
             status, outcome = (C.SUCCESS if reached else C.ABORTED), "finished"
         except TrainingStopped as stopped:
             stopped.checkpoint, stopped.world_size = newest, ctx.world_size  # the engine knows neither
             outcome = stopped.sentence()
             raise
-        except USER_ERRORS as e:
+        except (*USER_ERRORS, EvaluationLost) as e:
             outcome = f"stopped: {e}"
             raise
         except KeyboardInterrupt:
@@ -338,6 +381,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if folder is not None:
                 folder.end_attempt(outcome)
 
+        if reached and folder is not None:
+            for due in folder.due_evaluations():  # later epochs' evaluations do not count after the target
+                folder.drop_due_evaluation(due["iteration"])
         if not evaluating:
             log.info("no evaluation (eval.every_epochs=0): the run ends without box and mask AP; "
                      "evaluate %s with tools/evaluate.py to get them", newest)
@@ -349,9 +395,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "box_ap50": results["bbox"]["AP50"] if results else None,
             "mask_ap50": results["segm"]["AP50"] if results else None,
             "reached_target": reached,
+            "target_epoch": next((e.epoch for e in evaluations if reaches_target(e.results, cfg.eval)), None),
             "evaluated": evaluating,
+            "eval_asynchronous": evaluating and cfg.eval.asynchronous,
             "train_images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
-            "eval_s": eval_seconds,
+            # what evaluation cost the training (this attempt): its wait per epoch, inference included
+            "eval_wait_s": sum(e.timing()["wait_s"] for e in evaluations),
+            "eval_background_s": sum(e.background_s for e in evaluations),
+            "evaluations": [e.summary() for e in evaluations],
             "wall_s": time.perf_counter() - wall_start,
             "skipped_steps": state.skipped_steps,
             "nonfinite_losses": guard.total,
@@ -369,16 +420,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @dataclass
+class DueEvaluation:
+    """An evaluation that an earlier attempt left unfinished: epoch `epoch`, on the weights of `checkpoint`."""
+
+    epoch: int
+    iteration: int
+    checkpoint: Path
+
+
+@dataclass
 class AttemptPlan:
     """How an attempt starts, decided on rank 0 and sent to every rank."""
 
     run_id: str | None = None  # the run it continues (None: a new run)
     checkpoint: Path | None = None  # continue from here (None: iteration 0)
-    due_evaluation: int | None = None  # the epoch whose evaluation runs first, on the checkpoint's weights
-    results: dict[str, dict[str, float]] | None = None  # an earlier attempt's evaluation of those weights
+    due_evaluations: list[DueEvaluation] = field(default_factory=list)  # run first, oldest first
+    results: dict[str, dict[str, float]] | None = None  # an earlier attempt's evaluation of the checkpoint's weights
     evaluated_at: int | None = None  # the iteration of `results`
     finished: str | None = None  # set when nothing is left to do: the sentence that says so
     notes: list[str] = field(default_factory=list)  # what this attempt changes (a moved schedule end)
+
+
+def reaches_target(results: Mapping[str, Any], eval_cfg: Config) -> bool:
+    """Box and mask AP both at the quality target (`results`: a result, or run.json's record of one)."""
+    return results["bbox"]["AP"] >= eval_cfg.box_ap_target and results["segm"]["AP"] >= eval_cfg.mask_ap_target
 
 
 def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPlan | Exception, dict[str, Any] | None]:
@@ -411,63 +476,78 @@ def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPl
         log.info("the schedule's end moves on resume: %s", note)
     iteration = state["iteration"]
     epoch_num = state["epoch"] + (state["loader"] is not None)  # a mid-epoch checkpoint belongs to the epoch after
-    for due in folder.due_evaluations():
-        if due["iteration"] == iteration and cfg.eval.every_epochs:
-            plan.due_evaluation = due["epoch"]
+    for due in sorted(folder.due_evaluations(), key=lambda d: d["iteration"]):
+        if cfg.eval.every_epochs and due["iteration"] <= iteration:  # weights from before the resumed point
+            plan.due_evaluations.append(DueEvaluation(due["epoch"], due["iteration"], path.parent / due["checkpoint"]))
         else:
             folder.drop_due_evaluation(due["iteration"])
-            why = "eval.every_epochs=0" if due["iteration"] == iteration else f"training continues from {path.name}"
+            why = "eval.every_epochs=0" if not cfg.eval.every_epochs else f"training continues from {path.name}, before it"
             log.info("the due evaluation of epoch %d (%s) will not run as such: %s", due["epoch"], due["checkpoint"], why)
     done = folder.evaluation_at(iteration)
     if done is not None:
         plan.results = {kind: done[kind] for kind in ("bbox", "segm")}
         plan.evaluated_at = iteration
-    reached = plan.results is not None and (
-        plan.results["bbox"]["AP"] >= cfg.eval.box_ap_target and plan.results["segm"]["AP"] >= cfg.eval.mask_ap_target
-    )
+    # with evaluation beside training, the result that reached the target may be an earlier checkpoint's
+    reaching = next((e for e in folder.evaluations() if e["iteration"] <= iteration and reaches_target(e, cfg.eval)), None)
     trained_out = iteration >= cfg.solver.max_iter or state["epoch"] >= cfg.train.max_epochs
-    if (trained_out or reached) and plan.due_evaluation is None:
-        if cfg.eval.every_epochs and done is None:
-            plan.due_evaluation = epoch_num  # the final weights were never evaluated (a run from before run.json)
+    if reaching is not None:
+        for due in plan.due_evaluations:  # after the target, later epochs' evaluations do not count
+            folder.drop_due_evaluation(due.iteration)
+        plan.due_evaluations = []
+        plan.finished = finished_sentence(folder.path, cfg, iteration, epoch_num, reaching, reached=True)
+        folder.release()
+    elif trained_out and not plan.due_evaluations:
+        if cfg.eval.every_epochs and done is None:  # the final weights were never evaluated (a run from before run.json)
+            plan.due_evaluations = [DueEvaluation(epoch_num, iteration, path)]
         else:
-            plan.finished = finished_sentence(folder.path, cfg, iteration, epoch_num, plan.results, reached)
+            plan.finished = finished_sentence(folder.path, cfg, iteration, epoch_num, done, reached=False)
             folder.release()
     return plan, state
 
 
 def finished_sentence(
-    output_dir: Path, cfg: Config, iteration: int, epoch_num: int, results: dict[str, Any] | None, reached: bool
+    output_dir: Path, cfg: Config, iteration: int, epoch_num: int, evaluation: Mapping[str, Any] | None, reached: bool
 ) -> str:
     """What `--resume` says about a run that has nothing left to do (its results stay untouched)."""
-    ap = f" with box AP {results['bbox']['AP']:.4f}, mask AP {results['segm']['AP']:.4f}" if results else ""
+    ap = f"box AP {evaluation['bbox']['AP']:.4f}, mask AP {evaluation['segm']['AP']:.4f}" if evaluation else ""
     if reached:
-        how = "raise eval.box_ap_target / eval.mask_ap_target (it reached the quality target)"
-    elif iteration >= cfg.solver.max_iter:
+        return (
+            f"the run in {output_dir} already finished: epoch {evaluation['epoch']} reached the quality target ({ap}); "
+            "its results stay as they are; to train it further, raise eval.box_ap_target / eval.mask_ap_target"
+        )
+    if iteration >= cfg.solver.max_iter:
         how = f"resume with a larger solver.max_iter (now {cfg.solver.max_iter})"
     else:
         how = f"resume with a larger train.max_epochs (now {cfg.train.max_epochs})"
     return (
-        f"the run in {output_dir} already finished at iteration {iteration} (epoch {epoch_num}){ap}; "
+        f"the run in {output_dir} already finished at iteration {iteration} (epoch {epoch_num}){' with ' + ap if ap else ''}; "
         f"its results stay as they are; to train it further, {how}"
     )
 
 
-def evaluate(
-    model: torch.nn.Module, val_loader: Any, evaluator: COCOEvaluator, mlog: MLPerfLog, epoch_num: int, output_dir: Path | None,
-    autocast: Any,
-) -> dict[str, dict[str, float]]:
-    """COCO box and mask AP on the val shards (every rank takes part), logged for MLPerf.
+def due_weights(model: torch.nn.Module, due: DueEvaluation, iteration: int) -> contextlib.AbstractContextManager | None:
+    """What `model` holds while `due` is evaluated: its own weights (training continues from them) or its checkpoint's.
 
-    With `output_dir` (rank 0) the detections go to <output_dir>/detections.json, for
-    pictures and tools/visualize.py.
+    None (and a log line) when that checkpoint cannot be read: the evaluation is dropped.
     """
-    mlog.start(C.EVAL_START, epoch_num=epoch_num)
-    results = inference_on_dataset(model, val_loader, evaluator, autocast=autocast)  # the training precision
-    if output_dir is not None:
-        (output_dir / "detections.json").write_text(json.dumps(coco_results(evaluator.gathered)))
-    mlog.end(C.EVAL_STOP, epoch_num=epoch_num)
-    log_eval_accuracy(mlog, epoch=epoch_num, box_ap=results["bbox"]["AP"], mask_ap=results["segm"]["AP"])
-    return results
+    if due.iteration == iteration:
+        return contextlib.nullcontext()
+    try:
+        return weights_loaded(model, read_checkpoint(due.checkpoint)["model"])
+    except CheckpointError as e:
+        log.warning("the due evaluation of epoch %d cannot run: %s", due.epoch, e)
+        return None
+
+
+def evaluation_sentence(evaluation: Evaluation) -> str:
+    """One log line: an epoch's result and what it cost the training."""
+    timing = evaluation.timing()
+    beside = f"; {timing['background_s']:.1f} s beside training" if timing["background_s"] else ""
+    return (
+        f"epoch {evaluation.epoch} (iteration {evaluation.iteration}): box AP {evaluation.results['bbox']['AP']:.4f}, "
+        f"mask AP {evaluation.results['segm']['AP']:.4f}; training waited {timing['wait_s']:.1f} s for it "
+        f"(inference {timing['inference_s']:.1f} s){beside}, COCOeval {timing['cocoeval_s']:.1f} s"
+    )
 
 
 def setup_logging(ctx: DistributedContext) -> None:
@@ -492,6 +572,9 @@ def run(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(stopped.sentence(), file=sys.stderr)
         return stopped.exit_code
+    except EvaluationLost as lost:
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted by a second Ctrl-C: stopped at once, without saving; continue from the newest checkpoint "
               "with --resume", file=sys.stderr)

@@ -10,6 +10,8 @@ the full image are computed from the box-sized mask alone: everything outside it
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,13 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 
 def init_worker() -> None:
-    """Process-pool initializer: one thread per worker, the workers are the parallelism."""
+    """Process-pool initializer: one thread per worker, the workers are the parallelism.
+
+    Ctrl-C reaches every process of the terminal's group: the workers ignore it and keep their
+    queue, and the trainer, which decides how to stop (train/interrupts.py), ends them.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encode_masks(

@@ -145,12 +145,15 @@ class RunReporter:
             self._bar = None
         self._epoch_ended = time.perf_counter()
 
-    def evaluation(self, epoch: int, iteration: int, results: dict[str, Any]) -> None:
+    def evaluation(self, epoch: int, iteration: int, results: dict[str, Any], timing: dict[str, float] | None = None) -> None:
+        """One epoch's result; `timing`: what it cost the training (train/async_evaluation.py `Evaluation.timing`)."""
         if not self.enabled:
             return
-        if self._epoch_ended is not None:  # the evaluation ran between the epoch's end and now
+        if timing is not None:  # beside training: what it cost the training, not the wall-clock until its result
+            self._eval_seconds.append(timing["wait_s"])
+        elif self._epoch_ended is not None:  # the evaluation ran between the epoch's end and now
             self._eval_seconds.append(time.perf_counter() - self._epoch_ended)
-        self.write({"epoch": epoch, "iteration": iteration, "eval": results})
+        self.write({"epoch": epoch, "iteration": iteration, "eval": results, **({"timing": timing} if timing else {})})
         if self._tensorboard is not None:
             for kind, stats in results.items():
                 for name, value in stats.items():

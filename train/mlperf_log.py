@@ -7,17 +7,20 @@ run_stop with its status. Only rank 0 writes; elsewhere `MLPerfLog(None)` drops 
 Each attempt of a run writes its own log (train/run_folder.py: `mlperf.log`, then
 `mlperf-attempt-N.log`); a resumed attempt's log says where it began with
 `init_checkpoint_step`. Check a log with `python -m mlperf_logging.compliance_checker
---usage training --ruleset 3.1.0 <output_dir>/mlperf.log`.
+--usage training --ruleset 3.1.0 <output_dir>/mlperf.log`; `read_run_result` reads what a log
+says about its run (time to train, status, the epoch that converged), as MLPerf scores it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from mlperf_logging.compliance_checker import mlp_parser
 from mlperf_logging.mllog import constants as C
 from mlperf_logging.mllog.mllog import MLLogger
 
@@ -118,3 +121,44 @@ def log_hyperparameters(
 
 def log_eval_accuracy(mlog: MLPerfLog, *, epoch: int, box_ap: float, mask_ap: float) -> None:
     mlog.event(C.EVAL_ACCURACY, {"BBOX": box_ap, "SEGM": mask_ap}, epoch_num=epoch)
+
+
+RULESET = "3.1.0"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What an MLPerf log says about its run, read as MLPerf's result summarizer and RCP checker read it."""
+
+    seconds: float  # run_start to run_stop: the time to train
+    status: str  # run_stop's status: success (the quality target reached) or aborted
+    org: str  # submission_org
+    epoch: int | None  # the last eval_accuracy before run_stop: the epochs to converge (None: no result)
+    box_ap: float | None
+    mask_ap: float | None
+
+
+def read_run_result(path: str | Path) -> RunResult:
+    """The run result in the MLPerf log at `path`; ValueError (naming the file) when it is not a finished run's log."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; pass the mlperf.log in the run's output_dir")
+    loglines, _ = mlp_parser.parse_file(str(path), ruleset=RULESET)
+    first = {}
+    last_accuracy = None
+    for line in loglines:
+        if line.key == C.EVAL_ACCURACY and C.RUN_STOP not in first:
+            last_accuracy = line
+        first.setdefault(line.key, line)
+    missing = [key for key in (C.RUN_START, C.RUN_STOP) if key not in first]
+    if missing:
+        raise ValueError(f"{path} has no {' and no '.join(missing)}: the attempt did not finish (it was stopped or killed)")
+    accuracy = last_accuracy.value if last_accuracy is not None else None
+    return RunResult(
+        seconds=(first[C.RUN_STOP].timestamp - first[C.RUN_START].timestamp) / 1000,
+        status=first[C.RUN_STOP].value["metadata"]["status"],
+        org=first[C.SUBMISSION_ORG].value["value"] if C.SUBMISSION_ORG in first else "",
+        epoch=accuracy["metadata"]["epoch_num"] if accuracy else None,
+        box_ap=accuracy["value"]["BBOX"] if accuracy else None,
+        mask_ap=accuracy["value"]["SEGM"] if accuracy else None,
+    )

@@ -203,6 +203,10 @@ class RunFolder:
     def due_evaluations(self) -> list[dict[str, Any]]:
         return list(self.state["evaluations_due"]) if self.state else []
 
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The run's finished evaluations, in the order they finished."""
+        return list(self.state["evaluations"]) if self.state else []
+
     def evaluation_at(self, iteration: int) -> dict[str, Any] | None:
         """The finished evaluation of the weights at `iteration`, if any."""
         done = [e for e in self.state["evaluations"] if e["iteration"] == iteration] if self.state else []

@@ -1,0 +1,124 @@
+"""tools/run_and_time.sh: --help, --dry, its refusals, and the demo recipe end to end on the test shards.
+
+The time to train it prints is checked against the MLPerf log's own run_start and run_stop
+timestamps; its RESULT line's wall-clock seconds against the interval they span.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from train_runs import ENV, PYTHON, REPO, TINY
+
+SCRIPT = REPO / "tools" / "run_and_time.sh"
+REACH_AT_ONCE = ["eval.box_ap_target=0.0", "eval.mask_ap_target=0.0"]
+
+
+def _run(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], env={**ENV, "PYTHON": PYTHON, **env},
+                          capture_output=True, text=True)
+
+
+def _one_sentence(err: str) -> str:
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_help_says_how():
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr
+    for word in ("RECIPE", "--dry", "SHARDS", "DATA_DIR", "WEIGHTS", "VAL_ANNOTATIONS", "NPROC", "TORCHRUN_ARGS",
+                 "OUTPUT_DIR", "KEY=VALUE", "RESULT,OBJECT_DETECTION", "run_start to run_stop"):
+        assert word in result.stdout, word
+
+
+def test_dry_prints_the_command_from_the_environment_and_the_flags(tmp_path):
+    out = tmp_path / "out"
+    result = _run("batch96_8gpu", "--dry", "--weights", "/w/R-50.pkl", "solver.max_iter=10",
+                  SHARDS="/s", DATA_DIR="/d", NPROC="8", OUTPUT_DIR=str(out))
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout) == [
+        PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", str(REPO / "train" / "main.py"),
+        "--config", str(REPO / "configs" / "batch96_8gpu.yaml"), "--data", "/s/train", "--val-data", "/s/val",
+        "--val-annotations", "/d/annotations/instances_val2017.json", "train.weights=/w/R-50.pkl",
+        f"output_dir={out}", "solver.max_iter=10",
+    ]
+    assert not out.exists()  # a dry run writes nothing
+    nodes = _run("batch256_32gpu", "--dry", "--nproc", "8", "--shards", "/s", "--output-dir", out,
+                 TORCHRUN_ARGS="--nnodes=4 --rdzv_backend=c10d --rdzv_endpoint=host:29500")
+    assert shlex.split(nodes.stdout)[:7] == [
+        PYTHON, "-m", "torch.distributed.run", "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=host:29500",
+        "--nproc_per_node=8",
+    ]
+    single = shlex.split(_run("--dry", "--weights", "none", NPROC="1").stdout)
+    assert single[:4] == [PYTHON, str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "batch8_1gpu.yaml")]
+    assert not any(word.startswith("train.weights=") for word in single)
+
+
+def test_missing_inputs_end_in_one_sentence_naming_the_option(train_shards, tmp_path):
+    assert "--shards DIR (or SHARDS)" in _one_sentence(_run("--shards", tmp_path / "none", NPROC="1").stderr)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train").symlink_to(train_shards)
+    (shards / "val").symlink_to(train_shards)
+    err = _one_sentence(_run("--shards", shards, "--data-dir", tmp_path, NPROC="1").stderr)
+    assert f"{tmp_path}/annotations/instances_val2017.json does not exist; pass --val-annotations FILE" in err
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    err = _one_sentence(_run("--shards", shards, "--data-dir", tmp_path, NPROC="1").stderr)
+    assert f"{tmp_path}/R-50.pkl does not exist; pass --weights FILE (or WEIGHTS)" in err
+    assert "name one in configs/ (batch256_32gpu batch8_1gpu batch96_8gpu demo" in _one_sentence(_run("nope").stderr)
+    assert "must be a positive number" in _one_sentence(_run("--nproc", "0", "--dry").stderr)
+    result = _run("--dry", "--nproc", "2", TORCHRUN_ARGS="--nnodes=2")
+    assert result.returncode == 2 and "the same on every node" in _one_sentence(result.stderr)
+
+
+def _run_interval_s(log: Path) -> float:
+    stamps = {}
+    for line in log.read_text().splitlines():
+        event = json.loads(line.split(" ", 1)[1])
+        stamps.setdefault(event["key"], event["time_ms"])
+    return (stamps["run_stop"] - stamps["run_start"]) / 1000
+
+
+def test_the_demo_recipe_end_to_end_prints_the_time_to_train_and_the_result_line(
+    train_shards, val_shards, synthetic_coco, tmp_path
+):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train").symlink_to(train_shards)
+    (shards / "val").symlink_to(val_shards)
+    common = ["demo", "--shards", shards, "--val-annotations", synthetic_coco.val_json, "--weights", "none", *TINY,
+              "solver.max_iter=2"]
+    out = tmp_path / "reached"
+    result = _run(*common, "--output-dir", out, *REACH_AT_ONCE, NPROC="1")
+    assert result.returncode == 0, result.stderr
+    seconds = _run_interval_s(out / "mlperf.log")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        f"time to train: {seconds:.1f} s ({seconds / 60:.2f} min) from run_start to run_stop in {out}/mlperf.log; "
+        f"status success; epoch 1: box AP {summary['box_ap']:.4f}, mask AP {summary['mask_ap']:.4f}"
+    ) in result.stdout.splitlines()
+    assert "STARTING TIMING RUN AT " in result.stdout and "ENDING TIMING RUN AT " in result.stdout
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT,")]
+    match = re.fullmatch(r"RESULT,OBJECT_DETECTION,,(\d+),reference,(\d{4}-\d\d-\d\d .+)", line)
+    assert match, line
+    assert int(match[1]) >= int(seconds)  # the command's wall-clock span holds run_start..run_stop
+
+    out = tmp_path / "not-reached"  # the demo's own targets: not reached after 2 iterations
+    result = _run(*common, "--output-dir", out, NPROC="1")
+    assert result.returncode == 1, result.stderr
+    assert "status aborted" in result.stdout and re.search(r"^RESULT,OBJECT_DETECTION,,\d+,", result.stdout, re.M)
+
+    cut = tmp_path / "cut.log"  # an attempt stopped before run_stop
+    lines = (out / "mlperf.log").read_text().splitlines(keepends=True)
+    cut.write_text("".join(lines[: next(i for i, line in enumerate(lines) if '"key": "epoch_start"' in line)]))
+    stopped = subprocess.run([PYTHON, str(REPO / "tools" / "time_to_train.py"), str(cut)], env=ENV,
+                             capture_output=True, text=True)
+    assert stopped.returncode == 2
+    assert _one_sentence(stopped.stderr) == f"error: {cut} has no run_stop: the attempt did not finish (it was stopped or killed)"
