@@ -100,13 +100,17 @@ class COCOEvaluator:
         num_workers: int = 2,
         mask_threshold: float = 0.5,
         max_pending_per_worker: int | None = MAX_PENDING_PER_WORKER,
+        tables: bool = True,
     ):
+        """`tables`: print COCOeval's result table (tools); the trainer prints one line per epoch instead
+        (every statistic is in its metrics.jsonl)."""
         if backend not in BACKENDS:
             raise EvaluationError(f"unknown COCO evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.annotations_file = Path(annotations_file)
         self.backend = backend
         self.num_workers = num_workers
         self.mask_threshold = mask_threshold
+        self.tables = tables
         # None: the pass's masks may all wait for the workers (evaluation beside training, train/async_evaluation.py)
         self.max_pending_per_worker = max_pending_per_worker
         self._coco_gt = _load_ground_truth(self.annotations_file, backend)
@@ -220,15 +224,20 @@ class COCOEvaluator:
 
     def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
         entries = _coco_results(merged, iou_type)
-        print(f"COCOeval {iou_type} ({self.backend}): matching {len(entries)} detections on {len(merged)} images ...", flush=True)
+        if self.tables:
+            print(f"COCOeval {iou_type} ({self.backend}): matching {len(entries)} detections on {len(merged)} images ...", flush=True)
         start = time.perf_counter()
         with quiet():  # the API's progress chatter; its result table is printed below
             coco_dt = _load_results(self._coco_gt, entries)
             evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
             evaluator.evaluate()
             evaluator.accumulate()
-        print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
-        evaluator.summarize()
+        if self.tables:
+            print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
+            evaluator.summarize()
+        else:
+            with quiet():
+                evaluator.summarize()  # computes the stats
         return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 

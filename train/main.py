@@ -187,6 +187,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers,
                 # beside training, inference never waits for the encoders (~0.3 MB of masks an image wait in memory)
                 max_pending_per_worker=None if cfg.eval.asynchronous else MAX_PENDING_PER_WORKER,
+                tables=False,  # one line per epoch (evaluation_sentence); the statistics go to metrics.jsonl
             )
             cleanup.callback(evaluator.close)
             queue = EvaluationQueue(
@@ -415,7 +416,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         if ctx.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            log.info("summary (%s):\n%s", output_dir / "summary.json", json.dumps(summary, indent=2))
+            log.info("%s; summary in %s", summary_sentence(summary), output_dir / "summary.json")
         return summary
 
 
@@ -537,6 +538,21 @@ def due_weights(model: torch.nn.Module, due: DueEvaluation, iteration: int) -> c
     except CheckpointError as e:
         log.warning("the due evaluation of epoch %d cannot run: %s", due.epoch, e)
         return None
+
+
+def summary_sentence(summary: dict[str, Any]) -> str:
+    """The run's end in one line: the result, the epoch that reached the target, the speed, what evaluation cost."""
+    epochs = summary["epochs"]
+    parts = [f"{summary['iterations']} iterations, {epochs} epoch{'' if epochs == 1 else 's'}"]
+    if summary["box_ap"] is not None:
+        parts.append(f"box AP {summary['box_ap']:.4f}, mask AP {summary['mask_ap']:.4f}")
+    if summary["target_epoch"] is not None:
+        parts.append(f"target reached at epoch {summary['target_epoch']}")
+    if summary["train_images_per_s"]:
+        parts.append(f"{summary['train_images_per_s']:.1f} images/s training")
+    if summary["evaluated"]:
+        parts.append(f"training waited {summary['eval_wait_s']:.1f} s for evaluations")
+    return "run ended: " + "; ".join(parts)
 
 
 def evaluation_sentence(evaluation: Evaluation) -> str:
