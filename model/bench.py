@@ -21,7 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from model.build import build_model
 from model.maskrcnn import MaskRCNN
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from pipeline.batch import Batch
 
 NUM_CLASSES = 81

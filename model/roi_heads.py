@@ -22,7 +22,7 @@ from model.detections import Detections
 from model.losses import box_head_losses, mask_loss
 from model.mask_targets import polygon_mask_targets
 from model.pooler import MultiLevelRoIAlign, boxes_to_rois
-from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
+from model.matching import IGNORED, match_to_ground_truth, sample_balanced
 
 MIN_DETECTION_SIZE = 1e-2  # torchvision drops detections thinner than this before NMS
 

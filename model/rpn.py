@@ -21,7 +21,7 @@ from torchvision.ops import box_iou
 
 from model.box_ops import clip_boxes, decode_boxes, encode_boxes, padded_nms
 from model.losses import rpn_losses
-from model.sampling import IGNORED, match_to_ground_truth, sample_balanced
+from model.matching import IGNORED, match_to_ground_truth, sample_balanced
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 

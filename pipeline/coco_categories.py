@@ -1,6 +1,6 @@
 """COCO 2017's 80 object categories, the one copy of the table in the project.
 
-Used to make synthetic sets shaped like COCO (pipeline/synthetic.py) and to map COCO-trained
+Used to make synthetic sets shaped like COCO (pipeline/synthetic_coco.py) and to map COCO-trained
 checkpoints' class outputs to contiguous class indices (model/weights.py).
 """
 

@@ -6,7 +6,7 @@ one) -> resize to that size, mirrored by the coin in the same pass (a region of 
 x = 1 to x = 0: no separate flip over the pixels). Images stay uint8 RGB: the model normalizes
 them on the device (pipeline/batch.py).
 
-What to feed is the epoch plan both backends share (pipeline/sampling.py): which samples this
+What to feed is the epoch plan both backends share (pipeline/epoch_plan.py): which samples this
 rank reads, in which order, with which coin, and the group (orientation) of every batch. The
 samples are read by random access (pipeline/sample_reader.py) on the Python side, where their
 ground truth stays: `DaliLoader` scales, flips and pads it per batch with the code the torch

@@ -3,7 +3,7 @@
 A Loader yields `Batch`es (pipeline/batch.py) on `device`, images channels_last, one epoch per
 iteration:
 
-- `len(loader)`: batches per rank per epoch, from the manifest's counts (pipeline/sampling.py).
+- `len(loader)`: batches per rank per epoch, from the manifest's counts (pipeline/epoch_plan.py).
 - `set_epoch(epoch)`: select the epoch; the data order is a function of (seed, epoch, rank) only.
   Iterating again without `set_epoch` repeats the same epoch.
 - Training: shuffled, one flip coin per image with probability `data.flip_prob`.
@@ -12,7 +12,7 @@ iteration:
   yielded earlier by the same rank: the evaluator dedupes by image id.
 - `state_dict()` / `load_state_dict()`: mid-epoch resume. After loading, the next iteration
   yields exactly the batches an uninterrupted epoch would have yielded after the saved position
-  (both backends replay the epoch plan, pipeline/sampling.py, reading nothing before the
+  (both backends replay the epoch plan, pipeline/epoch_plan.py, reading nothing before the
   position). `set_epoch` with the saved epoch keeps it.
 - `timings()`: per-stage totals and per-image milliseconds (pipeline/timing.py).
 

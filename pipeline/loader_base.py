@@ -4,7 +4,7 @@
 point loaded but not iterated yet, the stage timer, and the side stream the batches are copied
 to the device on, with the hand-over of a batch from that stream to the consumer's. A backend
 only says how an epoch's batches are made from a start position (`_epoch_batches`): both
-replay the epoch plan (pipeline/sampling.py) from there, so the epoch and the position are the
+replay the epoch plan (pipeline/epoch_plan.py) from there, so the epoch and the position are the
 whole mid-epoch state.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.batch import Batch
-from pipeline.sampling import epoch_plan, group_batches
+from pipeline.epoch_plan import epoch_plan, group_batches
 from pipeline.settings import LoaderSettings
 from pipeline.shard_set import ShardSet
 from pipeline.timing import StageTimer
@@ -91,7 +91,7 @@ class LoaderBase:
             yield batch
 
     def _plan(self, epoch: int) -> list[list[tuple[str, int, bool]]]:
-        """This rank's batches of `epoch` as (group, sample position, flip) entries (pipeline/sampling.py)."""
+        """This rank's batches of `epoch` as (group, sample position, flip) entries (pipeline/epoch_plan.py)."""
         return epoch_plan(
             self.shard_set,
             training=self.training,

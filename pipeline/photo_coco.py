@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.coco_categories import COCO_CATEGORIES
-from pipeline.synthetic import object_polygons, polygon_annotation, synthetic_categories, write_instances_json
+from pipeline.synthetic_coco import object_polygons, polygon_annotation, synthetic_categories, write_instances_json
 
 WIDTH = 640
 HEIGHTS = (426, 512)  # inclusive range of the short side, as COCO's 640x426 .. 640x512
@@ -65,7 +65,7 @@ def make_photo_coco(
     jpeg_quality: int = 94,
     max_instances: int = 93,
 ) -> Path:
-    """Write the photo set's split under `out_dir` (as pipeline/synthetic.py's layout); returns its JSON path."""
+    """Write the photo set's split under `out_dir` (as pipeline/synthetic_coco.py's layout); returns its JSON path."""
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if not 1 <= jpeg_quality <= 95:

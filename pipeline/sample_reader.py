@@ -1,6 +1,6 @@
 """Random access to single samples of a shard set, through the DALI indices beside the tars.
 
-Both backends read samples this way (the epoch plan, pipeline/sampling.py, says which): by the
+Both backends read samples this way (the epoch plan, pipeline/epoch_plan.py, says which): by the
 `.idx` offsets rather than by streaming the tars with the `webdataset` library, because an exact
 per-epoch permutation, the per-rank sample ranges and a mid-epoch resume that skips batches
 without reading them all need random access, which a tar stream cannot give. A sample's

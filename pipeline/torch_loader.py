@@ -9,7 +9,7 @@ per-sample work on the CPU; a producer thread (pipeline/prefetch.py) finishes ea
 a side stream) up to `data.prefetch` batches ahead of the training thread.
 
 Which samples, in which order and with which coins, is the epoch plan both backends share
-(pipeline/sampling.py); samples are read by random access (pipeline/sample_reader.py).
+(pipeline/epoch_plan.py); samples are read by random access (pipeline/sample_reader.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Session-wide test data shared by every test module (registered in tests/conftest.py).
 
 - `synthetic_coco`: a small synthetic COCO set, 24 train + 12 val images of about 160x200
-  (pipeline/synthetic.py, seed 0), as a `SyntheticCoco` with `.root`, `.train_images`,
+  (pipeline/synthetic_coco.py, seed 0), as a `SyntheticCoco` with `.root`, `.train_images`,
   `.train_json`, `.val_images`, `.val_json`, and the image ids `.train_ids`, `.val_ids` (sorted).
 - `train_shards`: a shard folder made from its train split with `--mode train`, 4 samples
   per shard (several shards per orientation group).
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.sharding import shard_coco
-from pipeline.synthetic import make_synthetic_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 
 SMALL_IMAGE_SIZE = (160, 200)
 SAMPLES_PER_SHARD = 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from tests.model_helpers import TINY, model_config
 from train.config import load_config
 from train.distributed import data_parallel, join_process_group

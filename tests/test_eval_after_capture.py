@@ -7,7 +7,7 @@ import functools
 import torch
 
 from model import build_model
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from pipeline.loader import build_loader
 from tests.model_helpers import TINY, model_config
 from train.config import load_config

@@ -8,7 +8,7 @@ import torch
 
 from model import build_model
 from model.mask_targets import polygon_mask_targets
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from tests.model_helpers import TINY, model_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

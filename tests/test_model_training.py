@@ -16,8 +16,8 @@ from model.box_ops import clip_boxes, decode_boxes, padded_nms
 from model.losses import box_head_losses
 from model.pooler import MultiLevelRoIAlign, boxes_to_rois
 from model.rpn import in_top_n_of_batch
-from model.sampling import match_to_ground_truth, sample_balanced
-from model.synthetic import synthetic_batch
+from model.matching import match_to_ground_truth, sample_balanced
+from model.synthetic_batch import synthetic_batch
 from tests.model_helpers import TINY, model_config
 
 LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline.coco_categories import COCO_CATEGORIES
-from pipeline.synthetic import make_synthetic_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 
 
 def _load_tool(name: str):

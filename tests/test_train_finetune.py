@@ -18,7 +18,7 @@ import torch
 
 from model.weights import CLASS_SPECIFIC
 from pipeline.sharding import shard_coco
-from pipeline.synthetic import make_synthetic_coco, synthetic_categories
+from pipeline.synthetic_coco import make_synthetic_coco, synthetic_categories
 from tests.model_helpers import TINY_RUN, random_checkpoint
 from train.checkpoint import list_checkpoints
 from train.config import load_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from train.config import load_config
 from train.cuda_graphs import graph_static_part
 from train.engine import LossReadback, autocast_context, make_grad_scaler, train_step

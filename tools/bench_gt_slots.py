@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from model.bench import NUM_CLASSES, _timed, _training_step
 from model.build import build_model
-from model.synthetic import VERTS_PER_POLYGON, synthetic_batch
+from model.synthetic_batch import VERTS_PER_POLYGON, synthetic_batch
 from pipeline.batch import Batch
 from train.config import ConfigError, load_config
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.sharding import shard_coco
-from pipeline.synthetic import make_synthetic_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 
 
 def get_args_parser() -> argparse.ArgumentParser:

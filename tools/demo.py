@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline.sharding import shard_coco
-from pipeline.synthetic import make_synthetic_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 from train import main as trainer
 from train.run_folder import RunFolder, RunFolderError, run_files
 from train.visualization import write_visualizations

@@ -120,7 +120,7 @@ def _setup(scale: Scale, *overrides: str) -> tuple[Config, DistributedContext]:
 
 def _training_batch(cfg: Config, ctx: DistributedContext, gt_per_image: int | None = None):
     from model.build import DEFAULT_NUM_CLASSES
-    from model.synthetic import synthetic_batch
+    from model.synthetic_batch import synthetic_batch
     from train import components
 
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket: 800x1344 for the reference
@@ -263,7 +263,7 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
 def _synthetic_shards(root: Path, split: str, num_images: int, scale: Scale, mode: str) -> tuple[Path, Path]:
     """(shard folder, annotations file) of a synthetic COCO split at COCO-like image sizes."""
     from pipeline.sharding import shard_coco
-    from pipeline.synthetic import make_synthetic_coco
+    from pipeline.synthetic_coco import make_synthetic_coco
 
     annotations = make_synthetic_coco(root, split, num_images, seed=0, image_size=scale.image_size)
     shards = root / f"{split}_shards"

@@ -12,7 +12,7 @@ Examples:
   python tools/make_synthetic_coco.py --photos --out data/photos --num-images 400
 
 The output is `OUT/instances_<split>.json` and `OUT/<split>2017/<12-digit image id>.jpg`.
-What the data contains is described in pipeline/synthetic.py (drawn scenes) and
+What the data contains is described in pipeline/synthetic_coco.py (drawn scenes) and
 pipeline/photo_coco.py (`--photos`, which takes --split, --num-images, --seed and
 --jpeg-quality; the other options shape drawn scenes only).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.coco_categories import COCO_CATEGORIES
 from pipeline.photo_coco import make_photo_coco
-from pipeline.synthetic import make_synthetic_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 
 SCENE_ONLY = ("image_size", "num_classes", "max_objects", "grayscale_fraction", "empty_fraction", "crowd_fraction")
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from model.synthetic import synthetic_batch
+from model.synthetic_batch import synthetic_batch
 from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
 from train import components
