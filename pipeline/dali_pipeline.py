@@ -8,9 +8,9 @@ them on the device (pipeline/batch.py).
 
 What to feed is the epoch plan both backends share (pipeline/epoch_plan.py): which samples this
 rank reads, in which order, with which coin, and the group (orientation) of every batch. The
-samples are read by random access (pipeline/sample_reader.py) on the Python side, where their
+samples are read by random access (pipeline/shard_format.py) on the Python side, where their
 ground truth stays: `DaliLoader` scales, flips and pads it per batch with the code the torch
-fallback uses (pipeline/collate.py), and pads the images in the one copy out of DALI's buffers.
+fallback uses (pipeline/batch.py), and pads the images in the one copy out of DALI's buffers.
 So both backends yield the same samples with the same coins; one pipeline serves both
 orientation groups; a mid-epoch resume replays the plan from the saved position, with no DALI
 checkpoint; and the reference sizes are Python integers, not DALI arithmetic.
@@ -28,15 +28,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.batch import Batch
-from pipeline.collate import SampleRecord, make_batch, sample_record
-from pipeline.loader_base import LoaderBase
-from pipeline.sample_reader import SampleRef, read_sample, sample_refs
-from pipeline.settings import LoaderSettings
-from pipeline.shard_set import ShardReadError, ShardSet, shard_error
-from pipeline.timing import StageTimer
+from pipeline.batch import Batch, SampleRecord, decode_image, make_batch, sample_record
+from pipeline.loader import LoaderBase, LoaderSettings, StageTimer
+from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, read_sample, sample_refs, shard_error
 
 
 @pipeline_def
@@ -157,27 +152,26 @@ def _run(pipe: Any, feeder: PlanFeeder):
     """The next batch's images; a DALI failure becomes one sentence naming the sample when it can be found."""
     try:
         (images,) = pipe.run()
-    except RuntimeError as e:
-        raise _decode_error(e, feeder) from None
+    except RuntimeError as error:
+        raise _failed_sample(feeder) from error
     return images
 
 
-def _decode_error(error: RuntimeError, feeder: PlanFeeder) -> ShardReadError:
-    lines = [
-        line.strip()
-        for line in str(error).split("encountered:", 1)[-1].splitlines()
-        if line.strip() and "no longer valid" not in line and not line.strip().startswith("C++ context")
-    ]
-    detail = lines[0] if lines else "unknown DALI error"
-    # DALI does not say which sample failed: find it among those fed (only on this error path).
+def _failed_sample(feeder: PlanFeeder) -> ShardReadError:
+    """The error to report after DALI failed on one of the batches fed but not yet taken.
+
+    DALI's message says neither which sample failed nor in a stable form why, so the fed JPEGs
+    are decoded again here (only on this error path): the first that does not decode is named.
+    """
     for samples in feeder.fed:
         for record, jpeg in samples:
             try:
-                decode_jpeg(torch.from_numpy(jpeg.copy()), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                tar, key = record.source
-                return shard_error(tar, f"the JPEG does not decode (DALI: {detail})", key)
+                decode_image(torch.from_numpy(jpeg.copy()), record.source, torch.device("cpu"))
+            except ShardReadError as error:
+                return error
     if not feeder.fed:
-        return ShardReadError(f"DALI failed ({detail})")
+        return ShardReadError("DALI failed before a batch was fed (its error is this one's cause)")
     tar, key = feeder.fed[0][0][0].source
-    return shard_error(tar, f"DALI failed on a batch starting with this sample ({detail})", key)
+    return shard_error(
+        tar, "DALI failed on a batch starting with this sample although its JPEGs decode (its error is this one's cause)", key
+    )

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.shard_format import GROUPS
-from pipeline.shard_set import ShardSet
+from pipeline.shard_format import GROUPS, ShardSet
 
 
 def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:

@@ -14,10 +14,9 @@ from typing import Sequence
 
 import torch
 
-from pipeline.batch import Batch
-from pipeline.settings import LoaderSettings
+from pipeline.batch import Batch, pad_images, padded_shape, resized_size, transform_image
+from pipeline.loader import LoaderSettings
 from pipeline.shard_format import GROUPS, orientation
-from pipeline.transforms import pad_images, padded_shape, resized_size, transform_image
 
 
 def batch_from_images(

@@ -25,6 +25,19 @@ that still parses stops the run instead of training on it, and the check exists 
   each polygon at least 3 vertices, and together covering `verts` in order.
 Format 2 added the crc32 component; a folder of another format is refused with a request to
 re-shard.
+
+Reading (both loaders): `open_shard_set` opens a folder as a `ShardSet` (shards per orientation
+group, sample counts, maxima) after the cheap checks that catch a broken set before any reader
+starts (missing or empty folder, a tar or index missing, a tar whose size differs from the
+manifest, an index whose count or offsets do not fit its tar); `tools/shard_coco.py --verify` is
+the full check (sha256 and every member). `read_sample(ref)` then reads one sample by the `.idx`
+offsets, not by streaming the tars with the `webdataset` library: an exact per-epoch
+permutation, the per-rank sample ranges and a mid-epoch resume that skips batches without
+reading them all need random access, which a tar stream cannot give (a sample is a few reads at
+known offsets, about 0.1 ms per COCO image). Every sample either backend batches passes through
+`read_sample` with its JPEG bytes and arrays, before any decode, so that is where
+`decode_sample`'s check runs. Errors a user can cause are `ShardReadError`s: one sentence naming
+the shard (and the sample key where known) and the fix.
 """
 
 from __future__ import annotations
@@ -423,3 +436,176 @@ def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT, **manifest}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+# --- A shard folder as the loaders see it (opened once per loader) ---
+
+VERIFY_HINT = "re-run tools/shard_coco.py --verify --out {folder} (and re-shard if it fails)"
+
+
+class ShardReadError(ShardFormatError):
+    """A shard cannot be read or decoded; the message names the shard, the sample key where known, and the fix."""
+
+
+def shard_error(path: str | Path, problem: str, key: str | None = None) -> ShardReadError:
+    """`path` is a shard, an index or the shard folder itself."""
+    path = Path(path)
+    where = f"{path}" + (f" (sample {key})" if key else "")
+    folder = path if path.is_dir() else path.parent
+    return ShardReadError(f"{where}: {problem}; {VERIFY_HINT.format(folder=folder)}")
+
+
+@dataclass(frozen=True)
+class GroupShards:
+    """The shards of one orientation group, in manifest order (the order every reader uses)."""
+
+    tars: tuple[Path, ...]
+    counts: tuple[int, ...]  # samples per tar
+
+    @property
+    def indices(self) -> tuple[Path, ...]:
+        return tuple(t.with_name(index_name(t.name)) for t in self.tars)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    folder: Path
+    manifest: dict[str, Any]
+    groups: dict[str, GroupShards]
+
+    @property
+    def samples(self) -> dict[str, int]:
+        return {group: shards.samples for group, shards in self.groups.items()}
+
+    @property
+    def max_instances(self) -> int:
+        return int(self.manifest["max_instances"])
+
+    @property
+    def max_polygons(self) -> int:
+        return int(self.manifest["max_polygons"])
+
+    @property
+    def max_vertices(self) -> int:
+        return int(self.manifest["max_vertices"])
+
+    @property
+    def num_categories(self) -> int:
+        """K: every stored label is in 1..K."""
+        return len(self.manifest["categories"])
+
+
+def open_shard_set(folder: str | Path) -> ShardSet:
+    """Read the manifest and run the cheap consistency checks; raises ShardReadError naming the bad file."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ShardFormatError as e:
+        raise ShardReadError(str(e)) from None
+    entries = manifest.get("shards") or []
+    if not entries:
+        raise ShardReadError(
+            f"{folder}/manifest.json lists no shards (empty shard folder); re-run tools/shard_coco.py to write them"
+        )
+    groups: dict[str, tuple[list[Path], list[int]]] = {g: ([], []) for g in GROUPS}
+    for entry in entries:
+        tar = folder / entry["name"]
+        _check_shard(tar, entry)
+        tars, counts = groups[entry["group"]]
+        tars.append(tar)
+        counts.append(int(entry["samples"]))
+    return ShardSet(
+        folder=folder,
+        manifest=manifest,
+        groups={g: GroupShards(tuple(t), tuple(c)) for g, (t, c) in groups.items()},
+    )
+
+
+def _check_shard(tar: Path, entry: dict[str, Any]) -> None:
+    index = tar.with_name(index_name(tar.name))
+    if not tar.is_file():
+        raise shard_error(tar, "the shard listed in manifest.json is missing")
+    if not index.is_file():
+        raise shard_error(index, "the index of this shard is missing")
+    size = tar.stat().st_size
+    if size != entry["bytes"]:
+        raise shard_error(tar, f"the tar has {size} bytes but manifest.json says {entry['bytes']} (truncated?)")
+    try:
+        samples = read_index(index)
+    except ShardFormatError as e:
+        raise shard_error(index, f"unreadable index ({e})") from None
+    if len(samples) != entry["samples"]:
+        raise shard_error(index, f"the index lists {len(samples)} samples but manifest.json says {entry['samples']}")
+    if samples:
+        _check_index_matches_tar(tar, index, samples, size)
+
+
+def _check_index_matches_tar(tar: Path, index: Path, samples: list[IndexRow], size: int) -> None:
+    """Every member must lie inside the tar, and the first and last must sit where the index says.
+
+    Reading two tar headers is enough to catch an index written for another tar without
+    scanning the shard (the full member-by-member check is `--verify`).
+    """
+    end = max(offset + length for sample in samples for offset, length in sample.members.values())
+    if end > size:
+        raise shard_error(index, f"the index points past the end of {tar.name} (byte {end} of {size})")
+    with open(tar, "rb") as f:
+        for sample in (samples[0], samples[-1]):
+            component, (offset, length) = next(iter(sample.members.items()))
+            f.seek(offset - tarfile.BLOCKSIZE)
+            try:
+                header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+            except tarfile.TarError:
+                header = None
+            if header is None or header.size != length or header.name != f"{sample.key}.{component}":
+                raise shard_error(index, f"the index does not match the members of {tar.name}")
+
+
+# --- Random access to single samples, through the DALI indices beside the tars ---
+
+@dataclass(frozen=True)
+class SampleRef:
+    """What reading one sample needs: its tar, component -> (offset, size) and key from the index, and K.
+
+    `num_categories` (the manifest's K, every label in 1..K) rides along so that `read_sample`
+    can check a sample wherever a backend reads it, without the backend passing it in.
+    """
+
+    tar: Path
+    members: dict[str, tuple[int, int]]
+    key: str
+    num_categories: int
+
+
+def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
+    """Every sample of each group, in the order DALI's readers number them (shard order, then index order)."""
+    k = shard_set.num_categories
+    return {
+        group: [
+            SampleRef(tar, row.members, row.key, k) for tar, index in zip(shards.tars, shards.indices)
+            for row in read_index(index)
+        ]
+        for group, shards in shard_set.groups.items()
+    }
+
+
+def read_sample(ref: SampleRef) -> Sample:
+    """The sample at `ref`, checked; raises ShardReadError naming the tar and key when it cannot be read or is damaged."""
+    try:
+        with open(ref.tar, "rb") as f:
+            members = {}
+            for component, (offset, size) in ref.members.items():
+                f.seek(offset)
+                members[component] = f.read(size)
+        if any(len(members[c]) != ref.members[c][1] for c in members):
+            raise ShardFormatError("the tar ends before a member the index lists")
+    except (OSError, ShardFormatError) as e:
+        raise shard_error(ref.tar, f"cannot read this sample ({e})", ref.key) from None
+    try:
+        return decode_sample(members, ref.key, ref.num_categories)
+    except ShardFormatError as e:
+        raise shard_error(ref.tar, str(e), ref.key) from None

@@ -2,32 +2,40 @@
 
 Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
 when the training device is CUDA) -> flip and resize the image with the sample's coin
-(pipeline/transforms.py) -> scale, flip and pad the ground truth and pad the images per batch
-(pipeline/collate.py, the code the DALI backend uses), in uint8. DataLoader workers do the
-per-sample work on the CPU; a producer thread (pipeline/prefetch.py) finishes each batch
-(the GPU decode and resize when the device is CUDA, the padding, the copies to the device, on
-a side stream) up to `data.prefetch` batches ahead of the training thread.
+-> scale, flip and pad the ground truth and pad the images per batch, in uint8, with the code
+the DALI backend uses (pipeline/batch.py). DataLoader workers do the per-sample work on the CPU; a producer thread (`prefetched`) finishes each batch (the GPU decode and
+resize when the device is CUDA, the padding, the copies to the device, on a side stream) up to
+`data.prefetch` batches ahead of the training thread.
 
 Which samples, in which order and with which coins, is the epoch plan both backends share
-(pipeline/epoch_plan.py); samples are read by random access (pipeline/sample_reader.py).
+(pipeline/epoch_plan.py); samples are read by random access (pipeline/shard_format.py).
+
+`prefetched`: items of an iterator made ahead on a producer thread, handed over in order. The
+batches are finished (decoded and resized on the GPU when the device is CUDA, padded, copied) on
+this thread, so the training thread only waits for a batch that is already there. Exceptions
+reach the consumer at the item where they happened; closing the consumer's generator (or
+dropping it) stops the producer and waits for it, so the same source can be iterated again right
+after, as a resumed or a new epoch does.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.batch import Batch
-from pipeline.collate import make_batch, sample_record
-from pipeline.loader_base import LoaderBase
-from pipeline.prefetch import prefetched
-from pipeline.sample_reader import SampleRef, read_sample, sample_refs
-from pipeline.settings import LoaderSettings
-from pipeline.shard_set import ShardReadError, ShardSet, shard_error
-from pipeline.transforms import transform_image
+from pipeline.batch import Batch, decode_image, make_batch, sample_record, transform_image
+from pipeline.loader import LoaderBase, LoaderSettings
+from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, read_sample, sample_refs, shard_error
+
+T = TypeVar("T")
+_END = object()
+_POLL_S = 0.05  # how often a blocked producer checks whether the consumer has gone
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -65,7 +73,7 @@ def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) ->
     try:
         images = decode_jpeg([s["jpeg"] for s in samples], mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        images = [_decode_one(s, device) for s in samples]  # find and name the sample that fails
+        images = [decode_image(s["jpeg"], s["record"].source, device) for s in samples]  # name the one that fails
     decoded = time.perf_counter()
     for sample, image in zip(samples, images):
         record = sample["record"]
@@ -78,14 +86,6 @@ def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) ->
     for sample in samples:
         sample["times"]["decode"] = (decoded - start) * per_sample
         sample["times"]["augment"] = (time.perf_counter() - decoded) * per_sample
-
-
-def _decode_one(sample: dict[str, Any], device: torch.device) -> torch.Tensor:
-    try:
-        return decode_jpeg(sample["jpeg"], mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as e:
-        tar, key = sample["record"].source
-        raise shard_error(tar, f"the JPEG does not decode ({e})", key) from None
 
 
 def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,3 +168,57 @@ class TorchLoader(LoaderBase):
                 device=self.device,
             ).to(self.device, non_blocking=True)
         return batch, self._copies_done()
+
+
+def prefetched(
+    make_items: Callable[[], Iterator[T]],
+    depth: int,
+    context: Callable[[], AbstractContextManager] = nullcontext,
+) -> Iterator[T]:
+    """Iterate `make_items()` on a producer thread, at most `depth` items ahead of the consumer.
+
+    `context()` is entered on the producer thread around the whole iteration (for the CUDA
+    device and side stream its work must be queued on).
+    """
+    items: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with context():
+                source = make_items()
+                try:
+                    for item in source:
+                        if not put((item, None)):
+                            return
+                finally:
+                    close = getattr(source, "close", None)
+                    if close is not None:
+                        close()
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, error))
+            return
+        put((_END, None))
+
+    producer = threading.Thread(target=produce, name="batch-producer", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()

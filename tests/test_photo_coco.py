@@ -9,7 +9,7 @@ from pycocotools.coco import COCO
 
 from pipeline.photo_coco import HEIGHTS, WIDTH, make_photo_coco
 from pipeline.sharding import shard_coco
-from pipeline.shard_set import open_shard_set
+from pipeline.shard_format import open_shard_set
 from test_synthetic import _load_tool
 
 NUM_IMAGES = 40

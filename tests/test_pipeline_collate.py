@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.collate import SampleRecord, make_batch, padded_count
+from pipeline.batch import SampleRecord, make_batch, padded_count
 from pipeline.loader import build_loader
-from pipeline.shard_format import shard_name, write_manifest, write_shard
-from pipeline.shard_set import ShardReadError
+from pipeline.shard_format import ShardReadError, shard_name, write_manifest, write_shard
 from pipeline_shards import DRAWN_CATEGORIES, data_config, write_drawn_shards
 
 CPU = torch.device("cpu")

@@ -14,8 +14,7 @@ import torch
 from torchvision.io import decode_jpeg
 
 from pipeline.loader import build_loader
-from pipeline.shard_format import ARRAY_COMPONENTS, CHECKSUM, FORMAT, checksums, read_index
-from pipeline.shard_set import ShardReadError
+from pipeline.shard_format import ARRAY_COMPONENTS, CHECKSUM, FORMAT, ShardReadError, checksums, read_index
 from pipeline_shards import data_config
 
 BACKENDS = ["dali", "torch"]

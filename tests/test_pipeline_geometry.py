@@ -6,10 +6,9 @@ import pytest
 import torch
 from torchvision.io import decode_jpeg
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, bucket_shapes, resized_size
 from pipeline.loader import build_loader
 from pipeline.shard_format import orientation
-from pipeline.transforms import bucket_shapes, resized_size
 from pipeline_shards import data_config, write_drawn_shards
 
 BACKENDS = ["dali", "torch"]

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pipeline.loader import build_loader
-from pipeline.prefetch import prefetched
+from pipeline.torch_loader import prefetched
 from pipeline_shards import data_config
 
 

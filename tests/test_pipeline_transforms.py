@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pipeline.transforms import bucket_shapes, flip_boxes, flip_vertices, resized_size
+from pipeline.batch import bucket_shapes, flip_boxes, flip_vertices, resized_size
 
 
 def reference_get_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from model.weights import read_weights
 from pipeline.images import batch_from_images
-from pipeline.settings import settings_from_config
+from pipeline.loader import settings_from_config
 from pipeline.shard_format import read_manifest
 from tests.model_helpers import random_checkpoint
 from tools.evaluate import get_args_parser as evaluate_parser

@@ -5,7 +5,7 @@
 
 The real instances are the same in every variant (synthetic, 1..--instances per image); only
 the padding differs: 100 slots is what padding to COCO's maxima gave every batch, 16-32 what
-per-batch padding (pipeline/collate.py) gives most COCO batches. Steps alternate between the
+per-batch padding (pipeline/batch.py) gives most COCO batches. Steps alternate between the
 variants; the median wall and CPU seconds of each are printed, and their ratios to the first.
 """
 

@@ -48,10 +48,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from pipeline.loader import build_loader, dali_available
-from pipeline.settings import LoaderSettings, settings_from_config
-from pipeline.shard_format import ShardFormatError
-from pipeline.shard_set import open_shard_set
+from pipeline.loader import LoaderSettings, build_loader, dali_available, settings_from_config
+from pipeline.shard_format import ShardFormatError, open_shard_set
 from train.config import ConfigError, load_config
 
 ROWS = ("dali_loader", "dali_graph", "bare_dali", "torch_loader", "torchvision")
@@ -140,7 +138,7 @@ class Bench:
         return measure_rate(batches, images_in, warmup=self.warmup, iters=self.iters, device=self.device)
 
     def loader(self, backend: str) -> dict[str, Any]:
-        """The loader's rate and its per-stage wall-clock breakdown (pipeline/timing.py)."""
+        """The loader's rate and its per-stage wall-clock breakdown (pipeline/loader.py StageTimer)."""
         loader = self._loader(backend)
 
         def epoch(e: int) -> Iterable[Any]:

@@ -8,7 +8,7 @@ image (this process only, one thread):
 - `checked_decode`: `shard_format.decode_sample`, the whole check (checksums, json, labels,
   boxes, polygon rows) from bytes in memory;
 - `unchecked_decode`: what format 1's decode did (json + np.frombuffer), the baseline;
-- `read_sample`: `sample_reader.read_sample`, the host read both loaders call (file reads included).
+- `read_sample`: `shard_format.read_sample`, the host read both loaders call (file reads included).
 Compare them with the loader's CPU ms per image from tools/bench_pipeline.py.
 """
 
@@ -24,9 +24,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.sample_reader import read_sample, sample_refs
-from pipeline.shard_format import ARRAY_COMPONENTS, CHECKED_COMPONENTS, ShardFormatError, decode_sample, read_index
-from pipeline.shard_set import open_shard_set
+from pipeline.shard_format import (
+    ARRAY_COMPONENTS,
+    CHECKED_COMPONENTS,
+    ShardFormatError,
+    decode_sample,
+    open_shard_set,
+    read_index,
+    read_sample,
+    sample_refs,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from torchvision.io import write_png
 
 from model.weights import WeightsError, read_weights
 from pipeline.images import batch_from_images, orientation_batches
-from pipeline.settings import settings_from_config
+from pipeline.loader import settings_from_config
 from train.config import ConfigError
 from train.distributed import pick_device
 from train.evaluation import build_eval_model

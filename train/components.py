@@ -20,7 +20,7 @@ from model import build_model
 from model.weights import load_weights
 from pipeline.loader import build_loader
 from pipeline.shard_format import read_manifest
-from pipeline.transforms import bucket_shapes
+from pipeline.batch import bucket_shapes
 from train.checkpoint import CheckpointError
 from train.config import Config, ConfigError
 from train.distributed import DistributedContext

@@ -18,8 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from model.backbone import BLOCKS_PER_STAGE, NORMS
 from model.normalization import NORMALIZATIONS
 from model.rpn import ANCHOR_GENERATORS
-from pipeline.settings import BACKENDS as LOADER_BACKENDS
-from pipeline.settings import DECODE_DEVICES
+from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -162,7 +161,7 @@ SCHEMA: dict[str, Rule] = {
     "data.val_annotations": Text(),
     "data.backend": Choice(LOADER_BACKENDS),
     "data.decode_device": Choice(DECODE_DEVICES),
-    "data.num_threads": NON_NEGATIVE_INT,  # 0 counts as 1 (pipeline/settings.py)
+    "data.num_threads": NON_NEGATIVE_INT,  # 0 counts as 1 (pipeline/loader.py)
     "data.prefetch": NON_NEGATIVE_INT,  # likewise
     "data.shuffle_buffer": NON_NEGATIVE_INT,
     "data.min_size": COUNT,

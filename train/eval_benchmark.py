@@ -26,8 +26,7 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.detections import Detections
-from pipeline.batch import Batch
-from pipeline.transforms import resized_size
+from pipeline.batch import Batch, resized_size
 from train.evaluation import COCOEvaluator, ImageResult, to_original_frame
 
 MASK_SIZE = 28

@@ -34,9 +34,8 @@ from pycocotools.cocoeval import COCOeval
 from model import build_model
 from model.detections import Detections
 from model.weights import WeightsFile, load_weights
-from pipeline.batch import Batch
+from pipeline.batch import Batch, flip_boxes
 from pipeline.shard_format import file_sha256, read_manifest
-from pipeline.transforms import flip_boxes
 from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
 from train.metrics import format_duration
