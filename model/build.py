@@ -1,9 +1,12 @@
-"""The one place where the `model:` config section becomes modules and plain numbers."""
+"""The one place where the `model:` config section becomes modules and plain numbers, and where
+a model gets its weights (`build_model_with_weights`; model/weights.py tells the file formats apart)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+import torch
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
@@ -14,6 +17,7 @@ from model.normalization import InputNormalization, normalization
 from model.pooler import MultiLevelRoIAlign
 from model.roi_heads import RoIHeads, init_reference_heads
 from model.rpn import Anchors, RegionProposals
+from model.weights import WeightsFile, load_weights
 from pipeline.coco_categories import COCO_CATEGORY_IDS
 
 # The class count (categories + background) is the data's: the trainer takes it from the shards'
@@ -84,3 +88,27 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int = DEFAULT_NUM_CLA
         detections_per_img=roi["detections_per_img"],
     )
     return MaskRCNN(static_part, proposals, roi_heads, cfg)
+
+
+def build_model_with_weights(
+    model_cfg: Mapping[str, Any],
+    categories: Sequence[Mapping[str, Any]],
+    weights: WeightsFile | str | Path | None,
+    device: torch.device,
+    *,
+    for_training: bool = False,
+) -> MaskRCNN:
+    """The model of `model_cfg` for `categories` (plus background), on `device`, in channels_last.
+
+    `weights` is any file model/weights.py reads. For training, it is optional (None: the
+    reference initialization) and fine-tuning onto other categories starts the class-specific
+    layers fresh (the log names them). Otherwise every parameter must come from it, and the model
+    is in eval mode; a file that does not fit raises WeightsError in one sentence naming the
+    layer and the config key (tools read the config from the checkpoint, so that happens only
+    when the user overrides it).
+    """
+    model = build_model(model_cfg, num_classes=len(categories) + 1)
+    if weights or not for_training:
+        load_weights(model, weights, categories, for_training=for_training)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    return model if for_training else model.eval()

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image
 
+from model.build import build_model_with_weights
 from model.weights import read_weights
 from pipeline.images import batch_from_images
 from pipeline.loader import settings_from_config
@@ -30,7 +31,6 @@ from tools.evaluate import get_args_parser as evaluate_parser
 from tools.evaluate import main as evaluate_main
 from tools.predict import get_args_parser, main
 from train.config import load_config
-from train.evaluation import build_eval_model
 from train.inference import config_for_weights, detect, result_entries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_an_exif_rotated_photo_is_detected_upright(photos, predicted, checkpoint
     weights = read_weights(checkpoint)
     cfg = config_for_weights(weights, None, ALL_DETECTIONS)
     categories = weights.class_categories()
-    model = build_eval_model(cfg.model, weights, categories, torch.device("cpu"))
+    model = build_model_with_weights(cfg.model, categories, weights, torch.device("cpu"))
     batch = batch_from_images([pixels], settings_from_config(cfg.data, training=False), torch.device("cpu"))
     expected = result_entries(detect(model, batch)[0], ids["exif"], path.name, categories, 0.0)
     _assert_same_detections(_by_image(entries)[ids["exif"]], expected)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from train.checkpoint import list_checkpoints
-from train.components import parameter_digest
+from train.checkpoint import parameter_digest
 from train.main import run
 
 from train_runs import DEMO, ENV, PYTHON, TINY, check_compliance, command, losses

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.batch_size < 1 or min(args.image_size) < 64:
         print("bench_model: --iters and --batch-size must be >= 1 and each image side >= 64", file=sys.stderr)
         return 2
-    # As the trainer does (train/components.py configure_torch), before torch starts its threads:
+    # As the trainer does (train/distributed.py configure_torch), before torch starts its threads:
     # denormal gradients otherwise dominate CPU step times, for both models.
     torch.set_flush_denormal(True)
     if args.threads is not None:

@@ -30,14 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from model.build import build_model_with_weights
 from model.weights import WeightsError, read_weights
 from pipeline.loader import build_loader
 from pipeline.shard_format import ShardFormatError, read_manifest
-from train.components import per_rank_batch
 from train.config import ConfigError
-from train.distributed import init_distributed, shutdown_distributed
+from train.distributed import init_distributed, per_rank_batch, shutdown_distributed
 from train.engine import autocast_context, resolve_precision
-from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
+from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
 from train.inference import config_for_weights
 
 
@@ -81,7 +81,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         evaluator = COCOEvaluator.for_shards(
             args.annotations, args.data, backend=args.backend or cfg.eval.backend, num_workers=cfg.eval.num_workers
         )
-        model = build_eval_model(cfg.model, weights, categories, ctx.device)
+        model = build_model_with_weights(cfg.model, categories, weights, ctx.device)
         loader = build_loader(
             cfg.data,
             args.data,

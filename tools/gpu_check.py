@@ -108,22 +108,22 @@ REHEARSAL = Scale(  # the demo's model, smaller still: the rehearsal proves plum
 
 
 def _setup(scale: Scale, *overrides: str) -> tuple[Config, DistributedContext]:
-    from train import components
+    from train import distributed
     from train.config import load_config
     from train.distributed import init_distributed
 
     cfg = load_config(REPO / scale.config, [*scale.overrides, *overrides])
     ctx = init_distributed(cfg.train.device, env={})
-    components.configure_torch(cfg.train, cfg.seed, ctx.rank)
+    distributed.configure_torch(cfg.train, cfg.seed, ctx.rank)
     return cfg, ctx
 
 
 def _training_batch(cfg: Config, ctx: DistributedContext, gt_per_image: int | None = None):
     from model.build import DEFAULT_NUM_CLASSES
     from model.synthetic_batch import synthetic_batch
-    from train import components
+    from train import inputs
 
-    height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket: 800x1344 for the reference
+    height, width = inputs.bucket_list(cfg.data)[0]  # the landscape bucket: 800x1344 for the reference
     max_gt = gt_per_image or 16
     return synthetic_batch(cfg.solver.ims_per_batch, (height, width), DEFAULT_NUM_CLASSES, max_gt,
                            device=ctx.device, seed=cfg.seed, gt_per_image=gt_per_image)
@@ -277,7 +277,7 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
     precision, COCOeval) on val batches of the training batch's shape: nothing may replay the
     training graph; the next training step replays it again."""
     from pipeline.loader import build_loader
-    from train import components
+    from train import distributed
     from train.dry_run import build_training_step
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
     from train.evaluation import COCOEvaluator, inference_on_dataset
@@ -289,7 +289,7 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
         step(batch)
     with tempfile.TemporaryDirectory() as tmp:
         shards, annotations = _synthetic_shards(Path(tmp), "val", scale.eval_images, scale, "eval")
-        per_rank = components.per_rank_batch(cfg.eval.ims_per_batch, ctx.world_size, "eval.ims_per_batch")
+        per_rank = distributed.per_rank_batch(cfg.eval.ims_per_batch, ctx.world_size, "eval.ims_per_batch")
         loader = build_loader(cfg.data, shards, training=False, batch_size=per_rank, device=ctx.device)
         eval_shapes = {tuple(b.images.shape) for b in loader}
         with COCOEvaluator.for_shards(annotations, shards, num_workers=cfg.eval.num_workers) as evaluator:

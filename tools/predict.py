@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torchvision.io import write_png
 
+from model.build import build_model_with_weights
 from model.weights import WeightsError, read_weights
 from pipeline.images import batch_from_images, orientation_batches
 from pipeline.loader import settings_from_config
 from train.config import ConfigError
 from train.distributed import pick_device
-from train.evaluation import build_eval_model
 from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
 from train.visualization import category_colors, draw_predictions
 
@@ -80,7 +80,7 @@ def predict(args: argparse.Namespace) -> list[dict]:
         raise PredictError(f"{weights} holds a backbone only; pass a trained detector (a checkpoint of train/main.py)")
     files = _inputs(args)
     device = pick_device(args.device, 0)
-    model = build_eval_model(cfg.model, weights, categories, device)
+    model = build_model_with_weights(cfg.model, categories, weights, device)
     settings = settings_from_config(cfg.data, training=False)
     batch_size = args.batch_size or cfg.eval.ims_per_batch
     names = {int(c["coco_id"]): c["name"] for c in categories}

@@ -13,6 +13,7 @@ business (train/run_folder.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from train.config import Config
+from train.distributed import DistributedContext, gather_from_ranks
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +232,31 @@ def weights_loaded(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
         yield
     finally:
         model.load_state_dict(own)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in state_dict order: equal digests, identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_positions(position: Any, ctx: DistributedContext) -> list[Any] | None:
+    """Every rank's pipeline position (rank order) for rank 0's checkpoint; None at an epoch end."""
+    if position is None:
+        return None
+    return gather_from_ranks(ctx, position)
+
+
+def this_ranks_position(positions: list[Any] | None, ctx: DistributedContext, path: Path) -> Any:
+    """This rank's saved pipeline position; a mid-epoch checkpoint needs the same process count."""
+    if positions is None:
+        return None
+    if len(positions) != ctx.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written mid-epoch by {len(positions)} processes, this run has {ctx.world_size}; "
+            f"resume with {len(positions)} processes or from an epoch-end checkpoint"
+        )
+    return positions[ctx.rank]

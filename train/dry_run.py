@@ -34,10 +34,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from model.build import build_model_with_weights
 from model.synthetic_batch import synthetic_batch
 from pipeline.coco_categories import coco_categories
 from pipeline.shard_format import read_manifest
-from train import components
+from train import distributed, inputs
 from train.config import Config
 from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
@@ -167,7 +168,7 @@ class TrainingStep:
 
 
 def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> TrainingStep:
-    model = components.build_training_model(cfg, ctx.device, categories)
+    model = build_model_with_weights(cfg.model, categories, cfg.train.weights, ctx.device, for_training=True)
     model.train()
     precision = resolve_precision(cfg.train.precision, ctx.device)
     scaler = make_grad_scaler(precision, ctx.device)
@@ -176,8 +177,8 @@ def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[d
     autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
     graphs = graph_static_part(
         model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-        buckets=components.bucket_list(cfg.data),
-        images_per_rank=components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
+        buckets=inputs.bucket_list(cfg.data),
+        images_per_rank=distributed.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
         autocast=autocast,
     )
     setup = f"{graphs}; precision {precision}; {optimizer_name}"
@@ -189,8 +190,8 @@ def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[s
     """The pipeline's own benchmark (tools/bench_pipeline.py) on this rank's share of the batch."""
     result = run_pipeline_benchmark(
         cfg.data,
-        components.require_shards(cfg.data.train_shards, "data.train_shards (--data)"),
-        batch_size=components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
+        inputs.require_shards(cfg.data.train_shards, "data.train_shards (--data)"),
+        batch_size=distributed.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
         iters=iters,
         warmup=WARMUP_ITERS,
         device=ctx.device,
@@ -206,7 +207,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
     categories = manifest["categories"] if manifest else coco_categories()
     num_classes = len(categories) + 1
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
-    height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
+    height, width = inputs.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
     step = build_training_step(cfg, ctx, categories)
     result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
@@ -215,9 +216,9 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
 
 
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
-    loader = components.build_data_loader(cfg, ctx, training=True)
+    loader = inputs.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
-    step = build_training_step(cfg, ctx, components.categories_of(cfg.data.train_shards))
+    step = build_training_step(cfg, ctx, inputs.categories_of(cfg.data.train_shards))
 
     def next_batch(lap: Callable[[str], None]) -> Any:
         batch = next(batches)
@@ -247,7 +248,7 @@ RUNNERS = {"model": dry_run_model, "pipeline": dry_run_pipeline, "full": dry_run
 
 def run_dry_runs(which: str, cfg: Config, ctx: DistributedContext, *, iters: int, report: str | None) -> dict[str, Any]:
     """Run one dry run (or `all`), print the figures, write `report` as JSON on rank 0."""
-    components.configure_torch(cfg.train, cfg.seed, ctx.rank)
+    distributed.configure_torch(cfg.train, cfg.seed, ctx.rank)
     names = list(RUNNERS) if which == "all" else [which]
     results: dict[str, Any] = {}
     for name in names:

@@ -31,9 +31,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from model import build_model
 from model.detections import Detections
-from model.weights import WeightsFile, load_weights
 from pipeline.batch import Batch, flip_boxes
 from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
@@ -271,23 +269,6 @@ def coco_results(results: Mapping[int, ImageResult]) -> list[dict]:
             result.boxes_xywh.tolist(), result.rles, result.category_ids.tolist(), result.scores.tolist()
         )
     ]
-
-
-def build_eval_model(
-    model_cfg: Mapping[str, Any],
-    weights: WeightsFile | str | Path,
-    categories: Sequence[Mapping[str, Any]],
-    device: torch.device,
-) -> torch.nn.Module:
-    """The model of `model_cfg` for `categories`, every parameter from `weights`, on `device`, in eval mode.
-
-    `weights` is any file model/weights.py reads; one that does not fit raises WeightsError in
-    one sentence naming the layer and the config key (tools read the config from the checkpoint,
-    so that happens only when the user overrides it).
-    """
-    model = build_model(model_cfg, num_classes=len(categories) + 1)
-    load_weights(model, weights, categories)
-    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def inference_on_dataset(

@@ -53,26 +53,38 @@ from typing import Any, Mapping
 import torch
 from mlperf_logging.mllog import constants as C
 
+from model.build import build_model_with_weights
 from model.weights import WeightsError
 from pipeline.shard_format import ShardFormatError, read_manifest
-from train import components
 from train.async_evaluation import Evaluation, EvaluationLost, EvaluationQueue
 from train.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     checkpoint_path,
+    gather_positions,
     load_checkpoint,
     newest_readable_checkpoint,
+    parameter_digest,
     parameters_are_finite,
     read_checkpoint,
     restore_rng_states,
     save_checkpoint,
     schedule_changes,
+    this_ranks_position,
     weights_loaded,
 )
 from train.config import Config, ConfigError, load_config
 from train.cuda_graphs import graph_static_part
-from train.distributed import DistributedContext, broadcast_from_main, data_parallel, init_distributed, shutdown_distributed
+from train.distributed import (
+    DistributedContext,
+    broadcast_from_main,
+    configure_torch,
+    data_parallel,
+    gather_from_ranks,
+    init_distributed,
+    per_rank_batch,
+    shutdown_distributed,
+)
 from train.engine import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -83,6 +95,7 @@ from train.engine import (
     train_one_epoch,
 )
 from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator, EvaluationError
+from train.inputs import bucket_list, build_data_loader, categories_of, require_inputs
 from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
@@ -147,7 +160,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return run_dry_runs(args.dry_run, cfg, ctx, iters=args.iters, report=args.report)
 
     # Checks before anything is written: a bad value or path costs nothing.
-    components.require_inputs(cfg)
+    require_inputs(cfg)
     check_output_dir(cfg.output_dir)
     precision = resolve_precision(cfg.train.precision, ctx.device)
     evaluating = cfg.eval.every_epochs > 0
@@ -176,13 +189,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
         log_closed_division_check(cfg)
-        components.configure_torch(cfg.train, cfg.seed, ctx.rank)
+        configure_torch(cfg.train, cfg.seed, ctx.rank)
 
         # Data: training shards sharded by rank; evaluation reads the original annotations.
-        train_loader = components.build_data_loader(cfg, ctx, training=True)
+        train_loader = build_data_loader(cfg, ctx, training=True)
         val_loader = queue = None
         if evaluating:
-            val_loader = components.build_data_loader(cfg, ctx, training=False)
+            val_loader = build_data_loader(cfg, ctx, training=False)
             evaluator = COCOEvaluator.for_shards(
                 cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers,
                 # beside training, inference never waits for the encoders (~0.3 MB of masks an image wait in memory)
@@ -196,8 +209,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             cleanup.callback(queue.close)  # first: a scoring process still running is killed
 
         # Model, precision, CUDA graphs, DDP.
-        categories = components.categories_of(cfg.data.train_shards)
-        model = components.build_training_model(cfg, ctx.device, categories)
+        categories = categories_of(cfg.data.train_shards)
+        model = build_model_with_weights(cfg.model, categories, cfg.train.weights, ctx.device, for_training=True)
         autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
         scaler = make_grad_scaler(precision, ctx.device)
 
@@ -214,13 +227,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if scaler is not None and checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])
             state.iteration, state.epoch = checkpoint["iteration"], checkpoint["epoch"]
-            loader_state = components.this_ranks_position(checkpoint["loader"], ctx, plan.checkpoint)
+            loader_state = this_ranks_position(checkpoint["loader"], ctx, plan.checkpoint)
             log.info("resumed from %s at iteration %d (epoch %d)", plan.checkpoint, state.iteration, state.epoch + 1)
 
-        images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
+        images_per_rank = per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
         log.info(graph_static_part(
             model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-            buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
+            buckets=bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
         ))
         trained = model
         if ctx.is_distributed:
@@ -263,7 +276,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         def save(epoch: int, position: Any) -> None:
             """Called on every rank: each rank's pipeline position goes into rank 0's checkpoint."""
             nonlocal newest
-            positions = components.gather_positions(position, ctx)
+            positions = gather_positions(position, ctx)
             path = checkpoint_path(output_dir, state.iteration)
             if folder is not None:
                 folder.checkpoint_coming(path.name)
@@ -412,7 +425,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "world_size": ctx.world_size,
             "attempt": attempt,
             # DDP keeps replicas identical; this records that it did (one digest per rank)
-            "parameter_digests": components.gather_parameter_digests(model, ctx),
+            "parameter_digests": gather_from_ranks(ctx, parameter_digest(model)),
         }
         if ctx.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
