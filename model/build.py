@@ -4,7 +4,7 @@ a model gets its weights (`build_model_with_weights`; model/weights.py tells the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -20,23 +20,17 @@ from model.rpn import Anchors, RegionProposals
 from model.weights import WeightsFile, load_weights
 from pipeline.coco_categories import COCO_CATEGORY_IDS
 
+if TYPE_CHECKING:  # train/config.py imports model/ (through its schema)
+    from train.config import Config
+
 # The class count (categories + background) is the data's: the trainer takes it from the shards'
 # manifest, the tools from the checkpoint. COCO's when nothing says otherwise.
 DEFAULT_NUM_CLASSES = len(COCO_CATEGORY_IDS) + 1
 
 
-def _plain(value: Any) -> Any:
-    """A frozen `Config` (or any mapping/sequence) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def build_model(model_cfg: Mapping[str, Any], num_classes: int = DEFAULT_NUM_CLASSES) -> MaskRCNN:
+def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> MaskRCNN:
     """Mask R-CNN from the `model:` config section for `num_classes` classes (K categories + background)."""
-    cfg = {**_plain(model_cfg), "num_classes": num_classes}
+    cfg = {**model_cfg.to_dict(), "num_classes": num_classes}
     bb, rpn, roi = cfg["backbone"], cfg["rpn"], cfg["roi_heads"]
     backbone = build_backbone(
         bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
@@ -91,7 +85,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int = DEFAULT_NUM_CLA
 
 
 def build_model_with_weights(
-    model_cfg: Mapping[str, Any],
+    model_cfg: Config,
     categories: Sequence[Mapping[str, Any]],
     weights: WeightsFile | str | Path | None,
     device: torch.device,

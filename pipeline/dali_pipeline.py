@@ -109,7 +109,7 @@ class DaliLoader(LoaderBase):
             decode_on_gpu=self.decode_on_device,
             output_on_gpu=self.device.type == "cuda",
             batch_size=self.batch_size,
-            num_threads=self.settings.num_threads,
+            num_threads=self.settings.dali_threads,
             device_id=self.device.index if self.device.type == "cuda" else None,
             prefetch_queue_depth=self.settings.prefetch,
         )

@@ -64,7 +64,8 @@ class LoaderSettings:
     buckets: dict[str, tuple[int, int]] | None  # padded (h, w) per orientation group; None: pad per batch
     flip_prob: float  # 0 in evaluation
     decode_device: str  # auto | gpu | cpu
-    num_threads: int  # DALI threads / DataLoader workers
+    dali_threads: int  # DALI's CPU threads, at least 1
+    torch_workers: int  # the torch backend's DataLoader worker processes; 0: the consumer's process
     prefetch: int  # batches prepared ahead
     shuffle_buffer: int  # 0 in evaluation
 
@@ -87,7 +88,8 @@ def settings_from_config(data_cfg: Any, training: bool) -> LoaderSettings:
         buckets=buckets,
         flip_prob=float(data_cfg.flip_prob) if training else 0.0,
         decode_device=data_cfg.decode_device,
-        num_threads=max(int(data_cfg.num_threads), 1),
+        dali_threads=max(int(data_cfg.dali_threads), 1),
+        torch_workers=int(data_cfg.torch_workers),
         prefetch=max(int(data_cfg.prefetch), 1),
         shuffle_buffer=int(data_cfg.shuffle_buffer) if training else 0,
     )

@@ -113,7 +113,7 @@ class TorchLoader(LoaderBase):
         """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
         super().__init__(shard_set, settings, **placement)
         self._sampler = _PlanSampler()
-        workers = settings.num_threads
+        workers = settings.torch_workers
         self._loader = torch.utils.data.DataLoader(
             ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device),
             batch_sampler=self._sampler,

@@ -23,7 +23,7 @@ TINY = [
 
 # The demo config shrunk to 64x80 images, batches of 2 and one thread: a train/main.py run in seconds.
 TINY_RUN = [
-    "data.min_size=64", "data.max_size=80", "data.buckets=[[64, 80], [80, 64]]", "data.num_threads=1",
+    "data.min_size=64", "data.max_size=80", "data.buckets=[[64, 80], [80, 64]]", "data.dali_threads=1", "data.torch_workers=1",
     "data.backend=torch", "solver.ims_per_batch=2", "eval.ims_per_batch=2", "eval.num_workers=0",
     "train.checkpoint_every=100", "train.num_threads=1",
 ]

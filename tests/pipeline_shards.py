@@ -24,7 +24,7 @@ DRAWN_CATEGORIES = [{"id": i, "coco_id": i, "name": f"class {i}"} for i in (1, 2
 
 def data_config(*overrides: str):
     """The reference `data` section with small sizes and one worker thread, plus `overrides`."""
-    base = ["data.min_size=96", "data.max_size=160", "data.num_threads=1", "data.shuffle_buffer=8"]
+    base = ["data.min_size=96", "data.max_size=160", "data.dali_threads=1", "data.torch_workers=1", "data.shuffle_buffer=8"]
     return load_config(REFERENCE_CONFIG, [*base, *overrides]).data
 
 

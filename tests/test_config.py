@@ -131,3 +131,16 @@ def test_a_typo_in_a_derived_config_names_the_file_and_the_closest_key(tmp_path)
     child.write_text(f"base: {REFERENCE}\nsolver:\n  base_rl: 0.01\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'solver.base_rl' \(from .*typo.yaml\); did you mean 'solver.base_lr'"):
         load_config(child)
+
+
+def test_a_retired_key_names_the_file_and_the_keys_that_replaced_it(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {REFERENCE}\ndata:\n  num_threads: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(old)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("data.num_threads", str(old), "retired", "data.dali_threads", "data.torch_workers"):
+        assert part in message, (part, message)
+    with pytest.raises(ConfigError, match=r"data.num_threads \(from override data.num_threads=2\) is retired"):
+        load_config(REFERENCE, ["data.num_threads=2"])

@@ -58,7 +58,7 @@ def test_graphs_replay_only_in_training_under_the_autocast_they_were_captured_in
 def test_evaluation_after_capture_runs_eagerly_in_the_training_precision(val_shards, synthetic_coco):
     # The bug this guards against: eval batches of the train batch's shape replayed the bf16
     # training graph outside autocast, and roi_align failed after a whole epoch.
-    cfg = load_config("configs/demo.yaml", ["data.backend=torch", "data.num_threads=0"])
+    cfg = load_config("configs/demo.yaml", ["data.backend=torch", "data.dali_threads=1", "data.torch_workers=0"])
     torch.manual_seed(0)
     evaluator = COCOEvaluator.for_shards(synthetic_coco.val_json, val_shards, num_workers=0)
     loader = build_loader(cfg.data, val_shards, training=False, batch_size=4)

@@ -11,7 +11,7 @@ import pytest
 from pipeline_shards import REFERENCE_CONFIG
 from tools import bench_pipeline
 
-SMALL = ["--config", str(REFERENCE_CONFIG), "data.min_size=96", "data.max_size=160", "data.num_threads=1"]
+SMALL = ["--config", str(REFERENCE_CONFIG), "data.min_size=96", "data.max_size=160", "data.dali_threads=1", "data.torch_workers=1"]
 
 
 def test_benchmark_reports_every_row_and_both_ratios(train_shards, synthetic_coco, tmp_path, capsys):

@@ -27,7 +27,7 @@ TINY = [
     "data.min_size=64",
     "data.max_size=80",
     "data.buckets=[[64, 80], [80, 64]]",
-    "data.num_threads=1",
+    "data.dali_threads=1", "data.torch_workers=1",
     "solver.ims_per_batch=2",
     "eval.ims_per_batch=2",
     "eval.num_workers=0",

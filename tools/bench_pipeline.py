@@ -2,7 +2,7 @@
 
     python tools/bench_pipeline.py --data SHARDS --batch-size 8 --iters 30 \\
         --baseline-images photos/train2017 --baseline-annotations photos/instances_train.json \\
-        --repeat 3 --json runs/bench_pipeline.json data.num_threads=2
+        --repeat 3 --json runs/bench_pipeline.json data.dali_threads=2 data.torch_workers=2
     python tools/bench_pipeline.py --data SHARDS --rows torch_loader torchvision ...   # without DALI
     python tools/bench_pipeline.py --data SHARDS --device cuda ...                     # on a GPU
 
@@ -192,7 +192,7 @@ class Bench:
 
         pipe = bare(
             batch_size=self.batch_size,
-            num_threads=settings.num_threads,
+            num_threads=settings.dali_threads,
             device_id=self.device.index if self.device.type == "cuda" else None,
             prefetch_queue_depth=settings.prefetch,
             seed=0,
@@ -239,7 +239,7 @@ def torchvision_reference_loader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        num_workers=settings.num_threads,
+        num_workers=max(settings.torch_workers, 1),
         collate_fn=_as_tuples,
         persistent_workers=True,
     )
@@ -328,7 +328,8 @@ def run_pipeline_benchmark(
         "batches_per_epoch": ours["batches_per_epoch"],
         "min_size": bench.settings.min_size,
         "max_size": bench.settings.max_size,
-        "num_threads": bench.settings.num_threads,
+        "dali_threads": bench.settings.dali_threads,
+        "torch_workers": bench.settings.torch_workers,
         "images_per_s": ours["images_per_s"],
         "cpu_ms_per_image": ours["cpu_ms_per_image"],
         "stage_ms_per_image": stages,
@@ -357,12 +358,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-images", type=Path, help="COCO image folder for the torchvision row")
     parser.add_argument("--baseline-annotations", type=Path, help="COCO instances JSON for the torchvision row")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.num_threads=2")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.dali_threads=2 data.torch_workers=2")
     return parser
 
 
 def print_report(result: dict[str, Any]) -> None:
-    print(f"batch {result['batch_size']}, {result['num_threads']} threads, sizes {result['min_size']}/{result['max_size']}, "
+    print(f"batch {result['batch_size']}, {result['dali_threads']} DALI threads, {result['torch_workers']} workers, sizes {result['min_size']}/{result['max_size']}, "
           f"device {result['device']}, medians of {result['repeat']} run(s) of {result['iters']} batches")
     for row, figures in result["rows"].items():
         print(f"  {row:18s} {figures['images_per_s']:8.1f} images/s {figures['cpu_ms_per_image']:8.2f} CPU ms/image")

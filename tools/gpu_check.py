@@ -97,7 +97,7 @@ GPU = Scale("configs/reference.yaml", ("data.backend=torch",), iters=20, warmup=
             image_size=(480, 640))
 REHEARSAL = Scale(  # the demo's model, smaller still: the rehearsal proves plumbing, not speed
     "configs/demo.yaml",
-    ("data.backend=torch", "data.num_threads=1", "data.min_size=64", "data.max_size=96", "data.buckets=[[64,96],[96,64]]",
+    ("data.backend=torch", "data.dali_threads=1", "data.torch_workers=1", "data.min_size=64", "data.max_size=96", "data.buckets=[[64,96],[96,64]]",
      "solver.ims_per_batch=2", "eval.ims_per_batch=2", "eval.num_workers=0", "model.rpn.pre_nms_top_n_train=200",
      "model.rpn.post_nms_top_n_train=100", "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50"),
     iters=1, warmup=1, eval_images=4, pipeline_images=8, image_size=(80, 120),

@@ -76,13 +76,25 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
+def walk(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (dotted key, value) of nested `data`, each section before its keys: the one walker of configs."""
     for k, v in data.items():
-        keys.append(prefix + k)
+        yield prefix + k, v
         if isinstance(v, Mapping):
-            keys.extend(_dotted_keys(v, prefix + k + "."))
-    return keys
+            yield from walk(v, prefix + k + ".")
+
+
+def leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The (dotted key, value) of every value that is not a section."""
+    return ((key, value) for key, value in walk(data, prefix) if not isinstance(value, Mapping))
+
+
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """The value at `a.b.c`; KeyError when a part is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def _check_type(key: str, old: Any, new: Any, origin: str) -> None:
@@ -138,21 +150,15 @@ def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, dict) or leaf not in node:
-        close = difflib.get_close_matches(key, _dotted_keys(data), n=1, cutoff=0.0)
+        if key in config_schema.RETIRED:
+            raise ConfigError(f"{key} (from {origin}) is retired: {config_schema.RETIRED[key]}")
+        close = difflib.get_close_matches(key, [k for k, _ in walk(data)], n=1, cutoff=0.0)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown config key {key!r} (from {origin}){hint}")
     _check_type(key, node[leaf], value, origin)
     node[leaf] = value
     if origins is not None:
         origins[key] = origin
-
-
-def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + k + ".")
-        else:
-            yield prefix + k, v
 
 
 def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
@@ -167,10 +173,10 @@ def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop("base", None)
     if base is None:
-        origins.update({key: str(path) for key, _ in _leaves(data)})
+        origins.update({key: str(path) for key, _ in leaves(data)})
         return data
     merged = _read_yaml(path.parent / base, origins)
-    for key, value in _leaves(data):
+    for key, value in leaves(data):
         _set(merged, key, value, str(path), origins)
     return merged
 
@@ -178,7 +184,7 @@ def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
 def validate(data: dict[str, Any], origins: Mapping[str, str]) -> None:
     """The validation pass: every leaf the schema knows is checked (and normalized, e.g. 1 -> 1.0) in place."""
     values = {}
-    for key, value in list(_leaves(data)):
+    for key, value in list(leaves(data)):
         if key not in config_schema.SCHEMA:
             continue
         kept, allowed = config_schema.check_value(key, value)
@@ -219,8 +225,8 @@ def load_saved_config(saved: Mapping[str, Any], source: str, overrides: Iterable
     """
     origins: dict[str, str] = {}
     data = _read_yaml(REFERENCE_CONFIG, origins)
-    known = set(_dotted_keys(data))
-    for key, value in _leaves(saved):
+    known = {key for key, _ in walk(data)}
+    for key, value in leaves(saved):
         if key in known:
             _set(data, key, value, source, origins)
     for override in overrides:

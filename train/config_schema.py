@@ -153,6 +153,12 @@ POSITIVE_FRACTION = Number(low=0.0, high=1.0, open_low=True)
 NON_NEGATIVE = Number(low=0.0)
 POSITIVE = Number(low=0.0, open_low=True)
 
+# Keys a config may no longer set, with what replaced them: an old config fails on them in one sentence.
+RETIRED: dict[str, str] = {
+    "data.num_threads": "set data.dali_threads (DALI's CPU threads) and data.torch_workers "
+    "(the torch backend's DataLoader worker processes) instead",
+}
+
 SCHEMA: dict[str, Rule] = {
     "seed": NON_NEGATIVE_INT,
     "output_dir": Text(non_empty=True),
@@ -161,8 +167,9 @@ SCHEMA: dict[str, Rule] = {
     "data.val_annotations": Text(),
     "data.backend": Choice(LOADER_BACKENDS),
     "data.decode_device": Choice(DECODE_DEVICES),
-    "data.num_threads": NON_NEGATIVE_INT,  # 0 counts as 1 (pipeline/loader.py)
-    "data.prefetch": NON_NEGATIVE_INT,  # likewise
+    "data.dali_threads": COUNT,
+    "data.torch_workers": NON_NEGATIVE_INT,  # 0: the training process reads and decodes
+    "data.prefetch": NON_NEGATIVE_INT,  # 0 counts as 1 (pipeline/loader.py)
     "data.shuffle_buffer": NON_NEGATIVE_INT,
     "data.min_size": COUNT,
     "data.max_size": COUNT,

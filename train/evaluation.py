@@ -40,6 +40,7 @@ from train.metrics import format_duration
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
+GEOMETRY = {"bbox": "bbox", "segm": "segmentation"}  # the results entries' field each IoU type scores
 MAX_PENDING_PER_WORKER = 64  # images queued for encoding before process() waits (bounds host memory)
 PROGRESS_EVERY_S = 30.0  # a progress line while inference runs
 
@@ -143,9 +144,8 @@ class COCOEvaluator:
                 continue
             n = counts[i]
             xyxy = boxes[i, :n]
-            xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
             rles = self._encode(masks[i, :n], xyxy, heights[i], widths[i])
-            self._images[image_id] = ImageResult(xywh, scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
+            self._images[image_id] = ImageResult(xyxy_to_xywh(xyxy), scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
 
     def results(self) -> dict[int, ImageResult]:
         """This process's results, image id -> ImageResult, with every worker's RLEs collected."""
@@ -220,7 +220,7 @@ class COCOEvaluator:
             )
 
     def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
-        entries = _coco_results(merged, iou_type)
+        entries = coco_results(merged, geometry=(GEOMETRY[iou_type],))
         if self.tables:
             print(f"COCOeval {iou_type} ({self.backend}): matching {len(entries)} detections on {len(merged)} images ...", flush=True)
         start = time.perf_counter()
@@ -260,15 +260,24 @@ def merge_ranks(per_rank: Sequence[Mapping[int, ImageResult]]) -> dict[int, Imag
     return merged
 
 
-def coco_results(results: Mapping[int, ImageResult]) -> list[dict]:
-    """A COCO results file's entries: one per detection, with both `bbox` and `segmentation`."""
-    return [
-        {"image_id": image_id, "category_id": category_id, "bbox": box, "segmentation": rle, "score": score}
-        for image_id, result in results.items()
-        for box, rle, category_id, score in zip(
-            result.boxes_xywh.tolist(), result.rles, result.category_ids.tolist(), result.scores.tolist()
-        )
-    ]
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] corners (x1, y1, x2, y2) -> COCO's (x, y, width, height)."""
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def coco_results(results: Mapping[int, ImageResult], geometry: Sequence[str] = ("bbox", "segmentation")) -> list[dict]:
+    """A COCO results file's entries, one per detection, with the `geometry` fields asked for.
+
+    A results file holds both `bbox` and `segmentation`; COCOeval of one type gets only that
+    one's (`GEOMETRY`). The dicts are fresh: pycocotools' loadRes adds fields to them.
+    """
+    entries = []
+    for image_id, result in results.items():
+        fields = {"bbox": result.boxes_xywh.tolist(), "segmentation": result.rles}
+        columns = [fields[name] for name in geometry]
+        for category_id, score, *values in zip(result.category_ids.tolist(), result.scores.tolist(), *columns):
+            entries.append({"image_id": image_id, "category_id": category_id, **dict(zip(geometry, values)), "score": score})
+    return entries
 
 
 def inference_on_dataset(
@@ -374,17 +383,6 @@ def _category_lookup(categories: Sequence[Mapping[str, Any]], coco_gt: Any, anno
             f"pass the annotation file these shards were made from"
         )
     return lookup
-
-
-def _coco_results(merged: Mapping[int, ImageResult], iou_type: str) -> list[dict]:
-    """COCO results JSON entries of one type (fresh dicts: loadRes adds fields to them)."""
-    entries = []
-    for image_id, result in merged.items():
-        geometry = result.boxes_xywh.tolist() if iou_type == "bbox" else result.rles
-        key = "bbox" if iou_type == "bbox" else "segmentation"
-        for value, category_id, score in zip(geometry, result.category_ids.tolist(), result.scores.tolist()):
-            entries.append({"image_id": image_id, "category_id": category_id, key: value, "score": score})
-    return entries
 
 
 def _load_results(coco_gt: Any, results: list[dict]) -> Any:

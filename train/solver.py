@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from train.config import REFERENCE_CONFIG, Config, load_config
+from train.config import REFERENCE_CONFIG, Config, leaves, load_config, lookup
 
 log = logging.getLogger(__name__)
 
@@ -235,30 +235,13 @@ def schedule_violations(solver: Config) -> list[str]:
     return problems
 
 
-def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _flatten(cfg: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def closed_division_violations(cfg: Config, reference: Config | None = None) -> list[str]:
     """What in `cfg` the MLPerf closed division does not allow, one sentence each (empty: compliant)."""
     reference = reference if reference is not None else load_config(REFERENCE_CONFIG)
     problems = schedule_violations(cfg.solver)
-    fixed = [k for k in _flatten(reference.model, "model.") if k not in CLOSED_FREE_MODEL_KEYS]
+    fixed = [k for k, _ in leaves(reference.model, "model.") if k not in CLOSED_FREE_MODEL_KEYS]
     for key in list(CLOSED_FIXED_KEYS) + fixed:
-        ours, theirs = _lookup(cfg, key), _lookup(reference, key)
+        ours, theirs = lookup(cfg, key), lookup(reference, key)
         if ours != theirs:
             problems.append(f"{key}={ours!r} differs from the reference {theirs!r}")
     candidates = cfg.model.rpn.post_nms_top_n_train
