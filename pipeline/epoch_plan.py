@@ -14,6 +14,11 @@
 - `epoch_plan` puts it together for both backends: a rank's batches of an epoch as lists of
   (group, sample position, flip coin), the permutation and the coins seeded by
   (seed, epoch, rank, group), so an epoch depends on those alone and a resume replays it.
+
+Every random stream of a run is seeded this way, by numpy's `SeedSequence` over the words that
+name it (`seed_sequence`, `derived_seed`; train/distributed.py seeds each rank's generators
+with them): sequences of different words never collide, where sums like seed + rank do
+((1, 0) and (0, 1)).
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.shard_format import GROUPS, ShardSet
+
+
+def seed_sequence(*words: int) -> np.random.SeedSequence:
+    """The seed of the stream named by `words` (the run's seed first), e.g. (seed, epoch)."""
+    return np.random.SeedSequence(words)
+
+
+def derived_seed(*words: int) -> int:
+    """A 32-bit integer seed from `seed_sequence(*words)`, for generators that take an int
+    (Python's `random`, numpy's legacy global one, torch)."""
+    return int(seed_sequence(*words).generate_state(1, np.uint32)[0])
 
 
 def shard_range(num_samples: int, shard_id: int, num_shards: int) -> range:
@@ -45,7 +61,7 @@ def group_batches(samples: dict[str, int], world_size: int, batch_size: int) -> 
 
 def group_order(batches: dict[str, int], seed: int, epoch: int) -> list[str]:
     """The group of every batch of an epoch, drawn in proportion to the batches each has left."""
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng(seed_sequence(seed, epoch))
     remaining = dict(batches)
     order = []
     for _ in range(sum(batches.values())):
@@ -74,7 +90,7 @@ def epoch_plan(
     for group_index, group in enumerate(GROUPS):
         if not batches[group]:
             continue
-        rng = np.random.default_rng([seed, epoch, rank, group_index])
+        rng = np.random.default_rng(seed_sequence(seed, epoch, rank, group_index))
         positions = np.array(
             shard_range(shard_set.groups[group].samples, reader_shard(rank, world_size, epoch, training), world_size)
         )

@@ -107,3 +107,13 @@ def test_uneven_ranks_yield_equal_batch_counts_and_cover_the_set(tmp_path, backe
         seen.append(set(ids_of(batches)))
     assert sum(len(s) for s in seen) == len(samples)
     assert set().union(*seen) == {s.image_id for s in samples}
+
+
+def test_seeds_come_from_seed_sequences_so_seed_and_rank_never_trade_places():
+    from pipeline.epoch_plan import derived_seed
+    from train.distributed import rank_seed
+
+    assert rank_seed(5, 0) == 5  # a single process is seeded by the run's seed itself
+    assert rank_seed(1, 0) != rank_seed(0, 1)  # seed + rank made these equal
+    assert len({rank_seed(seed, rank) for seed in range(8) for rank in range(8)}) == 64
+    assert derived_seed(3, 1) == derived_seed(3, 1) != derived_seed(1, 3)

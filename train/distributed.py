@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.epoch_plan import derived_seed
 from train.config import ConfigError
 from train.config_schema import DEVICES
 
@@ -82,10 +83,10 @@ def init_distributed(
         torch.cuda.set_device(device)
     ctx = DistributedContext(rank, world_size, local_rank, device, restart_count)
     if world_size > 1 and not dist.is_initialized():
-        join_process_group(rank, world_size, device, collective_timeout_s)
+        store = join_process_group(rank, world_size, device, collective_timeout_s)
         if collective_timeout_s:
             global _watch
-            _watch = LivenessWatch(ctx, _default_store(), collective_timeout_s)
+            _watch = LivenessWatch(ctx, store, collective_timeout_s)
     return ctx
 
 
@@ -101,9 +102,16 @@ def configure_torch(train_cfg: Any, seed: int, rank: int) -> None:
     torch.use_deterministic_algorithms(train_cfg.deterministic)
     # static bucket shapes make cudnn's autotuning pay off; it is not deterministic
     torch.backends.cudnn.benchmark = not train_cfg.deterministic
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    process_seed = rank_seed(seed, rank)
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of this process's global generators: the run's seed itself on rank 0 (so a
+    single-process run is seeded exactly by `seed`), `derived_seed(seed, rank)` on the others."""
+    return seed if rank == 0 else derived_seed(seed, rank)
 
 
 def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
@@ -122,19 +130,35 @@ def gather_from_ranks(ctx: DistributedContext, value: Any) -> list[Any]:
     return values
 
 
-def join_process_group(rank: int, world_size: int, device: torch.device, collective_timeout_s: float | None = None) -> None:
+def join_process_group(
+    rank: int, world_size: int, device: torch.device, collective_timeout_s: float | None = None
+) -> dist.Store:
     """NCCL for GPU processes, bound to this process's GPU (its communicator is made now, so a
-    broken NCCL setup fails here, not at the first collective); gloo for CPU ones.
+    broken NCCL setup fails here, not at the first collective); gloo for CPU ones. Returns the
+    store the group was set up through (MASTER_ADDR/MASTER_PORT; under torchrun its agent hosts
+    it), which the liveness watch shares.
 
     `collective_timeout_s` (None or 0: torch's defaults) bounds every collective.
     """
     timeout = timedelta(seconds=collective_timeout_s) if collective_timeout_s else None
+    store = rendezvous_store(rank, world_size, timeout)
     if device.type == "cuda":
         # read when the NCCL process group is created: a timed-out collective ends the process
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device, timeout=timeout)
+        dist.init_process_group(
+            "nccl", store=store, rank=rank, world_size=world_size, device_id=device, timeout=timeout
+        )
     else:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return store
+
+
+def rendezvous_store(rank: int, world_size: int, timeout: timedelta | None = None) -> dist.Store:
+    """The key-value store every process of the job reaches, by torch's `env://` rendezvous: the
+    one `init_process_group` would make itself, kept here so the liveness watch can use it too."""
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, **kwargs))
+    return store
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -157,11 +181,6 @@ def shutdown_distributed() -> None:
         _watch = None
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _default_store() -> dist.Store:
-    """The store the process group was set up through (torchrun's agent hosts it)."""
-    return dist.distributed_c10d._get_default_store()  # no public accessor; stable since torch 1.x
 
 
 class LivenessWatch:
