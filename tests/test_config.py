@@ -1,6 +1,7 @@
 """The config loader: overrides keep types, unknown keys name the closest valid key, one validation
 pass names the key, what it may hold and where a bad value came from; frozen."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,7 @@ def test_a_retired_key_names_the_file_and_the_keys_that_replaced_it(tmp_path):
         assert part in message, (part, message)
     with pytest.raises(ConfigError, match=r"data.num_threads \(from override data.num_threads=2\) is retired"):
         load_config(REFERENCE, ["data.num_threads=2"])
+    complete = tmp_path / "old_reference.yaml"  # a copy of an old reference.yaml, with no base
+    complete.write_text(Path(REFERENCE).read_text().replace("dali_threads:", "num_threads:"))
+    with pytest.raises(ConfigError, match=rf"data.num_threads \(from {re.escape(str(complete))}\) is retired"):
+        load_config(complete)

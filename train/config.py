@@ -150,8 +150,7 @@ def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, dict) or leaf not in node:
-        if key in config_schema.RETIRED:
-            raise ConfigError(f"{key} (from {origin}) is retired: {config_schema.RETIRED[key]}")
+        _refuse_retired(key, origin)
         close = difflib.get_close_matches(key, [k for k, _ in walk(data)], n=1, cutoff=0.0)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown config key {key!r} (from {origin}){hint}")
@@ -159,6 +158,12 @@ def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[
     node[leaf] = value
     if origins is not None:
         origins[key] = origin
+
+
+def _refuse_retired(key: str, origin: str) -> None:
+    """A key that no longer exists stops the load in one sentence saying what replaced it."""
+    if key in config_schema.RETIRED:
+        raise ConfigError(f"{key} (from {origin}) is retired: {config_schema.RETIRED[key]}")
 
 
 def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
@@ -172,7 +177,9 @@ def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop("base", None)
-    if base is None:
+    if base is None:  # a complete config (the reference, or an old copy of it)
+        for key, _ in leaves(data):
+            _refuse_retired(key, str(path))
         origins.update({key: str(path) for key, _ in leaves(data)})
         return data
     merged = _read_yaml(path.parent / base, origins)

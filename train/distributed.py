@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.epoch_plan import derived_seed
-from train.config import ConfigError
+from train.config import Config, ConfigError
 from train.config_schema import DEVICES
 
 
@@ -90,7 +90,7 @@ def init_distributed(
     return ctx
 
 
-def configure_torch(train_cfg: Any, seed: int, rank: int) -> None:
+def configure_torch(train_cfg: Config, seed: int, rank: int) -> None:
     """Threads, denormals, determinism and seeds (each rank its own stream, reproducible per rank)."""
     # On the CPU, near-zero gradients (the reference's N(0, 0.001) box-delta init makes many)
     # are denormal floats, which cost the FPU ~100x: flushing them halves a CPU training step.
