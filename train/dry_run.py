@@ -10,7 +10,7 @@
 Each runs warm-up iterations first (not timed), then `iters` timed ones, and reports
 images/s and a per-stage breakdown (seconds per iteration). The images/s is the training
 loop's: nothing waits for the device inside the timed steps (on CUDA they are timed between
-two CUDA events), and the step is `train.engine.train_step` itself. The breakdown is a
+two CUDA events), and the step is `train.engine.TrainingStep` itself. The breakdown is a
 separate view over a few more steps, whose `lap` hook synchronizes the device at each stage
 boundary so that GPU time lands in its stage (slower than the loop, so not its throughput).
 `all` runs the three and ends with a verdict: the bottleneck, and the headroom = pipeline
@@ -19,20 +19,16 @@ images/s / model images/s (above 1: the pipeline keeps up with the model).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
 import itertools
 import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
 
 from model.synthetic import synthetic_batch
 from pipeline.coco_categories import coco_categories
@@ -41,8 +37,8 @@ from train import components
 from train.config import Config
 from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
-from train.engine import autocast_context, make_grad_scaler, no_lap, resolve_precision, train_step
-from train.solver import build_optimizer, set_learning_rate
+from train.engine import TrainingStep, build_training_step, no_lap
+from train.solver import set_learning_rate
 from tools.bench_pipeline import run_pipeline_benchmark
 
 log = logging.getLogger(__name__)
@@ -147,42 +143,21 @@ def _endless(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-@dataclass
-class TrainingStep:
-    """The training step as main.py builds it (precision, fused optimizer, CUDA graphs per bucket); no data."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    autocast: Callable[[], contextlib.AbstractContextManager]
-    setup: str  # how it was built, for the log and the report
-
-    def __call__(self, batch: Any, lap: Callable[[str], None] = no_lap) -> dict[str, torch.Tensor]:
-        return train_step(self.model, batch, self.optimizer, self.scaler, self.autocast, lap)
-
-    @property
-    def graph_replays(self) -> int:
-        """How many times the static part has replayed a captured graph so far."""
-        return getattr(self.model, "module", self.model).static_part.replays
-
-
-def build_training_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> TrainingStep:
+def trainer_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> tuple[TrainingStep, str]:
+    """The training step as main.py builds it (precision, fused optimizer, CUDA graphs per bucket), and how, for the log."""
     model = components.build_training_model(cfg, ctx.device, categories)
     model.train()
-    precision = resolve_precision(cfg.train.precision, ctx.device)
-    scaler = make_grad_scaler(precision, ctx.device)
-    optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device, grad_scaling=scaler is not None)
-    set_learning_rate(optimizer, cfg.solver, cfg.solver.warmup_iters)  # post-warmup LR: the typical step
-    autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
+    step = build_training_step(cfg, ctx.device, model)
+    set_learning_rate(step.optimizer, cfg.solver, cfg.solver.warmup_iters)  # post-warmup LR: the typical step
     graphs = graph_static_part(
         model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
         buckets=components.bucket_list(cfg.data),
         images_per_rank=components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch"),
-        autocast=autocast,
+        autocast=step.autocast,
     )
-    setup = f"{graphs}; precision {precision}; {optimizer_name}"
+    setup = f"{graphs}; {step.description}"
     log.info("%s", setup)
-    return TrainingStep(model, optimizer, scaler, autocast, setup)
+    return step, setup
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
@@ -208,16 +183,16 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = components.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    step = build_training_step(cfg, ctx, categories)
+    step, setup = trainer_step(cfg, ctx, categories)
     result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
                      replays=lambda: step.graph_replays)
-    return {**result, "image_size": [height, width], "setup": step.setup}
+    return {**result, "image_size": [height, width], "setup": setup}
 
 
 def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
     loader = components.build_data_loader(cfg, ctx, training=True)
     batches = _endless(loader)
-    step = build_training_step(cfg, ctx, components.categories_of(cfg.data.train_shards))
+    step, setup = trainer_step(cfg, ctx, components.categories_of(cfg.data.train_shards))
 
     def next_batch(lap: Callable[[str], None]) -> Any:
         batch = next(batches)
@@ -227,7 +202,7 @@ def dry_run_full(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, 
     images = cfg.solver.ims_per_batch // ctx.world_size
     result = measure("full", lambda lap: step(next_batch(lap), lap), iters=iters, images_per_iter=images,
                      device=ctx.device, replays=lambda: step.graph_replays)
-    return {**result, "setup": step.setup}
+    return {**result, "setup": setup}
 
 
 def verdict(pipeline: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
