@@ -13,7 +13,7 @@ from model.synthetic import synthetic_batch
 from tests.model_helpers import TINY, model_config
 from train.config import load_config
 from train.distributed import data_parallel, join_process_group
-from train.dry_run import measure, timed_seconds
+from train.throughput import measure, timed_seconds
 from train.engine import TrainingStep, make_grad_scaler, step_autocast
 from train.solver import build_optimizer
 
@@ -96,7 +96,8 @@ def test_measure_counts_graph_replays():
         calls.append(1)
         return model.static_part.compute(images, image_sizes)
 
-    model.static_part.register_graph(batch.images, stand_in)
+    model.static_part.capture([batch.images.shape[-2:]], len(batch), contextlib.nullcontext,
+                              graph_maker=lambda module, sample: stand_in)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     step = TrainingStep(model, optimizer, None, contextlib.nullcontext, CPU)
     result = measure("model", lambda lap: step(batch, lap), iters=2, images_per_iter=2, device=CPU, warmup=1, breakdown=1,

@@ -8,7 +8,6 @@ import torch
 from model import build_model
 from model.synthetic import synthetic_batch
 from train.config import load_config
-from train.cuda_graphs import graph_static_part
 from train.engine import LossReadback, TrainingStep, make_grad_scaler, step_autocast
 from train.solver import build_optimizer, set_learning_rate
 
@@ -29,10 +28,8 @@ def test_graphed_step_runs_without_host_sync(precision):
     autocast = step_autocast(precision, device, cuda_graphs=True)
     step = TrainingStep(model, optimizer, make_grad_scaler(precision, device), autocast, device)
     batch = synthetic_batch(4, (128, 160), 5, 6, device=device)
-    note = graph_static_part(
-        model, enabled=True, device=device, static_shapes=True, buckets=[(128, 160)], images_per_rank=4, autocast=autocast
-    )
-    assert note.startswith("CUDA graphs")
+    model.static_part.capture([(128, 160)], 4, autocast)
+    assert model.static_part.captured
     readback = LossReadback()
     for iteration in range(3):  # warm-up: allocator growth, lazy inits
         set_learning_rate(optimizer, cfg.solver, iteration)

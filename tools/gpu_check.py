@@ -13,7 +13,7 @@ the budget is recorded as skipped. After every stage OUT_DIR/gpu_check.json is r
 
 and the stage's output is appended to OUT_DIR/gpu_check.log: two files in all (8 may come
 back). The training figures come from the trainer's own step (`train.engine.TrainingStep`, built
-as train/main.py builds it) timed between CUDA events (train/dry_run.py). docs/PERFORMANCE.md
+as train/main.py builds it) timed between CUDA events (train/throughput.py). docs/PERFORMANCE.md
 lists the stages, their figures and the goals.
 """
 
@@ -145,7 +145,8 @@ def training_stage(precision: str, graphs: bool, gt_per_image: int | None = None
     """Training images/s of one precision, with or without CUDA graphs, timed between CUDA events."""
 
     def stage(scale: Scale) -> dict[str, Any]:
-        from train.dry_run import measure, trainer_step
+        from train.dry_run import trainer_step
+        from train.throughput import measure
         from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
         cfg, ctx = _setup(scale, f"train.precision={precision}", f"train.cuda_graphs={str(graphs).lower()}")
@@ -169,7 +170,7 @@ def environment(scale: Scale) -> dict[str, Any]:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     from pipeline.loader import dali_available
-    from train.dry_run import timed_seconds
+    from train.throughput import timed_seconds
 
     cuda = torch.cuda.is_available()
     figures: dict[str, Any] = {
@@ -226,6 +227,7 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
     from train.engine import LossReadback
     from train.solver import set_learning_rate
+    from train.throughput import synchronize
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
     step, _ = trainer_step(cfg, ctx, coco_categories())
@@ -244,7 +246,7 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
     mode = "error" if checked else "not available without CUDA"
     figures: dict[str, Any] = {"steps": scale.warmup, "sync_debug_mode": mode}
     if checked:
-        torch.cuda.synchronize()
+        synchronize(ctx.device)
         torch.cuda.set_sync_debug_mode("error")
     try:
         loop_steps(scale.warmup, scale.warmup)
@@ -335,7 +337,8 @@ def torch_pipeline(scale: Scale) -> dict[str, Any]:
 def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     """One rank of DDP over NCCL (gloo without CUDA), joined and wrapped as the trainer does."""
     from train.distributed import data_parallel, join_process_group
-    from train.dry_run import measure, trainer_step
+    from train.dry_run import trainer_step
+    from train.throughput import measure
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")

@@ -217,10 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log.info("resumed from %s at iteration %d (epoch %d)", plan.checkpoint, state.iteration, state.epoch + 1)
 
         images_per_rank = components.per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
-        log.info(graph_static_part(
-            model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-            buckets=components.bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
-        ))
+        log.info(graph_static_part(model, cfg, ctx, autocast))
         if ctx.is_distributed:
             step = dataclasses.replace(step, model=data_parallel(model, ctx.device))
         if checkpoint is not None:
