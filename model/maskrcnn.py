@@ -8,7 +8,8 @@ move between the two by a prefix (model/weights.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ NUM_LEVELS = 5  # P2-P6
 
 
 GraphKey = tuple[tuple[int, ...], torch.dtype, torch.dtype | None]
+Graphed = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 
 
 def graph_key(images: Tensor) -> GraphKey:
@@ -34,22 +36,31 @@ def graph_key(images: Tensor) -> GraphKey:
     return tuple(images.shape), images.dtype, autocast
 
 
+class MissingGraphError(RuntimeError):
+    """A training step of a captured static part met an input it holds no graph for."""
+
+
+def make_graphed(module: nn.Module, sample: tuple[Tensor, Tensor]) -> Graphed:
+    """CUDA graphs of `module`'s forward and backward for inputs like `sample` (3 warm-up iterations first)."""
+    return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=3)
+
+
 class StaticPart(nn.Module):
     """Normalization + backbone + FPN + RPN head: uint8 padded images [B, 3, H, W] and their
     sizes [B, 2] -> a flat tuple of tensors.
 
     Output: 5 FPN features (P2..P6), then 5 objectness maps [B, A, h, w], then 5 delta maps
     [B, 4A, h, w]. Its shapes depend only on the input shape, so the trainer captures it as
-    one CUDA graph per bucket shape, under the training step's autocast:
+    one CUDA graph per bucket shape, under the training step's autocast (cache_enabled=False):
 
-        with autocast():                                   # cache_enabled=False
-            model.static_part.capture(sample_images, sample_sizes)
+        model.static_part.capture(bucket_shapes, images_per_rank, autocast)
 
-    The graphs belong to this module (`graphs`, not part of the state dict): `forward` replays
-    one only in training mode, and only for the input shape and autocast state it was captured
-    with; in eval mode, or for any other input, it runs eagerly in the caller's precision. So
-    evaluation never replays the training graph, whatever its batch shape. `replays` counts
-    the replays (a host-side count: reading it costs nothing).
+    The graphs belong to this module (not part of the state dict). Once captured, `forward`
+    in training mode replays the graph of the input's shape and autocast state, and raises
+    MissingGraphError for any other input rather than run a different step than the one
+    captured; in eval mode it always runs eagerly in the caller's precision, so evaluation
+    never replays the training graph, whatever its batch shape. `replays` counts the replays
+    (a host-side count: reading it costs nothing).
     """
 
     def __init__(self, normalize: InputNormalization, backbone: BackboneWithFPN, rpn_head: RPNHead):
@@ -57,8 +68,13 @@ class StaticPart(nn.Module):
         self.normalize = normalize
         self.backbone = backbone
         self.rpn_head = rpn_head
-        self.graphs: dict[GraphKey, Callable[[Tensor, Tensor], tuple[Tensor, ...]]] = {}
+        self._graphs: dict[GraphKey, Graphed] = {}
         self.replays = 0
+
+    @property
+    def captured(self) -> bool:
+        """Whether training steps replay captured graphs."""
+        return bool(self._graphs)
 
     def compute(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
         features = list(self.backbone(self.normalize(images, image_sizes)).values())
@@ -66,28 +82,44 @@ class StaticPart(nn.Module):
         return (*features, *objectness, *deltas)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
-        graphed = self.graphs.get(graph_key(images)) if self.training else None
-        if graphed is None:
+        if not (self.training and self._graphs):
             return self.compute(images, image_sizes)
+        key = graph_key(images)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            raise MissingGraphError(
+                f"the static part holds CUDA graphs for {sorted(map(str, self._graphs))} (shape, dtype, autocast dtype) "
+                f"but a training step got {key}: every training batch must have one of the captured bucket shapes, "
+                "the captured batch size and run under the step's autocast"
+            )
         self.replays += 1
         return graphed(images, image_sizes)
 
-    def capture(self, images: Tensor, image_sizes: Tensor) -> None:
-        """Capture forward and backward for this input shape as CUDA graphs, in the current autocast state.
+    def capture(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        batch_size: int,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        graph_maker: Callable[[nn.Module, tuple[Tensor, Tensor]], Graphed] = make_graphed,
+    ) -> None:
+        """Capture forward and backward as CUDA graphs for `batch_size` images at each (height, width) of `shapes`.
 
-        `torch.cuda.make_graphed_callables` runs its own warm-up iterations on a side stream, then
-        captures; it needs autocast's weight cache off (cache_enabled=False), and so does every
-        step that replays. The graphs read the parameters in place, so the optimizer, DDP and
-        the state dict keep working on the same tensors.
+        Each graph is captured under `autocast`, the training step's own context, which must
+        have autocast's weight cache off (cache_enabled=False): a graph replays only under the
+        autocast state it was captured in. `torch.cuda.make_graphed_callables` runs its own
+        warm-up iterations on a side stream, then captures; the graphs read the parameters in
+        place, so the optimizer, DDP and the state dict keep working on the same tensors.
+        `graph_maker` is the capture itself (tests pass a stand-in, capturing needs CUDA).
         """
         if not self.training:
             raise RuntimeError("capture the static part in training mode: only training steps replay its graphs")
-        graphed = torch.cuda.make_graphed_callables(_EagerView(self), (images, image_sizes), num_warmup_iters=3)
-        self.register_graph(images, graphed)
-
-    def register_graph(self, images: Tensor, graphed: Callable[[Tensor, Tensor], tuple[Tensor, ...]]) -> None:
-        """Replay `graphed` in training mode for inputs like `images` under the current autocast state."""
-        self.graphs[graph_key(images)] = graphed
+        device = next(self.parameters()).device
+        for height, width in shapes:
+            images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
+            images = images.contiguous(memory_format=torch.channels_last)
+            sizes = torch.tensor([[height, width]] * batch_size, dtype=torch.int32, device=device)
+            with autocast():
+                self._graphs[graph_key(images)] = graph_maker(_EagerView(self), (images, sizes))
 
 
 class _EagerView(nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from train.async_evaluation import EvaluationLost, EvaluationQueue
 from train.distributed import DistributedContext
-from train.eval_benchmark import make_eval_set
+from tools.bench_eval import make_eval_set
 from train.evaluation import COCOEvaluator, EvaluationError, coco_results
 
 from test_evaluation import _ReplayModel

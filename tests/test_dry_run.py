@@ -2,7 +2,6 @@
 optimizer and DDP wrapper for the GPU: checked on the CPU, the CUDA calls replaced by recorders."""
 
 import contextlib
-import functools
 import socket
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from model.synthetic_batch import synthetic_batch
 from tests.model_helpers import TINY, model_config
 from train.config import load_config
 from train.distributed import data_parallel, join_process_group
-from train.dry_run import TrainingStep, measure, timed_seconds
-from train.engine import autocast_context, make_grad_scaler, train_step
+from train.throughput import measure, timed_seconds
+from train.engine import TrainingStep, make_grad_scaler, step_autocast
 from train.solver import build_optimizer
 
 from train_standins import TinyLossModel, tiny_batches
@@ -30,8 +29,8 @@ def test_train_step_calls_its_lap_hook_at_each_stage_end(precision):
     model = TinyLossModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     laps = []
-    train_step(model, tiny_batches(1)[0], optimizer, make_grad_scaler(precision, CPU),
-               functools.partial(autocast_context, precision, CPU), lap=laps.append)
+    step = TrainingStep(model, optimizer, make_grad_scaler(precision, CPU), step_autocast(precision, CPU, cuda_graphs=False), CPU)
+    step(tiny_batches(1)[0], lap=laps.append)
     assert laps == ["forward", "backward", "optimizer"]
 
 
@@ -97,9 +96,10 @@ def test_measure_counts_graph_replays():
         calls.append(1)
         return model.static_part.compute(images, image_sizes)
 
-    model.static_part.register_graph(batch.images, stand_in)
+    model.static_part.capture([batch.images.shape[-2:]], len(batch), contextlib.nullcontext,
+                              graph_maker=lambda module, sample: stand_in)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    step = TrainingStep(model, optimizer, None, contextlib.nullcontext, "stand-in graph")
+    step = TrainingStep(model, optimizer, None, contextlib.nullcontext, CPU)
     result = measure("model", lambda lap: step(batch, lap), iters=2, images_per_iter=2, device=CPU, warmup=1, breakdown=1,
                      replays=lambda: step.graph_replays)
     assert result["graph_replays_per_step"] == 1.0 and len(calls) == 4

@@ -4,6 +4,7 @@ checks on a real capture are in tests/test_model_gpu.py."""
 
 import functools
 
+import pytest
 import torch
 
 from model import build_model
@@ -11,7 +12,8 @@ from model.synthetic_batch import synthetic_batch
 from pipeline.loader import build_loader
 from tests.model_helpers import TINY, model_config
 from train.config import load_config
-from train.engine import autocast_context
+from model.maskrcnn import MissingGraphError
+from train.engine import autocast_context, step_autocast
 from train.evaluation import COCOEvaluator, inference_on_dataset
 
 CPU = torch.device("cpu")
@@ -30,10 +32,10 @@ class StandInGraph:
 
 
 def capture_stand_in(model, images) -> StandInGraph:
-    """Register a stand-in as `StaticPart.capture` registers a graph: in training mode, under bf16 autocast."""
+    """`StaticPart.capture` at the shape of `images` with a stand-in for the graph, under the bf16 step's autocast."""
     stand_in = StandInGraph(model.static_part)
-    with autocast_context("bf16", CPU, cache_enabled=False):
-        model.static_part.register_graph(images, stand_in)
+    model.static_part.capture([images.shape[-2:]], len(images), step_autocast("bf16", CPU, cuda_graphs=True),
+                              graph_maker=lambda module, sample: stand_in)
     return stand_in
 
 
@@ -41,13 +43,18 @@ def test_graphs_replay_only_in_training_under_the_autocast_they_were_captured_in
     torch.manual_seed(0)
     model = build_model(model_config(*TINY), num_classes=4).train()
     batch = synthetic_batch(2, (128, 160), num_classes=4, max_gt=3, seed=1)
+    assert not model.static_part.captured
     stand_in = capture_stand_in(model, batch.images)
-    bf16 = functools.partial(autocast_context, "bf16", CPU, False)
+    assert model.static_part.captured
+    bf16 = step_autocast("bf16", CPU, cuda_graphs=True)
     with bf16():
         model(batch)
     assert stand_in.calls == 1 and model.static_part.replays == 1
-    model(batch)  # fp32: another precision than the graph's, so eager
-    model(synthetic_batch(2, (96, 160), num_classes=4, max_gt=3, seed=1))  # another shape
+    # a training step the graphs were not captured for fails loudly instead of running another step eagerly
+    with pytest.raises(MissingGraphError, match=r"got \(\(2, 3, 128, 160\), torch.uint8, None\)"):
+        model(batch)  # fp32: another precision than the graph's
+    with pytest.raises(MissingGraphError, match="96, 160"), bf16():
+        model(synthetic_batch(2, (96, 160), num_classes=4, max_gt=3, seed=1))  # another shape
     model.eval()
     with torch.inference_mode(), bf16():
         detections = model(batch)  # the training batch's shape, in eval mode: eager

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from model.detections import Detections
 from pipeline.shard_format import file_sha256, write_manifest
-from train.eval_benchmark import make_eval_set, reference_encode_masks, reference_results
+from tools.bench_eval import make_eval_set, reference_encode_masks, reference_results
 from train.evaluation import (
     STAT_NAMES,
     COCOEvaluator,

@@ -1,6 +1,5 @@
 """The step and epoch loop on a stand-in model: bulk readback, NaN handling, checkpoints."""
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,15 @@ import torch
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import load_config
 from train.engine import (
+    EpochLoop,
     LoggedStep,
     NonFiniteGuard,
     NonFiniteLossError,
+    TrainingStep,
     TrainState,
-    autocast_context,
     make_grad_scaler,
     resolve_precision,
+    step_autocast,
     train_one_epoch,
 )
 from train.solver import build_optimizer
@@ -36,12 +37,12 @@ def _run(model, batches, *, precision="fp32", limit=3, readback_every=4, checkpo
         save_checkpoint(output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
                         epoch=0, loader_state=None, config=cfg)
 
-    train_one_epoch(
-        model, optimizer, batches, state=state, solver_cfg=cfg.solver, scaler=scaler,
-        autocast=functools.partial(autocast_context, precision, CPU), guard=NonFiniteGuard(limit),
-        readback_every=readback_every, global_batch=3, max_iter=10_000,
+    step = TrainingStep(model, optimizer, scaler, step_autocast(precision, CPU, cuda_graphs=False), CPU)
+    loop = EpochLoop(
+        step, cfg.solver, NonFiniteGuard(limit), readback_every=readback_every, global_batch=3, max_iter=10_000,
         save_checkpoint=save if output_dir else None, checkpoint_every=checkpoint_every, on_logged=logged.extend,
     )
+    train_one_epoch(loop, batches, state)
     return state, logged
 
 
@@ -100,3 +101,23 @@ def test_precision_resolution():
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     with pytest.raises(ValueError, match="train.precision"):
         resolve_precision("fp8", CPU)
+
+
+def test_step_autocast_turns_the_weight_cache_off_for_cuda_graphs():
+    with step_autocast("bf16", CPU, cuda_graphs=True)():
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+    with step_autocast("bf16", CPU, cuda_graphs=False)():
+        assert torch.is_autocast_cache_enabled()
+    with step_autocast("fp32", CPU, cuda_graphs=True)():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_loss_scale_reads_the_scalers_scale_as_a_tensor_on_the_device():
+    model = TinyLossModel()
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.01), make_grad_scaler("fp16", CPU),
+                        step_autocast("fp16", CPU, cuda_graphs=False), CPU)
+    assert step.loss_scale().item() == step.scaler.get_scale() == 65536.0
+    step.scaler.update(1024.0)
+    assert step.loss_scale().item() == 1024.0
+    plain = TrainingStep(model, step.optimizer, None, step.autocast, CPU)
+    assert plain.loss_scale() is None

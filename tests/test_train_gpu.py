@@ -1,6 +1,5 @@
 """GPU-only trainer checks: the graphed, bulk-readback step makes no host synchronization."""
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,7 @@ import torch
 from model import build_model
 from model.synthetic_batch import synthetic_batch
 from train.config import load_config
-from train.cuda_graphs import graph_static_part
-from train.engine import LossReadback, autocast_context, make_grad_scaler, train_step
+from train.engine import LossReadback, TrainingStep, make_grad_scaler, step_autocast
 from train.solver import build_optimizer, set_learning_rate
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -27,24 +25,21 @@ def test_graphed_step_runs_without_host_sync(precision):
     model.train()
     optimizer, name = build_optimizer(model, cfg.solver, device)
     assert "fused" in name.lower() or "apex" in name.lower()
-    autocast = functools.partial(autocast_context, precision, device, False)
-    scaler = make_grad_scaler(precision, device)
+    autocast = step_autocast(precision, device, cuda_graphs=True)
+    step = TrainingStep(model, optimizer, make_grad_scaler(precision, device), autocast, device)
     batch = synthetic_batch(4, (128, 160), 5, 6, device=device)
-    note = graph_static_part(
-        model, enabled=True, device=device, static_shapes=True, buckets=[(128, 160)], images_per_rank=4, autocast=autocast
-    )
-    assert note.startswith("CUDA graphs")
-    readback = LossReadback(scaler)
+    model.static_part.capture([(128, 160)], 4, autocast)
+    assert model.static_part.captured
+    readback = LossReadback()
     for iteration in range(3):  # warm-up: allocator growth, lazy inits
         set_learning_rate(optimizer, cfg.solver, iteration)
-        readback.add(iteration, train_step(model, batch, optimizer, scaler, autocast), 0.0, None)
+        readback.add(iteration, step(batch), 0.0)
     readback.flush()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for iteration in range(3, 8):
-            losses = train_step(model, batch, optimizer, scaler, autocast)
-            readback.add(iteration, losses, 0.0, None)
+            readback.add(iteration, step(batch), 0.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     steps = readback.flush()

@@ -10,6 +10,17 @@ COCOeval. Prints the time of each, the ratio and both APs; --json writes them to
     python tools/bench_eval.py --images 500 --dets-per-image 100 --json runs/bench_eval.json
     python tools/bench_eval.py --images 500 --backend pycocotools   # paste+encode gain alone
     python tools/bench_eval.py --ours-only                           # our path at full size
+
+The workload: `make_eval_set` writes COCO ground truth (ellipse-shaped objects as polygons, some crowd
+RLEs, some empty images; no JPEGs) and yields `(Batch, Detections)` pairs shaped like the
+model's output: per image up to D detections, near-copies of the objects plus false
+positives, with 28x28 mask probabilities, in the network-input frame. Detections are made
+on demand from a per-image seed, so a 5,000 x 100 set never sits in memory.
+
+`reference_results` is the straightforward path: torchvision's full-image
+`paste_masks_in_image`, a threshold, and `pycocotools.mask.encode` one mask at a time, as in
+torchvision's `references/detection/coco_eval.py`. The tests and this benchmark compare
+`COCOEvaluator` against it.
 """
 
 from __future__ import annotations
@@ -17,9 +28,326 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
-from train.eval_benchmark import make_eval_set, run_benchmark
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from model.detections import Detections
+from pipeline.batch import Batch, resized_size
+from train.evaluation import COCOEvaluator, ImageResult, to_original_frame
+
+MASK_SIZE = 28
+IMAGE_SIZES = ((480, 640), (427, 640), (640, 480), (375, 500), (640, 427), (512, 512))
+POLYGON_VERTICES = 24
+
+
+@dataclass
+class _ImageTruth:
+    image_id: int
+    height: int
+    width: int
+    ellipses: np.ndarray  # [N, 4] float64 (cx, cy, rx, ry) of the non-crowd objects
+    labels: np.ndarray  # [N] contiguous labels 1..K
+
+
+@dataclass
+class EvalSet:
+    """Ground truth on disk plus detections made on demand, image by image."""
+
+    annotations_file: Path
+    categories: list[dict[str, Any]]  # manifest style: {"id": contiguous, "coco_id", "name"}
+    dets_per_image: int
+    seed: int
+    flip_fraction: float
+    images: list[_ImageTruth]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Batch, Detections]]:
+        for start in range(0, len(self.images), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self.images))))
+
+    def batch(self, indices: Sequence[int]) -> tuple[Batch, Detections]:
+        """The Batch and Detections of the images at `indices` (repeats allowed, as in padded batches)."""
+        per_image = [self._detections(i) for i in indices]
+        fields = {name: np.stack([d[name] for d in per_image]) for name in per_image[0]}
+        return _batch(fields), Detections(
+            boxes=torch.from_numpy(fields["boxes"]),
+            scores=torch.from_numpy(fields["scores"]),
+            labels=torch.from_numpy(fields["labels"]),
+            mask_probs=torch.from_numpy(fields["mask_probs"]),
+            num_detections=torch.from_numpy(fields["num_detections"]),
+        )
+
+    def _detections(self, index: int) -> dict[str, np.ndarray]:
+        truth = self.images[index]
+        rng = np.random.default_rng([self.seed, index, 1])
+        num_classes = len(self.categories)
+        # Near-copies of each object (the first one tight and confident), then false positives.
+        copies = 1 + rng.poisson(1.5, size=len(truth.ellipses))
+        ellipses = np.repeat(truth.ellipses, copies, axis=0)
+        labels = np.repeat(truth.labels, copies)
+        first = np.zeros(len(ellipses), dtype=bool)
+        first[np.cumsum(copies) - copies] = True
+        # Centres and radii move by a share of the radii: 5% for the first copy, 25% for the others.
+        noise = np.where(first, 0.05, 0.25)[:, None] * rng.standard_normal((len(ellipses), 4))
+        jittered = ellipses + noise * ellipses[:, [2, 3, 2, 3]]
+        jittered[:, 2:] = np.maximum(jittered[:, 2:], 1.0)
+        relabel = rng.random(len(labels)) < 0.1
+        labels = np.where(relabel, rng.integers(1, num_classes + 1, len(labels)), labels)
+        scores = np.where(first, rng.uniform(0.5, 1.0, len(labels)), rng.uniform(0.05, 0.9, len(labels)))
+        num_false = max(self.dets_per_image - len(labels), 0)
+        false_ellipses = _random_ellipses(rng, num_false, truth.height, truth.width)
+        ellipses = np.concatenate([jittered, false_ellipses])
+        labels = np.concatenate([labels, rng.integers(1, num_classes + 1, num_false)])
+        scores = np.concatenate([scores, rng.uniform(0.05, 0.6, num_false)])
+        order = np.argsort(-scores, kind="stable")[: self.dets_per_image]
+        boxes = _ellipse_boxes(ellipses[order], truth.height, truth.width)
+        masks = _ellipse_mask_probs(ellipses[order], boxes, rng.uniform(2, 12, len(order)))
+        return _pad_to_network_frame(
+            rng, truth, boxes, scores[order], labels[order], masks, self.dets_per_image, self.flip_fraction
+        )
+
+
+def make_eval_set(
+    out_dir: Path,
+    num_images: int,
+    dets_per_image: int,
+    *,
+    seed: int = 0,
+    num_classes: int = 80,
+    flip_fraction: float = 0.0,
+) -> EvalSet:
+    """Write `instances_eval.json` under `out_dir` and return the set (ground truth + detection maker)."""
+    rng = np.random.default_rng(seed)
+    categories = [{"id": k + 1, "coco_id": k + 1 + k // 9, "name": f"class{k + 1}"} for k in range(num_classes)]
+    images, annotations, truths = [], [], []
+    for index in range(num_images):
+        image_id = 1000 + 100_000 * seed + 7 * index
+        height, width = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+        num_objects = 0 if rng.random() < 0.03 else int(rng.integers(1, 16))
+        ellipses = _random_ellipses(rng, num_objects, height, width)
+        labels = rng.integers(1, num_classes + 1, num_objects)
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": height, "width": width})
+        for ellipse, label in zip(ellipses, labels):
+            annotations.append(_polygon_annotation(ellipse, categories[label - 1]["coco_id"], image_id, height, width))
+        if rng.random() < 0.05:
+            crowd = _random_ellipses(rng, 1, height, width)[0]
+            annotations.append(_crowd_annotation(crowd, categories[0]["coco_id"], image_id, height, width))
+        truths.append(_ImageTruth(image_id, height, width, ellipses, labels))
+    for i, annotation in enumerate(annotations):
+        annotation["id"] = i + 1
+    coco_categories = [{"id": c["coco_id"], "name": c["name"], "supercategory": "thing"} for c in categories]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    annotations_file = out_dir / "instances_eval.json"
+    annotations_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": coco_categories})
+    )
+    return EvalSet(annotations_file, categories, dets_per_image, seed, flip_fraction, truths)
+
+
+def reference_encode_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[dict]:
+    """Full-image paste with torchvision, threshold 0.5, then pycocotools encode one mask at a time."""
+    masks = paste_masks_in_image(mask_probs[:, None], boxes, (height, width)) > 0.5
+    rles = [mask_utils.encode(np.array(m[0, :, :, None].numpy(), dtype=np.uint8, order="F"))[0] for m in masks]
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def reference_results(batches: Iterator[tuple[Batch, Detections]], categories: list[dict]) -> dict[int, ImageResult]:
+    """The straightforward path's per-image results (first occurrence of each image id kept)."""
+    coco_ids = {c["id"]: c["coco_id"] for c in categories}
+    results: dict[int, ImageResult] = {}
+    for batch, detections in batches:
+        boxes, masks = to_original_frame(batch, detections)
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            n = int(detections.num_detections[i])
+            if image_id in results:
+                continue
+            height, width = batch.original_sizes[i].tolist()
+            xyxy = boxes[i, :n]
+            results[image_id] = ImageResult(
+                boxes_xywh=torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).numpy(),
+                scores=detections.scores[i, :n].numpy(),
+                category_ids=np.array([coco_ids[label] for label in detections.labels[i, :n].tolist()], dtype=np.int64),
+                rles=reference_encode_masks(masks[i, :n], xyxy, height, width),
+            )
+    return results
+
+
+def run_benchmark(
+    eval_set: EvalSet, *, batch_size: int = 16, backend: str = "faster", num_workers: int = 2, with_reference: bool = True
+) -> dict[str, Any]:
+    """Time our evaluation path and the reference one on the same set; compare their RLEs and metrics.
+
+    Without the reference (`with_reference=False`) only our time and APs are measured; the
+    reference keys are then None.
+    """
+    ours_s, metrics_ours, results_ours = _time_ours(eval_set, batch_size, backend, num_workers)
+    figures: dict[str, Any] = {
+        "images": len(eval_set),
+        "dets_per_image": eval_set.dets_per_image,
+        "backend": backend,
+        "num_workers": num_workers,
+        "ours_s": ours_s,
+        "ap_ours": {t: m["AP"] for t, m in metrics_ours.items()},
+        "reference_s": None,
+        "speedup": None,
+        "ap_reference": None,
+    }
+    if not with_reference:
+        return figures
+    reference_s, metrics_reference, results_reference = _time_reference(eval_set, batch_size)
+    pairs = [(a, b) for image_id, r in results_ours.items() for a, b in zip(r.rles, results_reference[image_id].rles)]
+    return {
+        **figures,
+        "reference_s": reference_s,
+        "speedup": reference_s / ours_s,
+        "ap_reference": {t: m["AP"] for t, m in metrics_reference.items()},
+        "max_stat_difference": max(
+            abs(metrics_ours[t][k] - metrics_reference[t][k]) for t in metrics_ours for k in metrics_ours[t]
+        ),
+        "masks": len(pairs),
+        "identical_rles": sum(a["counts"] == b["counts"] for a, b in pairs),
+    }
+
+
+def _time_ours(eval_set: EvalSet, batch_size: int, backend: str, num_workers: int) -> tuple[float, dict, dict]:
+    start = time.perf_counter()
+    with COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend=backend, num_workers=num_workers) as ours:
+        for batch, detections in eval_set.batches(batch_size):
+            ours.process(batch, detections)
+        metrics = ours.evaluate()
+        seconds = time.perf_counter() - start
+        return seconds, metrics, ours.results()
+
+
+def _time_reference(eval_set: EvalSet, batch_size: int) -> tuple[float, dict, dict]:
+    start = time.perf_counter()
+    reference = COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend="pycocotools", num_workers=0)
+    results = reference_results(eval_set.batches(batch_size), eval_set.categories)
+    metrics = reference.score([results])
+    return time.perf_counter() - start, metrics, results
+
+
+def _random_ellipses(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
+    """(cx, cy, rx, ry) with COCO-like sizes (log-uniform radii), inside the image."""
+    limit = min(height, width) / 2.2
+    radii = np.exp(rng.uniform(np.log(3.0), np.log(limit), (count, 1))) * rng.uniform(0.5, 1.0, (count, 2))
+    cx = rng.uniform(radii[:, 0], width - radii[:, 0])
+    cy = rng.uniform(radii[:, 1], height - radii[:, 1])
+    return np.stack([cx, cy, radii[:, 0], radii[:, 1]], axis=1)
+
+
+def _ellipse_polygon(ellipse: np.ndarray) -> list[float]:
+    angles = np.linspace(0, 2 * np.pi, POLYGON_VERTICES, endpoint=False)
+    cx, cy, rx, ry = ellipse
+    return np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1).ravel().round(2).tolist()
+
+
+def _polygon_annotation(ellipse: np.ndarray, category_id: int, image_id: int, height: int, width: int) -> dict:
+    polygon = _ellipse_polygon(ellipse)
+    xs, ys = polygon[0::2], polygon[1::2]
+    rle = mask_utils.frPyObjects([polygon], height, width)[0]
+    return {
+        "image_id": image_id,
+        "category_id": int(category_id),
+        "segmentation": [polygon],
+        "area": float(mask_utils.area(rle)),
+        "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+        "iscrowd": 0,
+    }
+
+
+def _crowd_annotation(ellipse: np.ndarray, category_id: int, image_id: int, height: int, width: int) -> dict:
+    rle = mask_utils.frPyObjects([_ellipse_polygon(ellipse)], height, width)[0]
+    return {
+        "image_id": image_id,
+        "category_id": int(category_id),
+        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_utils.area(rle)),
+        "bbox": mask_utils.toBbox(rle).tolist(),
+        "iscrowd": 1,
+    }
+
+
+def _ellipse_boxes(ellipses: np.ndarray, height: int, width: int) -> np.ndarray:
+    cx, cy, rx, ry = ellipses.T
+    boxes = np.stack([cx - rx, cy - ry, cx + rx, cy + ry], axis=1)
+    return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+
+
+def _ellipse_mask_probs(ellipses: np.ndarray, boxes: np.ndarray, sharpness: np.ndarray) -> np.ndarray:
+    """Soft ellipse masks sampled at the 28x28 cell centres of each box: what a mask head might say."""
+    cells = (np.arange(MASK_SIZE) + 0.5) / MASK_SIZE
+    x = boxes[:, 0, None] + cells * (boxes[:, 2] - boxes[:, 0])[:, None]  # [N, 28]
+    y = boxes[:, 1, None] + cells * (boxes[:, 3] - boxes[:, 1])[:, None]
+    cx, cy, rx, ry = (ellipses[:, i, None] for i in range(4))
+    inside = 1 - ((x - cx) / rx)[:, None, :] ** 2 - ((y - cy) / ry)[:, :, None] ** 2  # [N, 28(y), 28(x)]
+    return (0.5 + 0.5 * np.tanh(0.5 * sharpness[:, None, None] * inside)).astype(np.float32)  # the logistic
+
+
+def _pad_to_network_frame(
+    rng: np.random.Generator,
+    truth: _ImageTruth,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    capacity: int,
+    flip_fraction: float,
+) -> dict[str, np.ndarray]:
+    """One image's detections as the model returns them: resized like the pipeline, maybe flipped, padded to D."""
+    resized = resized_size(truth.height, truth.width, 800, 1333)  # the reference's sizes, by the pipeline's rule
+    scales = np.array([resized[0] / truth.height, resized[1] / truth.width], dtype=np.float32)
+    boxes = boxes * np.array([scales[1], scales[0], scales[1], scales[0]], dtype=np.float32)
+    flipped = rng.random() < flip_fraction
+    if flipped:
+        boxes = np.stack([resized[1] - boxes[:, 2], boxes[:, 1], resized[1] - boxes[:, 0], boxes[:, 3]], axis=1)
+        masks = masks[:, :, ::-1]
+    n = len(boxes)
+    padded = {
+        "boxes": np.zeros((capacity, 4), np.float32),
+        "scores": np.zeros(capacity, np.float32),
+        "labels": np.zeros(capacity, np.int64),
+        "mask_probs": np.zeros((capacity, MASK_SIZE, MASK_SIZE), np.float32),
+    }
+    for name, value in zip(padded, (boxes, scores, labels, masks)):
+        padded[name][:n] = value
+    return {
+        **padded,
+        "num_detections": np.array(n, np.int32),
+        "image_ids": np.array(truth.image_id, np.int64),
+        "image_sizes": np.array(resized, np.int32),
+        "original_sizes": np.array([truth.height, truth.width], np.int32),
+        "scales": scales,
+        "flipped": np.array(flipped),
+    }
+
+
+def _batch(fields: dict[str, np.ndarray]) -> Batch:
+    size = len(fields["image_ids"])
+    return Batch(
+        images=torch.zeros(size, 3, 32, 32, dtype=torch.uint8),
+        image_sizes=torch.from_numpy(fields["image_sizes"]),
+        original_sizes=torch.from_numpy(fields["original_sizes"]),
+        scales=torch.from_numpy(fields["scales"]),
+        flipped=torch.from_numpy(fields["flipped"]),
+        image_ids=torch.from_numpy(fields["image_ids"]),
+        boxes=torch.zeros(size, 0, 4),
+        labels=torch.zeros(size, 0, dtype=torch.int64),
+        num_boxes=torch.zeros(size, dtype=torch.int32),
+        verts=torch.zeros(size, 0, 2),
+        polys=torch.zeros(size, 0, 3, dtype=torch.int32),
+        num_polys=torch.zeros(size, dtype=torch.int32),
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:

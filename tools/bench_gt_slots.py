@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.bench import NUM_CLASSES, _timed, _training_step
 from model.build import build_model
 from model.synthetic_batch import VERTS_PER_POLYGON, synthetic_batch
 from pipeline.batch import Batch
+from tools.bench_model import NUM_CLASSES, timed_step, training_step
 from train.config import ConfigError, load_config
 
 
@@ -71,13 +71,13 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = build_model(model_cfg, NUM_CLASSES).to(device).train()
     batch = synthetic_batch(args.batch_size, tuple(args.image_size), NUM_CLASSES, args.instances, device=device, seed=0)
-    steps = {slots: _training_step(model, (padded_to(batch, slots),), None) for slots in args.slots}
-    for step in steps.values():
-        step()
+    steps = {slots: (training_step(model, "fp32", device), padded_to(batch, slots)) for slots in args.slots}
+    for step, padded in steps.values():
+        step(padded)
     times: dict[int, list[tuple[float, float]]] = {slots: [] for slots in steps}
     for _ in range(args.iters):
-        for slots, step in steps.items():
-            times[slots].append(_timed(step, device))
+        for slots, (step, padded) in steps.items():
+            times[slots].append(timed_step(step, padded, device))
     first = args.slots[0]
     result = {"image_size": args.image_size, "batch_size": args.batch_size, "real_instances": batch.num_boxes.tolist(),
               "device": str(device), "variants": {}}

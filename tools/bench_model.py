@@ -1,4 +1,4 @@
-"""Training-step time of our Mask R-CNN vs torchvision's maskrcnn_resnet50_fpn on one synthetic batch.
+"""Training-step time of our Mask R-CNN against torchvision's `maskrcnn_resnet50_fpn`, same batch, same process.
 
 Examples:
     python tools/bench_model.py --image-size 512 640 --batch-size 2 --iters 3
@@ -7,19 +7,138 @@ Examples:
 
 Prints median step seconds of each and ratio_vs_torchvision (ours / torchvision; below 1 is
 faster). On CUDA it adds bf16 AMP for both and ours with the static part CUDA-graph captured.
+
+Both models are the benchmark's configuration: ResNet-50-FPN, FrozenBatchNorm, stem and res2
+frozen, 81 classes, random weights (speed does not depend on them). torchvision gets the
+same images (its transform set to keep their size) and the same boxes; it needs full-image
+masks, for which it gets the boxes filled (its cost does not depend on mask content). Both
+run the trainer's own step (`train.engine.TrainingStep`) with the same SGD. Steps alternate
+between the two models, and the median step time of each is reported (on CPU also the
+median process CPU time, which a busy shared machine disturbs less).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d
 
-from model.bench import run_model_benchmark
+from model.build import build_model
+from model.synthetic_batch import synthetic_batch
+from pipeline.batch import Batch
 from train.config import ConfigError, load_config
+from train.engine import TrainingStep, step_autocast
+from train.throughput import synchronize, timed_seconds
+
+NUM_CLASSES = 81
+MAX_GT = 8
+
+
+def torchvision_maskrcnn(image_size: tuple[int, int]) -> nn.Module:
+    """torchvision's maskrcnn_resnet50_fpn as built on a pretrained backbone (frozen BN, 3 trainable stages)."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    return torchvision.models.detection.MaskRCNN(
+        backbone, num_classes=NUM_CLASSES, min_size=min(image_size), max_size=max(image_size)
+    )
+
+
+def torchvision_inputs(batch: Batch) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    h, w = batch.images.shape[-2:]
+    images, targets = [], []
+    for i in range(len(batch)):
+        n = int(batch.num_boxes[i])
+        boxes = batch.boxes[i, :n]
+        ys = torch.arange(h, device=boxes.device)[None, :, None] + 0.5
+        xs = torch.arange(w, device=boxes.device)[None, None, :] + 0.5
+        b = boxes[:, :, None, None]
+        masks = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
+        images.append(batch.images[i].float().div(255).contiguous())  # torchvision normalizes 0-1 RGB itself
+        targets.append({"boxes": boxes, "labels": batch.labels[i, :n], "masks": masks.to(torch.uint8)})
+    return images, targets
+
+
+class Unpacked(nn.Module):
+    """torchvision's detection model takes (images, targets); the training step hands it one batch: that pair."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: tuple[Any, Any]) -> dict[str, torch.Tensor]:
+        return self.model(*inputs)
+
+
+def training_step(model: nn.Module, precision: str, device: torch.device, *, cuda_graphs: bool = False) -> TrainingStep:
+    """The trainer's step on `model` with plain SGD over its trainable parameters."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    return TrainingStep(model, optimizer, None, step_autocast(precision, device, cuda_graphs=cuda_graphs), device)
+
+
+def timed_step(step: TrainingStep, batch: Any, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step, after the work queued before it."""
+    synchronize(device)
+    return timed_seconds(lambda: step(batch), device)
+
+
+def run_model_benchmark(
+    model_cfg: Mapping[str, Any],
+    image_size: tuple[int, int],
+    batch_size: int,
+    iters: int,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Median training-step seconds of ours (built from `model_cfg`, 81 classes) and torchvision's,
+    and their ratio (ours / torchvision). On CUDA also bf16 AMP for both, and ours with the
+    static part captured as a CUDA graph.
+    """
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ours = build_model(model_cfg, NUM_CLASSES).to(device).train()
+    theirs = Unpacked(torchvision_maskrcnn(image_size)).to(device).train()
+    batch = synthetic_batch(batch_size, image_size, NUM_CLASSES, MAX_GT, device=device, seed=0)
+    their_batch = torchvision_inputs(batch)
+    precisions = {"": "fp32", "amp_": "bf16"} if device.type == "cuda" else {"": "fp32"}
+    result: dict[str, Any] = {
+        "image_size": list(image_size),
+        "batch_size": batch_size,
+        "iters": iters,
+        "device": str(device),
+    }
+    for prefix, precision in precisions.items():
+        ours_step, their_step = training_step(ours, precision, device), training_step(theirs, precision, device)
+        for _ in range(warmup):
+            ours_step(batch), their_step(their_batch)
+        ours_times, their_times = [], []
+        for _ in range(iters):
+            ours_times.append(timed_step(ours_step, batch, device))
+            their_times.append(timed_step(their_step, their_batch, device))
+        ours_wall, ours_cpu = (statistics.median(t) for t in zip(*ours_times))
+        their_wall, their_cpu = (statistics.median(t) for t in zip(*their_times))
+        result[f"ours_{prefix}step_s"] = ours_wall
+        result[f"torchvision_{prefix}step_s"] = their_wall
+        result[f"ratio_{prefix}vs_torchvision"] = ours_wall / their_wall
+        if device.type == "cpu":  # CPU seconds: steadier than wall time on a shared machine
+            result["ours_step_cpu_s"], result["torchvision_step_cpu_s"] = ours_cpu, their_cpu
+            result["ratio_cpu_vs_torchvision"] = ours_cpu / their_cpu
+    if device.type == "cuda":
+        graphed_step = training_step(ours, "bf16", device, cuda_graphs=True)
+        ours.static_part.capture([tuple(batch.images.shape[-2:])], len(batch), graphed_step.autocast)  # as the trainer does
+        for _ in range(warmup):
+            graphed_step(batch)
+        times = [timed_step(graphed_step, batch, device)[0] for _ in range(iters)]
+        result["ours_amp_graphed_step_s"] = statistics.median(times)
+        result["ratio_amp_graphed_vs_torchvision"] = result["ours_amp_graphed_step_s"] / result["torchvision_amp_step_s"]
+    return result
 
 
 def get_args_parser() -> argparse.ArgumentParser:

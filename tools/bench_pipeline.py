@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,6 +48,7 @@ import torch
 from pipeline.loader import LoaderSettings, build_loader, dali_available, settings_from_config
 from pipeline.shard_format import ShardFormatError, open_shard_set
 from train.config import ConfigError, load_config
+from train.throughput import endless, loader_rate, measure_rate
 
 ROWS = ("dali_loader", "dali_graph", "bare_dali", "torch_loader", "torchvision")
 STAGE_ROWS = ("bare_dali_read", "bare_dali_decode")
@@ -61,59 +59,6 @@ RATIOS = (
     ("torch_loader", "torchvision"),
     ("dali_loader", "torchvision"),
 )
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (DALI's threads included) and of its child processes (DataLoader workers).
-
-    Live children are read from /proc (Linux); children that already exited count through
-    getrusage. Elsewhere only this process and its exited children count.
-    """
-    total = time.process_time()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total += children.ru_utime + children.ru_stime
-    task_dir = Path(f"/proc/{os.getpid()}/task")
-    if not task_dir.is_dir():
-        return total
-    ticks = os.sysconf("SC_CLK_TCK")
-    for task in task_dir.iterdir():
-        try:
-            pids = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # exited in between: counted by getrusage once reaped
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
-    return total
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_rate(
-    batches: Iterator[Any], images_in: Callable[[Any], int], *, warmup: int, iters: int, device: torch.device
-) -> dict[str, float]:
-    """images/s and CPU ms per image over `iters` batches pulled after `warmup` batches."""
-    for _ in range(warmup):
-        next(batches)
-    _sync(device)
-    images, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
-    for _ in range(iters):
-        images += images_in(next(batches))
-    _sync(device)
-    seconds = time.perf_counter() - start
-    cpu_ms = 1000.0 * (cpu_seconds() - cpu_start) / images
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "cpu_ms_per_image": cpu_ms}
-
-
-def _endless(make_epoch: Callable[[int], Iterable[Any]]) -> Iterator[Any]:
-    for epoch in itertools.count():
-        yield from make_epoch(epoch)
 
 
 class Bench:
@@ -138,21 +83,8 @@ class Bench:
         return measure_rate(batches, images_in, warmup=self.warmup, iters=self.iters, device=self.device)
 
     def loader(self, backend: str) -> dict[str, Any]:
-        """The loader's rate and its per-stage wall-clock breakdown (pipeline/loader.py StageTimer)."""
-        loader = self._loader(backend)
-
-        def epoch(e: int) -> Iterable[Any]:
-            loader.set_epoch(e)
-            return loader
-
-        batches = _endless(epoch)
-        for _ in range(self.warmup):
-            next(batches)
-        before = loader.timings()["total_s"]
-        rate = measure_rate(batches, len, warmup=0, iters=self.iters, device=self.device)
-        after = loader.timings()["total_s"]
-        stages = {s: None if t is None else 1000.0 * (t - before[s]) / rate["images"] for s, t in after.items()}
-        return {**rate, "stage_ms_per_image": stages, "batches_per_epoch": len(loader)}
+        """The loader's rate and its per-stage wall-clock breakdown, as the dry run measures it."""
+        return loader_rate(self._loader(backend), warmup=self.warmup, iters=self.iters, device=self.device)
 
     def dali_graph(self) -> dict[str, Any]:
         """The DALI loader's pipeline alone, fed by its plan; outputs stay in DALI's buffers."""
@@ -164,7 +96,7 @@ class Bench:
                 yield pipe.run()
                 feeder.fed.popleft()  # the records the loader would batch
 
-        return self._rate(_endless(epoch))
+        return self._rate(endless(epoch))
 
     def bare_dali(self, stage: str = "resize") -> dict[str, Any]:
         """webdataset reader -> decode -> flip -> resize over every shard, cut after `stage`."""
@@ -202,7 +134,7 @@ class Bench:
 
     def torchvision(self, images: Path, annotations: Path) -> dict[str, Any]:
         loader = torchvision_reference_loader(images, annotations, self.settings, batch_size=self.batch_size)
-        return self._rate(_endless(lambda _: loader), lambda batch: len(batch[0]))
+        return self._rate(endless(lambda _: loader), lambda batch: len(batch[0]))
 
     def run(self, row: str, baseline: tuple[Path, Path] | None) -> dict[str, Any]:
         if row in ("dali_loader", "torch_loader"):

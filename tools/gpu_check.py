@@ -12,8 +12,8 @@ the budget is recorded as skipped. After every stage OUT_DIR/gpu_check.json is r
      "seconds": ..., "figures": {...}}}, "goals": {...}}
 
 and the stage's output is appended to OUT_DIR/gpu_check.log: two files in all (8 may come
-back). The training figures come from the trainer's own step (`train.engine.train_step`, built
-as train/main.py builds it) timed between CUDA events (train/dry_run.py). docs/PERFORMANCE.md
+back). The training figures come from the trainer's own step (`train.engine.TrainingStep`, built
+as train/main.py builds it) timed between CUDA events (train/throughput.py). docs/PERFORMANCE.md
 lists the stages, their figures and the goals.
 """
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -145,17 +145,18 @@ def training_stage(precision: str, graphs: bool, gt_per_image: int | None = None
     """Training images/s of one precision, with or without CUDA graphs, timed between CUDA events."""
 
     def stage(scale: Scale) -> dict[str, Any]:
-        from train.dry_run import build_training_step, measure
+        from train.dry_run import trainer_step
+        from train.throughput import measure
         from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
         cfg, ctx = _setup(scale, f"train.precision={precision}", f"train.cuda_graphs={str(graphs).lower()}")
         start = time.perf_counter()
-        step = build_training_step(cfg, ctx, coco_categories())
+        step, setup = trainer_step(cfg, ctx, coco_categories())
         build_s = time.perf_counter() - start
         batch = _training_batch(cfg, ctx, gt_per_image)
         figures = measure(precision, lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),
                           device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup, replays=lambda: step.graph_replays)
-        figures.update(setup=step.setup, build_and_capture_s=build_s, image_size=list(batch.images.shape[-2:]),
+        figures.update(setup=setup, build_and_capture_s=build_s, image_size=list(batch.images.shape[-2:]),
                        gt_per_image=batch.num_boxes.tolist(), losses=_finite_losses(step, batch))
         _expect_replays(figures, graphs, ctx)
         return figures
@@ -169,7 +170,7 @@ def environment(scale: Scale) -> dict[str, Any]:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     from pipeline.loader import dali_available
-    from train.dry_run import timed_seconds
+    from train.throughput import timed_seconds
 
     cuda = torch.cuda.is_available()
     figures: dict[str, Any] = {
@@ -222,21 +223,22 @@ def _version(distribution: str) -> str | None:
 def no_host_sync(scale: Scale) -> dict[str, Any]:
     """The graphed bf16 step as the loop runs it (LR, step, loss rows kept on the device) under
     `torch.cuda.set_sync_debug_mode("error")`: any host synchronization raises where it happens."""
-    from train.dry_run import build_training_step
+    from train.dry_run import trainer_step
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
-    from train.engine import LossReadback, scale_snapshot
+    from train.engine import LossReadback
     from train.solver import set_learning_rate
+    from train.throughput import synchronize
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
-    step = build_training_step(cfg, ctx, coco_categories())
+    step, _ = trainer_step(cfg, ctx, coco_categories())
     batch = _training_batch(cfg, ctx)
-    readback = LossReadback(step.scaler)
+    readback = LossReadback()
 
     def loop_steps(first: int, count: int) -> None:
         for iteration in range(first, first + count):
             lr = set_learning_rate(step.optimizer, cfg.solver, iteration)
-            scale_before = scale_snapshot(step.scaler)
-            readback.add(iteration + 1, step(batch), lr, scale_before)
+            scale_before = step.loss_scale()
+            readback.add(iteration + 1, step(batch), lr, scale_before, step.loss_scale())
 
     loop_steps(0, scale.warmup)  # warm-up: allocator, anchors, cudnn autotuning
     readback.flush()
@@ -244,7 +246,7 @@ def no_host_sync(scale: Scale) -> dict[str, Any]:
     mode = "error" if checked else "not available without CUDA"
     figures: dict[str, Any] = {"steps": scale.warmup, "sync_debug_mode": mode}
     if checked:
-        torch.cuda.synchronize()
+        synchronize(ctx.device)
         torch.cuda.set_sync_debug_mode("error")
     try:
         loop_steps(scale.warmup, scale.warmup)
@@ -278,12 +280,12 @@ def eval_after_capture(scale: Scale) -> dict[str, Any]:
     training graph; the next training step replays it again."""
     from pipeline.loader import build_loader
     from train import distributed
-    from train.dry_run import build_training_step
+    from train.dry_run import trainer_step
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
     from train.evaluation import COCOEvaluator, inference_on_dataset
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
-    step = build_training_step(cfg, ctx, coco_categories())
+    step, _ = trainer_step(cfg, ctx, coco_categories())
     batch = _training_batch(cfg, ctx)
     for _ in range(scale.warmup):
         step(batch)
@@ -335,7 +337,8 @@ def torch_pipeline(scale: Scale) -> dict[str, Any]:
 def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     """One rank of DDP over NCCL (gloo without CUDA), joined and wrapped as the trainer does."""
     from train.distributed import data_parallel, join_process_group
-    from train.dry_run import build_training_step, measure
+    from train.dry_run import trainer_step
+    from train.throughput import measure
     from pipeline.coco_categories import coco_categories  # the reference's 80 classes
 
     cfg, ctx = _setup(scale, "train.precision=bf16", "train.cuda_graphs=true")
@@ -345,12 +348,12 @@ def ddp_one_rank(scale: Scale) -> dict[str, Any]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     join_process_group(0, 1, ctx.device)
     try:
-        step = build_training_step(cfg, ctx, coco_categories())
-        step.model = data_parallel(step.model, ctx.device)
+        step, setup = trainer_step(cfg, ctx, coco_categories())
+        step = replace(step, model=data_parallel(step.model, ctx.device))
         batch = _training_batch(cfg, ctx)
         figures = measure("ddp", lambda lap: step(batch, lap), iters=scale.iters, images_per_iter=len(batch),
                           device=ctx.device, warmup=scale.warmup, breakdown=scale.warmup, replays=lambda: step.graph_replays)
-        figures.update(setup=step.setup, backend=torch.distributed.get_backend(),
+        figures.update(setup=setup, backend=torch.distributed.get_backend(),
                        broadcast_buffers=step.model.broadcast_buffers,
                        losses=_finite_losses(step, batch))
         _expect_replays(figures, True, ctx)

@@ -11,39 +11,31 @@ graphs turned off) runs eagerly, and the reason is returned for the log.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable
 
-import torch
 from torch import nn
+
+from train.config import Config
+from train.distributed import DistributedContext, per_rank_batch
+from train.inputs import bucket_list
 
 
 def graph_static_part(
-    model: nn.Module,
-    *,
-    enabled: bool,
-    device: torch.device,
-    static_shapes: bool,
-    buckets: Sequence[Sequence[int]],
-    images_per_rank: int,
-    autocast: Callable[[], contextlib.AbstractContextManager],
+    model: nn.Module, cfg: Config, ctx: DistributedContext, autocast: Callable[[], contextlib.AbstractContextManager]
 ) -> str:
-    """Capture `model.static_part` per bucket; returns what was done, or why not, for the log.
+    """Capture `model.static_part` per bucket when the run asks for it; returns what was done, or why not, for the log.
 
-    `autocast` must be the training step's context, built with cache_enabled=False (autocast's
-    weight-cast cache cannot live across graph capture and replay): a graph replays only under
-    the autocast state it was captured in.
+    `autocast` must be the training step's (`TrainingStep.autocast`, built with
+    cuda_graphs=True): a graph replays only under the autocast state it was captured in.
     """
-    if not enabled:
+    if not cfg.train.cuda_graphs:
         return "eager: train.cuda_graphs is false"
-    if device.type != "cuda":
+    if ctx.device.type != "cuda":
         return "eager: CUDA graphs need a CUDA device"
-    if not static_shapes:
+    if not cfg.data.static_shapes:
         return "eager: data.static_shapes is false, so input shapes vary"
-    for height, width in buckets:
-        sample = torch.randint(0, 256, (images_per_rank, 3, height, width), dtype=torch.uint8, device=device)
-        sample = sample.contiguous(memory_format=torch.channels_last)
-        sizes = torch.tensor([[height, width]] * images_per_rank, dtype=torch.int32, device=device)
-        with autocast():
-            model.static_part.capture(sample, sizes)
+    buckets = bucket_list(cfg.data)
+    images_per_rank = per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
+    model.static_part.capture(buckets, images_per_rank, autocast)
     shapes = ", ".join(f"{h}x{w}" for h, w in buckets)
     return f"CUDA graphs: static part captured for {images_per_rank} images per rank at {shapes}"

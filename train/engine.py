@@ -1,15 +1,18 @@
 """The training step and the loop over one epoch.
 
-`train_step` is the whole step: losses under autocast -> sum -> backward -> optimizer
-step. It returns the loss tensors without reading them: copying a value to the host
-waits for the GPU, so `LossReadback` keeps them on the device and copies them in one go
-every `train.loss_readback_every` steps (and before a checkpoint, which must only be
-written after its losses are known to be finite).
+`TrainingStep` is the whole step: losses under autocast -> sum -> backward -> optimizer
+step. It is the one step of the trainer, the dry runs, tools/gpu_check.py and
+tools/bench_model.py; its `lap` hook lets them time its stages. It returns the loss tensors
+without reading them: copying a value to the host waits for the GPU, so `LossReadback` keeps
+them on the device and copies them in one go every `train.loss_readback_every` steps (and
+before a checkpoint, which must only be written after its losses are known to be finite).
+`train_one_epoch(loop, batches, state)` runs the step over one epoch as `EpochLoop` says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -21,10 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import parameters_are_finite
-from train.config import ConfigError
+from train.config import Config, ConfigError
 from train.config_schema import PRECISIONS
 from train.interrupts import StopRequest, TrainingStopped
-from train.solver import set_learning_rate
+from train.solver import build_optimizer, set_learning_rate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,44 +51,92 @@ def autocast_context(precision: str, device: torch.device, cache_enabled: bool =
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+def step_autocast(precision: str, device: torch.device, *, cuda_graphs: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """The training step's autocast: with CUDA graphs autocast's weight-cast cache is off, as capture and replay need."""
+    return functools.partial(autocast_context, precision, device, cache_enabled=not cuda_graphs)
+
+
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (steps with inf/nan gradients are skipped); bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def no_lap(stage: str) -> None:
-    """The default `lap` hook of `train_step`: nothing."""
+    """The default `lap` hook of `TrainingStep`: nothing."""
 
 
-def train_step(
-    model: nn.Module,
-    batch: Any,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    lap: Callable[[str], None] = no_lap,
-) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; returns the detached losses, still on the device.
+@dataclass
+class TrainingStep:
+    """One optimizer step on one batch: `step(batch)` returns the detached losses, still on the device.
 
     `lap(stage)` is called as forward, backward and optimizer end: the dry runs' per-stage
-    breakdown hooks in there (train/dry_run.py), the training loop leaves it alone.
+    breakdown hooks in there (train/throughput.py `StageClock`), the training loop leaves it alone.
     """
-    with autocast():
-        losses = model(batch)
-    total = sum(losses.values())
-    lap("forward")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        total.backward()
-        lap("backward")
-        optimizer.step()
-    else:
-        scaler.scale(total).backward()
-        lap("backward")
-        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/nan
-        scaler.update()
-    lap("optimizer")
-    return {name: loss.detach() for name, loss in losses.items()}
+
+    model: nn.Module  # in the trainer, the DDP wrapper when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    precision: str = "fp32"
+    optimizer_name: str = ""
+
+    def __call__(self, batch: Any, lap: Callable[[str], None] = no_lap) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            losses = self.model(batch)
+        total = sum(losses.values())
+        lap("forward")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            total.backward()
+            lap("backward")
+            self.optimizer.step()
+        else:
+            self.scaler.scale(total).backward()
+            lap("backward")
+            self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/nan
+            self.scaler.update()
+        lap("optimizer")
+        return {name: loss.detach() for name, loss in losses.items()}
+
+    def loss_scale(self) -> torch.Tensor | None:
+        """fp16: the scaler's current scale as a device tensor (None without a scaler).
+
+        `GradScaler.get_scale()` reads it with `.item()`, which waits for the device; scaling a
+        one on the device reads it without waiting (and creates the scale, as the first step would).
+        """
+        if self.scaler is None:
+            return None
+        return self.scaler.scale(torch.ones((), device=self.device))
+
+    @property
+    def description(self) -> str:
+        """Precision and optimizer, for the log."""
+        return f"precision {self.precision}; {self.optimizer_name}"
+
+    @property
+    def graph_replays(self) -> int:
+        """How many times the static part has replayed a captured graph so far (a host-side count)."""
+        return getattr(self.model, "module", self.model).static_part.replays
+
+
+def build_training_step(cfg: Config, device: torch.device, model: nn.Module) -> TrainingStep:
+    """The step as the trainer runs it: `train.precision` resolved for `device`, its scaler and autocast, the optimizer."""
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = make_grad_scaler(precision, device)
+    optimizer, optimizer_name = build_optimizer(model, cfg.solver, device, grad_scaling=scaler is not None)
+    autocast = step_autocast(precision, device, cuda_graphs=cfg.train.cuda_graphs)
+    return TrainingStep(model, optimizer, scaler, autocast, device, precision, optimizer_name)
+
+
+def seed_step(step_seed: tuple[int, ...], iteration: int) -> None:
+    """Seed torch's generator for step `iteration` from (*step_seed, iteration).
+
+    Then the step's random draws (proposal sampling) do not depend on what else used the
+    generator: a resumed run draws exactly what the uninterrupted one did, whatever its input
+    pipeline does.
+    """
+    torch.manual_seed(int(np.random.SeedSequence([*step_seed, iteration]).generate_state(1)[0]))
 
 
 @dataclass
@@ -100,18 +151,25 @@ class LoggedStep:
 class LossReadback:
     """Per-step losses kept on the device and copied to the host in one transfer."""
 
-    def __init__(self, scaler: torch.amp.GradScaler | None):
-        self.scaler = scaler
+    def __init__(self) -> None:
         self._rows: list[torch.Tensor] = []
         self._meta: list[tuple[int, float]] = []
         self._names: list[str] = []
 
-    def add(self, iteration: int, losses: dict[str, torch.Tensor], lr: float, scale_before: torch.Tensor | None) -> None:
+    def add(
+        self,
+        iteration: int,
+        losses: dict[str, torch.Tensor],
+        lr: float,
+        scale_before: torch.Tensor | None = None,
+        scale_after: torch.Tensor | None = None,
+    ) -> None:
+        """One step's losses; fp16 also the loss scale before and after the step (`TrainingStep.loss_scale`)."""
         self._names = list(losses)
         values = [loss.float() for loss in losses.values()]
         if scale_before is not None:
             # the scaler lowers its scale exactly when it skips a step
-            values += [scale_before.to(values[0].device).float(), self.scaler._scale.float().reshape(())]
+            values += [scale_before.float(), scale_after.float()]
         self._rows.append(torch.stack(values))
         self._meta.append((iteration, lr))
 
@@ -136,15 +194,6 @@ class LossReadback:
         self._rows.clear()
         self._meta.clear()
         return steps
-
-
-def scale_snapshot(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
-    if scaler is None:
-        return None
-    if scaler._scale is None:  # created by the first scale(); until then get_scale() reads no tensor
-        return torch.tensor(scaler.get_scale())
-    # GradScaler.get_scale() calls .item(); a device-side copy of the private scale does not.
-    return scaler._scale.detach().clone().reshape(())
 
 
 @dataclass
@@ -193,87 +242,88 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[Any],
-    *,
-    state: TrainState,
-    solver_cfg: Any,
-    scaler: torch.amp.GradScaler | None,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    guard: NonFiniteGuard,
-    readback_every: int,
-    global_batch: int,
-    max_iter: int,
-    save_checkpoint: Callable[[], None] | None = None,
-    checkpoint_every: int = 0,
-    on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None,
-    step_seed: tuple[int, ...] | None = None,
-    stop: StopRequest | None = None,
-    poll: Callable[[], bool] | None = None,
-) -> bool:
-    """Step through `batches` until it ends or `max_iter` steps are done; True if it ended.
+@dataclass
+class EpochLoop:
+    """What `train_one_epoch` does around each step, the same for every epoch of a run.
 
     Every `readback_every` steps (and before each checkpoint) the losses are read back,
     checked by `guard` and handed to `on_logged` (progress bar, metrics file).
-    `save_checkpoint` is called every `checkpoint_every` steps, after that check, when
-    every parameter is finite. With `step_seed` (e.g. (seed, rank)) torch's generator is
-    seeded from (*step_seed, iteration) before each step, so the step's random draws
-    (proposal sampling) do not depend on what else used the generator: a resumed run draws
-    exactly what the uninterrupted one did, whatever its input pipeline does.
-    When the ranks agree to `stop` (a signal), the step's checkpoint is saved and
-    TrainingStopped raised. The loop leaves right after the step that reaches `max_iter`, so
-    the pipeline's position is that step's (a run extended on resume continues from there).
-    `poll()` is called on every rank at the read-back points (unless stopping): True ends the
-    epoch there (an evaluation beside training reached the quality target: the run is over,
-    nothing more is saved); if it raises (that evaluation was lost), the step's checkpoint is
-    saved first.
+    `save_checkpoint` is called every `checkpoint_every` steps, after that check, when every
+    parameter is finite. With `step_seed` (e.g. (seed, rank)) each step is seeded by
+    `seed_step`. When the ranks agree to `stop` (a signal), the step's checkpoint is saved and
+    TrainingStopped raised. `poll()` is called on every rank at the read-back points (unless
+    stopping): True ends the epoch there (an evaluation beside training reached the quality
+    target: the run is over, nothing more is saved); if it raises (that evaluation was lost),
+    the step's checkpoint is saved first.
     """
+
+    step: TrainingStep
+    solver_cfg: Any
+    guard: NonFiniteGuard
+    readback_every: int
+    global_batch: int  # images per step over all ranks
+    max_iter: int
+    step_seed: tuple[int, ...] | None = None
+    save_checkpoint: Callable[[], None] | None = None
+    checkpoint_every: int = 0
+    on_logged: Callable[[list[LoggedStep]], None] = lambda steps: None
+    stop: StopRequest | None = None
+    poll: Callable[[], bool] | None = None
+
+
+def train_one_epoch(loop: EpochLoop, batches: Iterable[Any], state: TrainState) -> bool:
+    """Step through `batches` until it ends or `loop.max_iter` steps are done; True if it ended.
+
+    The loop leaves right after the step that reaches `max_iter`, so the pipeline's position
+    is that step's (a run extended on resume continues from there).
+    """
+    step, model = loop.step, loop.step.model
     model.train()
-    readback = LossReadback(scaler)
+    readback = LossReadback()
     started = time.perf_counter()
 
     def read_back() -> None:
         steps = readback.flush()
-        state.skipped_steps += sum(step.skipped for step in steps)
-        on_logged(steps)
-        for step in steps:
-            guard.check(step)
+        state.skipped_steps += sum(logged.skipped for logged in steps)
+        loop.on_logged(steps)
+        for logged in steps:
+            loop.guard.check(logged)
 
     def target_reached() -> bool:
         try:
-            return poll()
+            return loop.poll()
         except Exception:
-            if save_checkpoint is not None and parameters_are_finite(model):
-                save_checkpoint()  # whatever failed beside training, the steps since the last checkpoint are kept
+            if loop.save_checkpoint is not None and parameters_are_finite(model):
+                loop.save_checkpoint()  # whatever failed beside training, the steps since the last checkpoint are kept
             raise
 
     ended = True
     for batch in batches:
-        lr = set_learning_rate(optimizer, solver_cfg, state.iteration)
-        if step_seed is not None:
-            torch.manual_seed(int(np.random.SeedSequence([*step_seed, state.iteration]).generate_state(1)[0]))
-        scale_before = scale_snapshot(scaler)
-        losses = train_step(model, batch, optimizer, scaler, autocast)
+        lr = set_learning_rate(step.optimizer, loop.solver_cfg, state.iteration)
+        if loop.step_seed is not None:
+            seed_step(loop.step_seed, state.iteration)
+        scale_before = step.loss_scale()
+        losses = step(batch)
         state.iteration += 1
-        state.images_seen += global_batch
-        readback.add(state.iteration, losses, lr, scale_before)
-        checkpoint_due = save_checkpoint is not None and checkpoint_every and state.iteration % checkpoint_every == 0
-        readback_due = len(readback) >= readback_every or checkpoint_due
-        stopping = stop.agreed(at_readback=readback_due) if stop is not None else None
+        state.images_seen += loop.global_batch
+        readback.add(state.iteration, losses, lr, scale_before, step.loss_scale())
+        checkpoint_due = (
+            loop.save_checkpoint is not None and loop.checkpoint_every and state.iteration % loop.checkpoint_every == 0
+        )
+        readback_due = len(readback) >= loop.readback_every or checkpoint_due
+        stopping = loop.stop.agreed(at_readback=readback_due) if loop.stop is not None else None
         if readback_due or stopping:
             read_back()
-        if readback_due and not stopping and poll is not None and target_reached():
+        if readback_due and not stopping and loop.poll is not None and target_reached():
             ended = False
             break
-        saving = (checkpoint_due or stopping) and save_checkpoint is not None
+        saving = (checkpoint_due or stopping) and loop.save_checkpoint is not None
         if saving and parameters_are_finite(model):
-            save_checkpoint()  # never over finite weights with NaN ones: the last good one stays
+            loop.save_checkpoint()  # never over finite weights with NaN ones: the last good one stays
         if stopping:
             state.train_seconds += time.perf_counter() - started
             raise TrainingStopped(*stopping, iteration=state.iteration)  # main adds the checkpoint
-        if state.iteration >= max_iter:
+        if state.iteration >= loop.max_iter:
             ended = False
             break
     read_back()

@@ -37,6 +37,7 @@ from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
 from train.metrics import format_duration
+from train.throughput import synchronize
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -311,7 +312,7 @@ def inference_on_dataset(
         with torch.inference_mode(), autocast():
             for step, batch in enumerate(loader):
                 if step == num_warmup:
-                    _synchronize(batch)
+                    synchronize(batch.images.device)
                     start, num_timed = time.perf_counter(), 0
                 evaluator.process(batch, model(batch))
                 num_batches += 1
@@ -322,7 +323,7 @@ def inference_on_dataset(
                     last_report = now
                     print(_progress_line(num_batches, total, num_images, now - first), flush=True)
             if num_batches:
-                _synchronize(batch)
+                synchronize(batch.images.device)
     finally:
         model.train(was_training)
     end = time.perf_counter()
@@ -340,11 +341,6 @@ def _progress_line(batches: int, total: int | None, images: int, seconds: float)
         return f"inference: {batches} batches, {images} images, {rate:.1f} images/s"
     eta = (total - batches) * seconds / batches
     return f"inference: {batches}/{total} batches, {images} images, {rate:.1f} images/s, ETA {format_duration(eta)}"
-
-
-def _synchronize(batch: Batch) -> None:
-    if batch.images.is_cuda:
-        torch.cuda.synchronize(batch.images.device)
 
 
 def _load_ground_truth(annotations_file: Path, backend: str) -> Any:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import dataclasses
 import json
 import logging
 import sys
@@ -86,21 +86,21 @@ from train.distributed import (
     shutdown_distributed,
 )
 from train.engine import (
+    EpochLoop,
     NonFiniteGuard,
     NonFiniteLossError,
     TrainState,
-    autocast_context,
-    make_grad_scaler,
+    build_training_step,
     resolve_precision,
     train_one_epoch,
 )
 from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator, EvaluationError
-from train.inputs import bucket_list, build_data_loader, categories_of, require_inputs
+from train.inputs import build_data_loader, categories_of, require_inputs
 from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
 from train.run_folder import RunFolder, RunFolderError, check_output_dir
-from train.solver import build_optimizer, log_closed_division_check
+from train.solver import log_closed_division_check
 
 log = logging.getLogger("train")
 
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Checks before anything is written: a bad value or path costs nothing.
     require_inputs(cfg)
     check_output_dir(cfg.output_dir)
-    precision = resolve_precision(cfg.train.precision, ctx.device)
+    resolve_precision(cfg.train.precision, ctx.device)  # raises on a bad train.precision
     evaluating = cfg.eval.every_epochs > 0
     output_dir = Path(cfg.output_dir)
 
@@ -211,12 +211,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # Model, precision, CUDA graphs, DDP.
         categories = categories_of(cfg.data.train_shards)
         model = build_model_with_weights(cfg.model, categories, cfg.train.weights, ctx.device, for_training=True)
-        autocast = functools.partial(autocast_context, precision, ctx.device, not cfg.train.cuda_graphs)
-        scaler = make_grad_scaler(precision, ctx.device)
 
-        # Optimizer and schedule (the LR is set from the iteration inside the loop).
-        optimizer, optimizer_name = build_optimizer(model, cfg.solver, ctx.device, grad_scaling=scaler is not None)
-        log.info("optimizer: %s; precision: %s; %d process(es) on %s", optimizer_name, precision, ctx.world_size, ctx.device)
+        # The step: precision, scaler, optimizer (the LR is set from the iteration inside the loop).
+        step = build_training_step(cfg, ctx.device, model)
+        optimizer, scaler, autocast = step.optimizer, step.scaler, step.autocast
+        log.info("%s; %d process(es) on %s", step.description, ctx.world_size, ctx.device)
 
         # Resume: weights, optimizer, scaler, position and RNG streams of the chosen checkpoint.
         state, loader_state = TrainState(), None
@@ -231,13 +230,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log.info("resumed from %s at iteration %d (epoch %d)", plan.checkpoint, state.iteration, state.epoch + 1)
 
         images_per_rank = per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
-        log.info(graph_static_part(
-            model, enabled=cfg.train.cuda_graphs, device=ctx.device, static_shapes=cfg.data.static_shapes,
-            buckets=bucket_list(cfg.data), images_per_rank=images_per_rank, autocast=autocast,
-        ))
-        trained = model
+        log.info(graph_static_part(model, cfg, ctx, autocast))
         if ctx.is_distributed:
-            trained = data_parallel(model, ctx.device)
+            step = dataclasses.replace(step, model=data_parallel(model, ctx.device))
         if checkpoint is not None:
             restore_rng_states(checkpoint["rng"])  # last, so model building cannot consume the streams
 
@@ -316,6 +311,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         def poll() -> bool:
             return collect(queue.poll())
 
+        def save_mid_epoch() -> None:
+            save(state.epoch, train_loader.state_dict())
+
+        loop = EpochLoop(
+            step, cfg.solver, guard, readback_every=cfg.train.loss_readback_every, global_batch=cfg.solver.ims_per_batch,
+            max_iter=cfg.solver.max_iter, step_seed=(cfg.seed, ctx.rank), save_checkpoint=save_mid_epoch,
+            checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, stop=stop,
+            poll=poll if queue is not None else None,
+        )
+
         epochs_done, status, outcome = state.epoch, C.ABORTED, "failed"
         try:
             for due in plan.due_evaluations:  # a kill or a stop left them unfinished: each on its checkpoint's weights
@@ -341,14 +346,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 mlog.start(C.BLOCK_START, first_epoch_num=epoch + 1, epoch_count=1)
                 mlog.start(C.EPOCH_START, epoch_num=epoch + 1)
                 reporter.start_epoch(epoch, len(train_loader))
-                epoch_ended = train_one_epoch(
-                    trained, optimizer, train_loader, state=state, solver_cfg=cfg.solver, scaler=scaler,
-                    autocast=autocast, guard=guard, readback_every=cfg.train.loss_readback_every,
-                    global_batch=cfg.solver.ims_per_batch, max_iter=cfg.solver.max_iter,
-                    save_checkpoint=lambda: save(epoch, train_loader.state_dict()),
-                    checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, step_seed=(cfg.seed, ctx.rank),
-                    stop=stop, poll=poll if queue is not None else None,
-                )
+                epoch_ended = train_one_epoch(loop, train_loader, state)
                 reporter.end_epoch()
                 if reached:
                     break  # an earlier epoch's result reached the target while this one trained: the run ends here
@@ -420,8 +418,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": time.perf_counter() - wall_start,
             "skipped_steps": state.skipped_steps,
             "nonfinite_losses": guard.total,
-            "optimizer": optimizer_name,
-            "precision": precision,
+            "optimizer": step.optimizer_name,
+            "precision": step.precision,
             "world_size": ctx.world_size,
             "attempt": attempt,
             # DDP keeps replicas identical; this records that it did (one digest per rank)

@@ -1,8 +1,8 @@
-"""The model benchmark reports both step times and their ratio (slow: builds two R-50 models)."""
+"""tools/bench_model.py reports both step times and their ratio (slow: builds two R-50 models)."""
 
 import pytest
 
-from model.bench import run_model_benchmark
+from tools.bench_model import run_model_benchmark
 from tests.model_helpers import model_config
 
 
