@@ -18,7 +18,8 @@ The model config comes from the checkpoint (trainer checkpoints carry theirs); -
 KEY=VALUE overrides apply on top. Files without a config take configs/reference.yaml and what
 the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). The --json and
 --results paths are checked before the evaluation starts; if writing still fails at the end,
-the metrics have been printed first. Errors end in one sentence, exit code 2.
+the metrics have been printed first. Errors end in one sentence, exit code 2; Ctrl-C or SIGTERM
+ends in one sentence too (exit code 130 or 143; an evaluation is not resumed, it is run again).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from train.distributed import init_distributed, shutdown_distributed
 from train.engine import autocast_context, resolve_precision
 from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
 from train.inference import config_for_weights
+from train.interrupts import Interrupted, signals_interrupt
 
 
 class OutputError(OSError):
@@ -61,10 +63,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        evaluate(args)
+        with signals_interrupt():
+            evaluate(args)
     except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # metrics of part of the set are not COCO's: nothing to keep
+        print(stop.sentence("run the same command again"), file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

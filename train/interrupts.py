@@ -14,6 +14,10 @@ so `train.loss_readback_every` steps and a checkpoint write must take less than 
 
 The process exits with 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), the
 code a shell gives a process that a signal ended, so a scheduler still sees an interrupted job.
+
+The tools (predict, evaluate) have no checkpoint to write: under `signals_interrupt()` either
+signal raises `Interrupted` where the tool is, which keeps what it finished and says so in one
+sentence.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import logging
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -104,3 +110,33 @@ class StopRequest:
         dist.all_reduce(flags)
         received = [(rank, signum) for rank, signum in enumerate(flags.tolist()) if signum]
         return (received[0][1], [rank for rank, _ in received]) if received else None
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT under `signals_interrupt()`; `kept` says what the tool finished and wrote, if anything."""
+
+    def __init__(self, signum: int, kept: str = ""):
+        super().__init__(signum, kept)
+        self.signum, self.kept = signum, kept
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def sentence(self, rerun: str) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}; {self.kept or 'nothing was written'}: {rerun}"
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT raise `Interrupted` (in the main thread, where Python runs handlers)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
