@@ -142,33 +142,43 @@ def test_predict_stopped_by_a_signal_keeps_the_finished_images(signum, many_phot
     assert 1 <= finished < 60 and len({e["image_id"] for e in entries}) == finished and len(entries) == 10 * finished
 
 
-def _wait_for_sigterm_handler(pid: int, timeout_s: float = 240.0) -> None:
-    """Until the process catches SIGTERM (Linux's SigCgt mask): the tool is past its imports and inside its work."""
+def _wait_until(condition, what: str, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = Path(f"/proc/{pid}/status").read_text()
-        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
-        if caught >> (signal.SIGTERM - 1) & 1:
+        if condition():
             return
         time.sleep(0.05)
-    raise AssertionError("the tool never installed its SIGTERM handler")
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Linux's SigCgt mask: the tool is past its imports and inside its work, under its handler."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _has_children(pid: int) -> bool:
+    """The mask-encoding workers exist: they start with the first batch's detections, so inference runs."""
+    return any((task / "children").read_text().split() for task in Path(f"/proc/{pid}/task").iterdir())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_evaluate_stopped_by_a_signal_is_one_sentence(signum, checkpoint, val_shards, synthetic_coco, tmp_path):
+@pytest.mark.parametrize("signum, moment", [(signal.SIGTERM, "reading the weights"), (signal.SIGINT, "during inference")])
+def test_evaluate_stopped_by_a_signal_is_one_sentence(signum, moment, checkpoint, val_shards, synthetic_coco, tmp_path):
     metrics = tmp_path / "eval.json"
     process = subprocess.Popen(
         _tool("evaluate.py", "--weights", checkpoint, "--data", val_shards, "--annotations", synthetic_coco.val_json,
-              "--device", "cpu", "--json", metrics, "data.backend=torch"),
+              "--device", "cpu", "--json", metrics, "data.backend=torch", "eval.ims_per_batch=1", "eval.num_workers=2"),
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    _wait_for_sigterm_handler(process.pid)
+    _wait_until(lambda: _catches_sigterm(process.pid), "evaluate installs its signal handler")
+    if moment == "during inference":
+        _wait_until(lambda: _has_children(process.pid), "evaluate starts its encoding workers")
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     _one_sentence(result, 128 + signum, f"stopped by {signal.Signals(signum).name}; nothing was written: run the same command again")
-    assert not metrics.exists()
+    assert not metrics.exists() and "Average Precision" not in stdout  # stopped before the scores
 
 
 @pytest.mark.parametrize(
@@ -237,7 +247,7 @@ def test_visualize_names_an_image_that_does_not_decode(synthetic_coco, val_copy,
     assert len(list(out.glob("*.png"))) == 2  # the pictures drawn before it stay
 
 
-@pytest.mark.parametrize("case, reason", [("not JSON", "(Expecting value"), ("a results list", "(annotation file format")])
+@pytest.mark.parametrize("case, reason", [("not JSON", "(Expecting"), ("a results list", "(annotation file format")])
 def test_visualize_names_annotations_that_are_not_coco_instances(case, reason, synthetic_coco, tmp_path):
     annotations = tmp_path / "annotations.json"
     annotations.write_text("{" if case == "not JSON" else json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
@@ -252,3 +262,17 @@ def test_make_synthetic_coco_into_a_file_is_one_sentence(tmp_path):
     _one_sentence(result, 1, f"make_synthetic_coco: cannot write {tmp_path / 'a-file' / 'val2017'} (Not a directory)",
                   "pass an --out folder you can write to")
     assert os.path.getsize(tmp_path / "a-file") == 0
+
+
+def test_time_to_train_on_a_log_of_an_unfinished_attempt_is_one_sentence(tmp_path):
+    log = tmp_path / "mlperf.log"
+    log.write_text("not an MLPerf log\n")
+    result = _run(_tool("time_to_train.py", log))
+    _one_sentence(result, 2, f"error: {log} has no run_start and no run_stop: the attempt did not finish")
+
+
+def test_sharding_with_zero_samples_per_shard_is_one_sentence(synthetic_coco, tmp_path):
+    result = _run(_tool("shard_coco.py", "--images", synthetic_coco.val_images, "--annotations", synthetic_coco.val_json,
+                        "--out", tmp_path / "shards", "--mode", "eval", "--samples-per-shard", "0"))
+    _one_sentence(result, 2, "shard_coco: --samples-per-shard and --workers must be at least 1")
+    assert not (tmp_path / "shards").exists()

@@ -40,7 +40,7 @@ from train.distributed import init_distributed, shutdown_distributed
 from train.engine import autocast_context, resolve_precision
 from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, build_eval_model, coco_results, inference_on_dataset
 from train.inference import config_for_weights
-from train.interrupts import Interrupted, signals_interrupt
+from train.interrupts import Interrupted, SignalStop, signals_interrupt
 
 
 class OutputError(OSError):
@@ -63,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        with signals_interrupt():
-            evaluate(args)
+        with signals_interrupt() as stop:
+            evaluate(args, stop)
     except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)
     ctx = init_distributed(args.device)
@@ -101,7 +101,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         with evaluator:
             precision = resolve_precision(cfg.train.precision, ctx.device)  # as training: bf16 on CUDA by default
             autocast = functools.partial(autocast_context, precision, ctx.device)
-            metrics = inference_on_dataset(model, loader, evaluator, autocast=autocast)
+            batches = stop.each(loader) if stop else loader
+            metrics = inference_on_dataset(model, batches, evaluator, autocast=autocast)
             detections = coco_results(evaluator.gathered) if ctx.is_main and args.results else None
         if ctx.is_main:
             print(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}")

@@ -41,7 +41,7 @@ from train.config import ConfigError
 from train.distributed import pick_device
 from train.evaluation import build_eval_model
 from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
-from train.interrupts import Interrupted, signals_interrupt
+from train.interrupts import Interrupted, SignalStop, signals_interrupt
 from train.visualization import category_colors, draw_predictions
 
 CHUNK_BATCHES = 4  # batches of images decoded at a time
@@ -67,8 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        with signals_interrupt():
-            predict(args)
+        with signals_interrupt() as stop:
+            predict(args, stop)
     except (PredictError, WeightsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict(args: argparse.Namespace) -> list[dict]:
+def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[dict]:
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
     categories = weights.class_categories()
@@ -102,6 +102,8 @@ def predict(args: argparse.Namespace) -> list[dict]:
             skipped += min(CHUNK_BATCHES * batch_size, len(files) - first) - len(images)
             paths = list(images)
             for indices in orientation_batches([tuple(images[p].shape[1:]) for p in paths], batch_size):
+                if stop:
+                    stop.check()
                 group = [paths[i] for i in indices]
                 batch = batch_from_images([images[p] for p in group], settings, device, [ids[p] for p in group])
                 found_in_group = []
