@@ -112,7 +112,7 @@ def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[di
                     found_in_group.extend(found)
                     if not args.no_pictures:
                         picture = draw_predictions(images[path], found, names, colors, args.score_threshold)
-                        write_png(picture, str(args.out / "pictures" / f"{path.stem}.png"))
+                        _write_picture(picture, args.out / "pictures" / f"{path.stem}.png")
                 entries.extend(found_in_group)  # a whole batch or none of it: `done` counts what the JSON holds
                 done += len(group)
                 rate = done / max(time.perf_counter() - start, 1e-9)
@@ -129,6 +129,13 @@ def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[di
     pictures = "" if args.no_pictures else f" and {done} pictures to {args.out / 'pictures'}"
     print(f"wrote {len(entries)} detections of {done} images to {args.out / 'detections.json'}{pictures}")
     return entries
+
+
+def _write_picture(picture: torch.Tensor, path: Path) -> None:
+    """Written beside, then renamed: a stop (Ctrl-C) during the write leaves no half picture."""
+    partial = path.with_name(f".{path.name}.partial")
+    write_png(picture, str(partial))
+    partial.replace(path)
 
 
 def _decode(paths: list[Path]) -> dict[Path, torch.Tensor]:
