@@ -338,6 +338,17 @@ def _load_detector(model: MaskRCNN, values: Mapping[str, Tensor], source: str, k
     return report
 
 
+def _load_failure(error: Exception) -> str:
+    """What torch.load found wrong, without its advice to load with weights_only=False (that runs the file's code)."""
+    text = " ".join(str(error).split())
+    _, unpickler, detail = text.partition("WeightsUnpickler error:")
+    if unpickler:  # not a pickle of tensors: text, or objects of other classes
+        text = detail.split(" Check the documentation")[0].split(". ")[0].strip()
+    elif "failed finding central directory" in text:
+        text = "its zip archive ends early: the file is truncated"
+    return text[:200]
+
+
 def read_weights(path: str | Path) -> WeightsFile:
     """Read a weights file and tell what it is, by content: a Caffe2 pickle, or a torch file holding
     a trainer checkpoint (any mapping with a `model` state dict, such as torchvision's reference
@@ -350,8 +361,9 @@ def read_weights(path: str | Path) -> WeightsFile:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        reason = " ".join(str(e).split())[:200]
-        raise WeightsError(f"{path} is not a loadable torch weights file ({reason}); pass a state dict saved with torch.save") from e
+        raise WeightsError(
+            f"{path} is not a loadable torch weights file ({_load_failure(e)}); pass a state dict saved with torch.save"
+        ) from e
     if not isinstance(saved, Mapping):
         raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     config = categories = None

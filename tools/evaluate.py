@@ -18,7 +18,8 @@ The model config comes from the checkpoint (trainer checkpoints carry theirs); -
 KEY=VALUE overrides apply on top. Files without a config take configs/reference.yaml and what
 the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). The --json and
 --results paths are checked before the evaluation starts; if writing still fails at the end,
-the metrics have been printed first. Errors end in one sentence, exit code 2.
+the metrics have been printed first. Errors end in one sentence, exit code 2; Ctrl-C or SIGTERM
+ends in one sentence too (exit code 130 or 143; an evaluation is not resumed, it is run again).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from train.distributed import init_distributed, per_rank_batch, shutdown_distrib
 from train.engine import autocast_context, resolve_precision
 from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
 from train.inference import config_for_weights
+from train.interrupts import Interrupted, SignalStop, signals_interrupt
 
 
 class OutputError(OSError):
@@ -61,14 +63,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        evaluate(args)
+        with signals_interrupt() as stop:
+            evaluate(args, stop)
     except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # metrics of part of the set are not COCO's: nothing to keep
+        print(stop.sentence("run the same command again"), file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)
     ctx = init_distributed(args.device)
@@ -95,7 +101,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         with evaluator:
             precision = resolve_precision(cfg.train.precision, ctx.device)  # as training: bf16 on CUDA by default
             autocast = functools.partial(autocast_context, precision, ctx.device)
-            metrics = inference_on_dataset(model, loader, evaluator, autocast=autocast)
+            batches = stop.each(loader) if stop else loader
+            metrics = inference_on_dataset(model, batches, evaluator, autocast=autocast)
             detections = coco_results(evaluator.gathered) if ctx.is_main and args.results else None
         if ctx.is_main:
             print(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}")

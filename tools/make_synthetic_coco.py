@@ -88,6 +88,10 @@ def main(args: argparse.Namespace) -> None:
             )
     except ValueError as e:
         raise SystemExit(f"make_synthetic_coco: {e}") from None
+    except OSError as e:
+        raise SystemExit(
+            f"make_synthetic_coco: cannot write {e.filename} ({e.strerror}); pass an --out folder you can write to"
+        ) from None
     print(f"wrote {args.num_images} images to {args.out / f'{args.split}2017'} and annotations to {json_path}")
 
 

@@ -19,7 +19,8 @@ The model config comes from the checkpoint (a trainer checkpoint carries its con
 categories); --config and KEY=VALUE overrides apply on top. Files without a config take
 configs/reference.yaml and what the weights need (torchvision's COCO Mask R-CNN: RGB
 normalization, stride in the 3x3 conv, its anchors, COCO's category names). Errors end in one sentence, exit
-code 2; an image that does not decode is skipped with a warning.
+code 2; an image that does not decode is skipped with a warning. Ctrl-C or SIGTERM stops after
+writing detections.json for the images finished so far (exit code 130 or 143).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pipeline.loader import settings_from_config
 from train.config import ConfigError
 from train.distributed import pick_device
 from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
+from train.interrupts import Interrupted, SignalStop, signals_interrupt
 from train.visualization import category_colors, draw_predictions
 
 CHUNK_BATCHES = 4  # batches of images decoded at a time
@@ -65,14 +67,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        predict(args)
+        with signals_interrupt() as stop:
+            predict(args, stop)
     except (PredictError, WeightsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(stop.sentence("run the same command again for every image"), file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
-def predict(args: argparse.Namespace) -> list[dict]:
+def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[dict]:
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
     categories = weights.class_categories()
@@ -89,27 +95,47 @@ def predict(args: argparse.Namespace) -> list[dict]:
     ids = dict(zip(files, image_ids(files)))
     entries: list[dict] = []
     start, done, skipped = time.perf_counter(), 0, 0
-    # Decoded a few batches at a time (memory stays bounded), batched by orientation within them.
-    for first in range(0, len(files), CHUNK_BATCHES * batch_size):
-        images = _decode(files[first : first + CHUNK_BATCHES * batch_size])
-        skipped += min(CHUNK_BATCHES * batch_size, len(files) - first) - len(images)
-        paths = list(images)
-        for indices in orientation_batches([tuple(images[p].shape[1:]) for p in paths], batch_size):
-            group = [paths[i] for i in indices]
-            batch = batch_from_images([images[p] for p in group], settings, device, [ids[p] for p in group])
-            for path, detections in zip(group, detect(model, batch)):
-                found = result_entries(detections, ids[path], path.name, categories, args.score_threshold)
-                entries.extend(found)
-                if not args.no_pictures:
-                    picture = draw_predictions(images[path], found, names, colors, args.score_threshold)
-                    write_png(picture, str(args.out / "pictures" / f"{path.stem}.png"))
-            done += len(group)
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"predict: {done}/{len(files) - skipped} images, {rate:.1f} images/s on {device}")
+    try:
+        # Decoded a few batches at a time (memory stays bounded), batched by orientation within them.
+        for first in range(0, len(files), CHUNK_BATCHES * batch_size):
+            images = _decode(files[first : first + CHUNK_BATCHES * batch_size])
+            skipped += min(CHUNK_BATCHES * batch_size, len(files) - first) - len(images)
+            paths = list(images)
+            for indices in orientation_batches([tuple(images[p].shape[1:]) for p in paths], batch_size):
+                if stop:
+                    stop.check()
+                group = [paths[i] for i in indices]
+                batch = batch_from_images([images[p] for p in group], settings, device, [ids[p] for p in group])
+                found_in_group = []
+                for path, detections in zip(group, detect(model, batch)):
+                    found = result_entries(detections, ids[path], path.name, categories, args.score_threshold)
+                    found_in_group.extend(found)
+                    if not args.no_pictures:
+                        picture = draw_predictions(images[path], found, names, colors, args.score_threshold)
+                        _write_picture(picture, args.out / "pictures" / f"{path.stem}.png")
+                entries.extend(found_in_group)  # a whole batch or none of it: `done` counts what the JSON holds
+                done += len(group)
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                print(f"predict: {done}/{len(files) - skipped} images, {rate:.1f} images/s on {device}")
+    except Interrupted as stop:
+        kept = []
+        if done:
+            (args.out / "detections.json").write_text(json.dumps(entries))
+            kept.append(f"the {len(entries)} detections of the {done} images finished are in {args.out / 'detections.json'}")
+        if not args.no_pictures and any((args.out / "pictures").iterdir()):
+            kept.append(f"the pictures drawn are in {args.out / 'pictures'}")
+        raise Interrupted(stop.signum, " and ".join(kept)) from None
     (args.out / "detections.json").write_text(json.dumps(entries))
     pictures = "" if args.no_pictures else f" and {done} pictures to {args.out / 'pictures'}"
     print(f"wrote {len(entries)} detections of {done} images to {args.out / 'detections.json'}{pictures}")
     return entries
+
+
+def _write_picture(picture: torch.Tensor, path: Path) -> None:
+    """Written beside, then renamed: a stop (Ctrl-C) during the write leaves no half picture."""
+    partial = path.with_name(f".{path.name}.partial")
+    write_png(picture, str(partial))
+    partial.replace(path)
 
 
 def _decode(paths: list[Path]) -> dict[Path, torch.Tensor]:

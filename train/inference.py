@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
 from model.weights import WeightsFile
@@ -41,9 +42,13 @@ def config_for_weights(weights: WeightsFile, config_path: str | Path | None, ove
     return load_config(REFERENCE_CONFIG, [*weights.model_overrides(), *overrides])
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """A JPEG or PNG as uint8 RGB [3, H, W], turned upright by its EXIF orientation, as photo viewers show it."""
-    return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+def read_image(path: str | Path, upright: bool = True) -> torch.Tensor:
+    """A JPEG or PNG as uint8 RGB [3, H, W]; `upright`: turned by its EXIF orientation, as photo viewers show it.
+
+    A 16-bit PNG decodes to uint16: scaled to 8 bits, the range the model and the drawing code take.
+    """
+    image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=upright)
+    return TF.to_dtype(image, torch.uint8, scale=True)
 
 
 @dataclass

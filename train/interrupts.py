@@ -14,15 +14,23 @@ so `train.loss_readback_every` steps and a checkpoint write must take less than 
 
 The process exits with 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), the
 code a shell gives a process that a signal ended, so a scheduler still sees an interrupted job.
+
+The tools (predict, evaluate) have no checkpoint to write: under `signals_interrupt()` either
+signal raises `Interrupted` where the tool is, which keeps what it finished and says so in one
+sentence.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Generic, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +40,7 @@ from train.distributed import DistributedContext
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+T = TypeVar("T")
 REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is torchrun forwarding it
 
 
@@ -104,3 +113,79 @@ class StopRequest:
         dist.all_reduce(flags)
         received = [(rank, signum) for rank, signum in enumerate(flags.tolist()) if signum]
         return (received[0][1], [rank for rank, _ in received]) if received else None
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT under `signals_interrupt()`; `kept` says what the tool finished and wrote, if anything.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on its way (a file
+    reader turning errors into sentences) mistakes it for a failure of the work it interrupted.
+    """
+
+    def __init__(self, signum: int, kept: str = ""):
+        super().__init__(signum, kept)
+        self.signum, self.kept = signum, kept
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def sentence(self, rerun: str) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}; {self.kept or 'nothing was written'}: {rerun}"
+
+
+class SignalStop:
+    """What `signals_interrupt()` yields: `check()` at the work's boundaries raises `Interrupted` once a signal came."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def check(self) -> None:
+        if self.signum:
+            raise Interrupted(self.signum)
+
+    def each(self, items: Iterable[T]) -> "Checked[T]":
+        """`items` (a loader's batches) with `check()` before each one; `len()` is the loader's."""
+        return Checked(items, self)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        raise Interrupted(self.signum)
+
+
+class Checked(Generic[T]):
+    def __init__(self, items: Iterable[T], stop: SignalStop):
+        self.items, self.stop = items, stop
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.items:
+            self.stop.check()
+            yield item
+
+    def __len__(self) -> int:  # a loader's batches per pass: the evaluation's progress lines give an ETA by it
+        return len(self.items)  # type: ignore[arg-type]
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[SignalStop]:
+    """While inside, SIGTERM and SIGINT raise `Interrupted` where the main thread is (Python runs handlers there).
+
+    Where Python drops exceptions (a `__del__`, an at-fork callback: the loader's workers start
+    so) it would print this one as a traceback and go on: the hook keeps it quiet, and the next
+    `check()` raises it.
+    """
+    stop = SignalStop()
+    previous_hook = sys.unraisablehook
+
+    def drop_quietly(unraisable: "sys.UnraisableHookArgs") -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+
+    previous = {signum: signal.signal(signum, stop._handle) for signum in SIGNALS}
+    sys.unraisablehook = drop_quietly
+    try:
+        yield stop
+    finally:
+        sys.unraisablehook = previous_hook
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

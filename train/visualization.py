@@ -33,8 +33,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from train.inference import read_image
 
 GAP = 8  # pixels of white between the two halves of a side-by-side picture
 MIN_PANEL_WIDTH = 640  # panels narrower than this are upscaled to it
@@ -174,8 +176,14 @@ def side_by_side(panels: list[torch.Tensor]) -> torch.Tensor:
 
 def quiet_coco(annotations_file: str | Path) -> COCO:
     """pycocotools' COCO index without its 'loading annotations into memory...' chatter."""
-    with redirect_stdout(StringIO()):
-        return COCO(str(annotations_file))
+    try:
+        with redirect_stdout(StringIO()):
+            return COCO(str(annotations_file))
+    except (ValueError, KeyError, TypeError, AssertionError) as e:  # not JSON, or JSON of another shape
+        raise VisualizationError(
+            f"{annotations_file} is not a COCO instances JSON ({' '.join(str(e).split())[:120]}); "
+            "pass the annotations, e.g. instances_val2017.json, and detections with --predictions"
+        ) from None
 
 
 def _upscale_masks(masks: Sequence[np.ndarray], size: list[int]) -> torch.Tensor:
@@ -229,7 +237,13 @@ def _with_header(canvas: torch.Tensor, header: str) -> torch.Tensor:
 def _read_image(path: Path) -> torch.Tensor:
     if not path.is_file():
         raise VisualizationError(f"{path} does not exist; pass --images, the folder holding the annotated images")
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    try:
+        return read_image(path, upright=False)  # annotations are in the stored pixels' frame, EXIF tag or not
+    except RuntimeError as e:
+        raise VisualizationError(
+            f"{path} does not decode as a JPEG or PNG ({' '.join(str(e).split())[:120]}); "
+            "replace it with the data set's original file"
+        ) from None
 
 
 def _decode_rle(entry: Mapping[str, Any], image_size: torch.Size, source: str) -> np.ndarray:
