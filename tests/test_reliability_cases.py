@@ -214,6 +214,14 @@ def test_train_with_truncated_initial_weights_stops_before_writing(train_shards,
     assert not out.exists()
 
 
+def test_training_on_eval_shards_is_one_sentence(val_shards, synthetic_coco, tmp_path):
+    """Eval shards keep images without objects and leave crowd regions out: not a training set."""
+    out = tmp_path / "run"
+    result = subprocess.run(command(val_shards, val_shards, synthetic_coco, out), env=ENV, capture_output=True, text=True, timeout=600)
+    _one_sentence(result, 2, "holds shards made with --mode eval", "tools/shard_coco.py --mode train")
+    assert not out.exists()
+
+
 def test_validating_on_training_shards_says_which_images_count_as_missed(train_shards, synthetic_coco, tmp_path):
     """--mode train leaves out images without objects: the evaluation scores every annotated
     image, counts the left-out ones as images without detections and says so."""

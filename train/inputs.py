@@ -41,7 +41,14 @@ def require_inputs(cfg: Config) -> None:
     This is the one check of `train.weights` before anything is written; the model build reads
     the file (model/weights.py says what it may hold).
     """
-    require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+    train_shards = require_shards(cfg.data.train_shards, "data.train_shards (--data)")
+    # Eval shards keep images without objects and leave crowd regions out: training on them
+    # runs without a word but is not the reference's training set.
+    if read_manifest(train_shards).get("mode") == "eval":
+        raise ConfigError(
+            f"data.train_shards (--data)={cfg.data.train_shards} holds shards made with --mode eval; "
+            "train on shards made with tools/shard_coco.py --mode train"
+        )
     if cfg.eval.every_epochs:
         require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
         require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
