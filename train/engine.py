@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.epoch_plan import derived_seed
 from train.checkpoint import parameters_are_finite
 from train.config import Config, ConfigError
 from train.config_schema import PRECISIONS
@@ -136,7 +136,7 @@ def seed_step(step_seed: tuple[int, ...], iteration: int) -> None:
     generator: a resumed run draws exactly what the uninterrupted one did, whatever its input
     pipeline does.
     """
-    torch.manual_seed(int(np.random.SeedSequence([*step_seed, iteration]).generate_state(1)[0]))
+    torch.manual_seed(derived_seed(*step_seed, iteration))
 
 
 @dataclass

@@ -148,7 +148,8 @@ class SignalStop:
         """`items` (a loader's batches) with `check()` before each one; `len()` is the loader's."""
         return Checked(items, self)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler `signals_interrupt()` installs: note the first signal and interrupt the work."""
         self.signum = self.signum or signum
         raise Interrupted(self.signum)
 
@@ -181,7 +182,7 @@ def signals_interrupt() -> Iterator[SignalStop]:
         if not isinstance(unraisable.exc_value, Interrupted):
             previous_hook(unraisable)
 
-    previous = {signum: signal.signal(signum, stop._handle) for signum in SIGNALS}
+    previous = {signum: signal.signal(signum, stop.handle) for signum in SIGNALS}
     sys.unraisablehook = drop_quietly
     try:
         yield stop
