@@ -3,19 +3,17 @@
 Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
 when the training device is CUDA) -> flip and resize the image with the sample's coin
 -> scale, flip and pad the ground truth and pad the images per batch, in uint8, with the code
-the DALI backend uses (pipeline/batch.py). DataLoader workers do the per-sample work on the CPU; a producer thread (`prefetched`) finishes each batch (the GPU decode and
-resize when the device is CUDA, the padding, the copies to the device, on a side stream) up to
-`data.prefetch` batches ahead of the training thread.
+the DALI backend uses (pipeline/batch.py). DataLoader workers do the per-sample work on the CPU.
+
+A producer thread (`prefetched`) finishes each batch (the GPU decode and resize when the device
+is CUDA, the padding, the copies to the device, on a side stream) up to `data.prefetch` batches
+ahead of the training thread, which so only waits for a batch that is already there. Its
+exceptions reach the consumer at the item where they happened; closing the consumer's generator
+(or dropping it) stops the producer and waits for it, so the same source can be iterated again
+right after, as a resumed or a new epoch does.
 
 Which samples, in which order and with which coins, is the epoch plan both backends share
 (pipeline/epoch_plan.py); samples are read by random access (pipeline/shard_format.py).
-
-`prefetched`: items of an iterator made ahead on a producer thread, handed over in order. The
-batches are finished (decoded and resized on the GPU when the device is CUDA, padded, copied) on
-this thread, so the training thread only waits for a batch that is already there. Exceptions
-reach the consumer at the item where they happened; closing the consumer's generator (or
-dropping it) stops the producer and waits for it, so the same source can be iterated again right
-after, as a resumed or a new epoch does.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torchvision
@@ -35,7 +35,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from model.build import build_model
 from model.synthetic_batch import synthetic_batch
 from pipeline.batch import Batch
-from train.config import ConfigError, load_config
+from train.config import Config, ConfigError, load_config
 from train.engine import TrainingStep, step_autocast
 from train.throughput import synchronize, timed_seconds
 
@@ -90,7 +90,7 @@ def timed_step(step: TrainingStep, batch: Any, device: torch.device) -> tuple[fl
 
 
 def run_model_benchmark(
-    model_cfg: Mapping[str, Any],
+    model_cfg: Config,
     image_size: tuple[int, int],
     batch_size: int,
     iters: int,

@@ -180,7 +180,7 @@ def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
     if base is None:  # a complete config (the reference, or an old copy of it)
         for key, _ in leaves(data):
             _refuse_retired(key, str(path))
-        origins.update({key: str(path) for key, _ in leaves(data)})
+            origins[key] = str(path)
         return data
     merged = _read_yaml(path.parent / base, origins)
     for key, value in leaves(data):

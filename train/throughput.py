@@ -180,7 +180,7 @@ def loader_epochs(loader: Any) -> Callable[[int], Iterable[Any]]:
 
 
 def loader_rate(loader: Any, *, warmup: int, iters: int, device: torch.device) -> dict[str, Any]:
-    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/timing.py)."""
+    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/loader.py `StageTimer`)."""
     batches = endless(loader_epochs(loader))
     for _ in range(warmup):
         next(batches)
