@@ -176,6 +176,9 @@ def test_encode_masks_matches_torchvision_paste_then_pycocotools_encode():
     sizes = np.exp(rng.uniform(np.log(0.3), np.log(160), (n, 2)))
     boxes = np.stack([x0, y0, x0 + sizes[:, 0], y0 + sizes[:, 1]], axis=1)
     boxes[:4] = [[0, 0, width, height], [0, 0, 1, 1], [width - 2, height - 2, width, height], [5, 0, 9, height]]
+    # Solid masks in boxes as tall as the image: a run goes on from one column into the next.
+    boxes[4:8] = [[0, 0, width, height], [3, 0, 40, height], [width - 7, 0, width, height], [60, 0, 61, height]]
+    masks[4:8], masks[8:10] = 1.0, 0.0
     boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
     ours = encode_masks(masks, boxes, height, width)
     reference = reference_encode_masks(torch.from_numpy(masks), torch.from_numpy(boxes), height, width)

@@ -42,39 +42,67 @@ def encode_masks(
         return []
     padded, scale = expand_masks(torch.from_numpy(np.ascontiguousarray(mask_probs))[:, None], padding=1)
     paste_boxes = expand_boxes(torch.from_numpy(np.ascontiguousarray(boxes)), scale).to(torch.int64).tolist()
-    counts = [
-        _column_major_runs(_box_mask(mask, box, threshold), box, height, width)
-        for mask, box in zip(padded, paste_boxes)
-    ]
+    box_masks = [_box_mask(mask, box, threshold) for mask, box in zip(padded.split(1), paste_boxes)]
+    counts = column_major_runs(box_masks, paste_boxes, height, width)
     rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in counts], height, width)
     return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 def _box_mask(mask: torch.Tensor, box: list[int], threshold: float) -> np.ndarray:
-    """The thresholded mask over the integer box, exactly as torchvision's `paste_mask_in_image` resizes it."""
+    """The thresholded mask [1, 1, M, M] over the integer box, exactly as torchvision's `paste_mask_in_image` resizes it."""
     x0, y0, x1, y1 = box
     w = max(x1 - x0 + 1, 1)
     h = max(y1 - y0 + 1, 1)
-    resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    return (resized > threshold).numpy()
+    resized = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+    return resized.numpy()[0, 0] > threshold  # numpy's comparison: a fraction of a torch op's overhead
 
 
-def _column_major_runs(box_mask: np.ndarray, box: list[int], height: int, width: int) -> list[int]:
-    """Uncompressed COCO run lengths (column-major, zeros first) of a full image holding `box_mask` at `box`."""
-    x0, y0 = box[0], box[1]
-    # The part of the box inside the image, as in paste_mask_in_image.
-    cx0, cy0 = max(x0, 0), max(y0, 0)
-    cx1, cy1 = min(x0 + box_mask.shape[1], width), min(y0 + box_mask.shape[0], height)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return [height * width]
-    # Full-height columns cx0..cx1, transposed so that ravel() walks them in COCO's order.
-    columns = np.zeros((cx1 - cx0, height), dtype=bool)
-    columns[:, cy0:cy1] = box_mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].T
-    guarded = np.concatenate(([False], columns.ravel(), [False]))
-    # Alternating starts and ends of runs of ones, as indices into the whole image.
-    edges = np.flatnonzero(guarded[1:] != guarded[:-1]) + cx0 * height
-    bounds = np.concatenate(([0], edges, [height * width]))
-    counts = (bounds[1:] - bounds[:-1]).tolist()
-    if counts[-1] == 0:  # pycocotools never writes a trailing empty run of zeros
-        counts.pop()
+def column_major_runs(box_masks: list[np.ndarray], boxes: list[list[int]], height: int, width: int) -> list[list[int]]:
+    """Uncompressed COCO run lengths (column-major, zeros first) of full images each holding one box mask.
+
+    `box_masks[i]` lies at integer box `boxes[i]` (x0, y0, x1, y1; it may reach past the
+    image, which crops it, as paste_mask_in_image does). Only the boxes' own pixels are read,
+    and all masks of an image go through one pass of numpy: each visible column of each box,
+    guarded by a zero above and below, is laid out in one buffer, so that every change in it
+    is a run's start or end, found for all masks at once and placed in its own image.
+    """
+    area = height * width
+    starts, rows, columns, pieces = [], [], [], []
+    for mask, (x0, y0, _, _) in zip(box_masks, boxes):
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = max(min(x0 + mask.shape[1], width), cx0), max(min(y0 + mask.shape[0], height), cy0)
+        starts.append(cx0 * height + cy0)  # where the visible part's first column starts in the image
+        rows.append(cy1 - cy0)
+        columns.append(cx1 - cx0 if cy1 > cy0 else 0)
+        pieces.append(mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0])
+    rows, columns = np.array(rows), np.array(columns)
+    sizes = columns * (rows + 2)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    guarded = np.zeros(offsets[-1], dtype=bool)
+    for piece, offset, size, span in zip(pieces, offsets.tolist(), sizes.tolist(), rows.tolist()):
+        if size:
+            guarded[offset : offset + size].reshape(-1, span + 2)[:, 1:-1] = piece.T  # one column per row
+    changes = np.flatnonzero(guarded[1:] != guarded[:-1]) + 1
+    owner = np.searchsorted(offsets, changes, side="right") - 1
+    column, row = np.divmod(changes - offsets[owner], rows[owner] + 2)
+    # Alternating starts and ends of runs of ones, as indices into each mask's whole image.
+    edges = np.array(starts)[owner] + column * height + row - 1
+    # A run that fills a column to the image's bottom edge and goes on at the next column's top
+    # (a box as tall as the image) ends where the next one starts: one run, not two.
+    joined = np.flatnonzero((edges[1:] == edges[:-1]) & (owner[1:] == owner[:-1]))
+    if len(joined):
+        keep = np.ones(len(edges), dtype=bool)
+        keep[joined] = keep[joined + 1] = False
+        edges, owner = edges[keep], owner[keep]
+    bounds = np.searchsorted(owner, np.arange(len(box_masks) + 1)).tolist()
+    gaps, edges = np.diff(edges).tolist(), edges.tolist()
+    counts = []
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        if first == end:
+            counts.append([area])
+            continue
+        runs = [edges[first], *gaps[first : end - 1], area - edges[end - 1]]
+        if runs[-1] == 0:  # pycocotools never writes a trailing empty run of zeros
+            runs.pop()
+        counts.append(runs)
     return counts
