@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train import async_evaluation
 from train.async_evaluation import EvaluationLost, EvaluationQueue
 from train.distributed import DistributedContext
 from tools.bench_eval import make_eval_set
@@ -61,10 +62,10 @@ def held_scoring(monkeypatch, tmp_path):
     return pid_file, release
 
 
-def _setup(tmp_path, *, num_workers=2, asynchronous=True):
+def _setup(tmp_path, *, num_workers=2, scoring_workers=1, asynchronous=True):
     eval_set = make_eval_set(tmp_path / "set", num_images=12, dets_per_image=10, seed=6, flip_fraction=0.5)
     evaluator = COCOEvaluator(eval_set.annotations_file, eval_set.categories, num_workers=num_workers,
-                              max_pending_per_worker=None)
+                              scoring_workers=scoring_workers, max_pending_per_worker=None)
     queue = EvaluationQueue(evaluator, ONE_PROCESS, asynchronous=asynchronous, detections_path=tmp_path / "detections.json")
     loader = [batch for batch, _ in eval_set.batches(4)]
     return eval_set, evaluator, queue, _ReplayModel(eval_set).train(), loader
@@ -79,7 +80,7 @@ def _synchronous_metrics(eval_set):
 
 def test_poll_returns_while_cocoeval_runs_and_the_result_equals_the_synchronous_one(held_scoring, tmp_path):
     pid_file, release = held_scoring
-    eval_set, evaluator, queue, model, loader = _setup(tmp_path)
+    eval_set, evaluator, queue, model, loader = _setup(tmp_path, scoring_workers=2)  # COCOeval in a pool of its own
     with evaluator:
         assert queue.start(1, 100, model, loader, autocast=contextlib.nullcontext) == []
         assert model.training  # inference restored the training mode
@@ -145,3 +146,26 @@ def test_a_user_error_found_while_scoring_is_the_synchronous_sentence(tmp_path):
             queue.start(1, 10, model, loader, autocast=contextlib.nullcontext)
             queue.wait()
         queue.close()
+
+
+def test_the_result_comes_before_detections_json_and_close_lets_it_be_written(monkeypatch, tmp_path):
+    release = tmp_path / "release"
+    real = async_evaluation.save_detections
+
+    def held(per_rank, path):  # runs in the scoring process, after it sent the result
+        deadline = time.monotonic() + DEADLINE_S
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real(per_rank, path)
+
+    monkeypatch.setattr(async_evaluation, "save_detections", held)
+    eval_set, evaluator, queue, model, loader = _setup(tmp_path, num_workers=0)
+    with evaluator:
+        queue.start(6, 60, model, loader, autocast=contextlib.nullcontext)
+        finished = []
+        _wait_for(lambda: finished.extend(queue.poll()) or finished, "result")
+        assert finished[0].results == _synchronous_metrics(eval_set)[0]
+        assert not (tmp_path / "detections.json").exists()  # still held in the scoring process
+        release.touch()
+        queue.close()
+    assert json.loads((tmp_path / "detections.json").read_text()) == json.loads(json.dumps(_synchronous_metrics(eval_set)[1]))

@@ -85,7 +85,8 @@ def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
                 check_writable(path, flag)  # before the long part: a typo costs nothing
         categories = read_manifest(args.data)["categories"]
         evaluator = COCOEvaluator.for_shards(
-            args.annotations, args.data, backend=args.backend or cfg.eval.backend, num_workers=cfg.eval.num_workers
+            args.annotations, args.data, backend=args.backend or cfg.eval.backend, num_workers=cfg.eval.num_workers,
+            scoring_workers=cfg.eval.scoring_workers,
         )
         model = build_model_with_weights(cfg.model, categories, weights, ctx.device)
         loader = build_loader(

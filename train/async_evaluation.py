@@ -8,8 +8,10 @@ synchronous evaluation did). Then, while the next epoch trains:
 
 1. each rank's encoding workers (train/evaluation.py) RLE-encode its masks;
 2. at the first poll after every rank's encodings are done, rank 0 gathers them (one
-   collective) and forks a scoring process: detections.json, then COCOeval;
-3. at the first poll after that process ended, every rank receives the result.
+   collective) and forks a scoring process: COCOeval, split by category over
+   `eval.scoring_workers` processes of its own (train/parallel_cocoeval.py), sends the result,
+   then writes detections.json (after the result, which may end the run at once);
+3. at the first poll after the result came in, every rank receives it.
 
 `EvaluationQueue.poll()` is called by every rank at the same points (the training loop's loss
 read-back points and epoch ends). While an evaluation is in flight it costs one small
@@ -26,13 +28,12 @@ probabilities to rank 0 instead would move ~1.5 GB per val2017 pass through one 
 Scoring is a forked process per evaluation rather than a pool: the fork inherits the gathered
 results and the ground truth, so nothing is pickled on the training path. It runs CPU code
 only, never CUDA (which a forked child cannot use); it ignores Ctrl-C and SIGTERM, which are
-the trainer's to handle; it dies with the trainer (PR_SET_PDEATHSIG, Linux); `close()` kills it.
+the trainer's to handle; it dies with the trainer (PR_SET_PDEATHSIG, Linux); `close()` kills it
+before its result, and lets it finish writing detections.json after it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -62,11 +63,12 @@ from train.evaluation import (
     inference_on_dataset,
     merge_ranks,
 )
+from train.parallel_cocoeval import follow_parent
 
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, float]]
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WRITE_TIMEOUT_S = 120.0  # close(): how long a scoring process that sent its result may take to write detections.json
 # The columns of the table the ranks agree on at each poll.
 ENCODED, FAILED, SCORED = range(3)
 LOST, ERROR = 1, 2  # FAILED: the evaluation ended without a result / with a user error (EvaluationError)
@@ -85,7 +87,7 @@ class Evaluation:
     inference_s: float = 0.0  # training waited: inference on the training devices
     waited_s: float = 0.0  # training waited besides: gathering the encodings, waiting for the result
     background_s: float = 0.0  # from the end of inference to the result, beside training (0 when synchronous)
-    cocoeval_s: float = 0.0  # the scoring itself: detections.json and COCOeval
+    cocoeval_s: float = 0.0  # the scoring itself: COCOeval
     results: Metrics | None = None
     images: dict[int, ImageResult] | None = field(default=None, repr=False)  # this rank's, until gathered
     inference_end: float = 0.0  # time.time() when inference ended
@@ -105,23 +107,25 @@ class Evaluation:
         }
 
 
-def score_and_save(
-    evaluator: COCOEvaluator, per_rank: Sequence[dict[int, ImageResult]], detections_path: Path | None
-) -> tuple[Metrics, float]:
-    """Write the detections (for pictures and tools/visualize.py), score them; returns the metrics and the seconds taken."""
-    began = time.perf_counter()
-    if detections_path is not None:
-        tmp = detections_path.with_name(f".{detections_path.name}.tmp-{os.getpid()}")
+def save_detections(per_rank: Sequence[dict[int, ImageResult]], detections_path: Path | None) -> None:
+    """detections.json (for pictures and tools/visualize.py), whole or not at all; a failed write is a warning."""
+    if detections_path is None:
+        return
+    tmp = detections_path.with_name(f".{detections_path.name}.tmp-{os.getpid()}")
+    try:
         tmp.write_text(json.dumps(coco_results(merge_ranks(per_rank))))
         os.replace(tmp, detections_path)
-    return evaluator.score(per_rank), time.perf_counter() - began
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write %s (%s); the evaluation's result is not affected", detections_path, e.strerror or e)
 
 
 class ScoringJob:
-    """Rank 0: score_and_save of one gathered evaluation, in a forked process (`background`) or at once.
+    """Rank 0: COCOeval of one gathered evaluation, then its detections.json, in a forked process (`background`) or at once.
 
     `outcome` is ("done", metrics, seconds, end time), ("error", sentence) for an EvaluationError,
-    or ("lost", why) when the process ended without sending anything; None while it runs.
+    or ("lost", why) when the process ended without sending anything; None while it runs. The
+    process sends the outcome before it writes detections.json.
     """
 
     def __init__(
@@ -131,7 +135,8 @@ class ScoringJob:
         self.outcome: tuple | None = None
         self._process = None
         if not background:
-            self.outcome = _scored(evaluator, per_rank, detections_path)
+            self.outcome = _scored(evaluator, per_rank)
+            save_detections(per_rank, detections_path)
             return
         receiver, sender = get_context("fork").Pipe(duplex=False)
         self._connection: Connection = receiver
@@ -153,11 +158,21 @@ class ScoringJob:
             self._connection.close()
         return self.outcome is not None
 
-    def kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
+    @property
+    def writing(self) -> bool:
+        """Whether the process, its outcome sent, is still writing detections.json."""
+        return self._process is not None and self.outcome is not None and self._process.is_alive()
+
+    def close(self, timeout_s: float = WRITE_TIMEOUT_S) -> None:
+        """End the process: killed before its outcome, given `timeout_s` to finish writing detections.json after it."""
+        if self._process is None:
+            return
+        if self.outcome is not None:
+            self._process.join(timeout_s)
+        if self._process.is_alive():
             self._process.kill()
             self._process.join()
-            self._connection.close()
+        self._connection.close()
 
 
 def _ended(exitcode: int | None) -> str:
@@ -166,12 +181,13 @@ def _ended(exitcode: int | None) -> str:
     return f"ended with exit code {exitcode} without a result (its error is above)"
 
 
-def _scored(evaluator: COCOEvaluator, per_rank: list[dict[int, ImageResult]], detections_path: Path | None) -> tuple:
+def _scored(evaluator: COCOEvaluator, per_rank: list[dict[int, ImageResult]]) -> tuple:
+    began = time.perf_counter()
     try:
-        metrics, seconds = score_and_save(evaluator, per_rank, detections_path)
+        metrics = evaluator.score(per_rank)
     except EvaluationError as e:
         return ("error", str(e))
-    return ("done", metrics, seconds, time.time())
+    return ("done", metrics, time.perf_counter() - began, time.time())
 
 
 def _score_in_child(
@@ -181,12 +197,10 @@ def _score_in_child(
     gc.freeze()  # the trainer's objects are never collected here: some hold CUDA memory, which a fork must not touch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: close() still kills it
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
-        os._exit(1)
-    sender.send(_scored(evaluator, per_rank, detections_path))
+    follow_parent(trainer_pid)
+    sender.send(_scored(evaluator, per_rank))
     sender.close()
+    save_detections(per_rank, detections_path)  # after the result, on which the run may stop at once
 
 
 class EvaluationQueue:
@@ -201,6 +215,7 @@ class EvaluationQueue:
         self.detections_path = detections_path if ctx.is_main else None
         self._queue: deque[Evaluation] = deque()
         self._jobs: dict[int, ScoringJob] = {}  # rank 0: iteration -> its scoring job
+        self._writing: list[ScoringJob] = []  # rank 0: jobs whose result came in, still writing detections.json
 
     @property
     def pending(self) -> bool:
@@ -259,10 +274,12 @@ class EvaluationQueue:
         return finished
 
     def close(self) -> None:
-        """Kill the scoring processes still running: their evaluations stay due in run.json for a resume."""
-        for job in self._jobs.values():
-            job.kill()
+        """Kill the scoring processes still running (their evaluations stay due in run.json for a resume) and
+        let those that sent their result finish writing detections.json."""
+        for job in [*self._jobs.values(), *self._writing]:
+            job.close()
         self._jobs.clear()
+        self._writing.clear()
         self._queue.clear()
 
     def _encodings_done(self, evaluation: Evaluation, timeout_s: float | None) -> tuple[int, str | None]:
@@ -318,6 +335,7 @@ class EvaluationQueue:
         per_rank = gather_to_main(collect_encodings(evaluation.images))
         evaluation.images = None
         if per_rank is not None:
+            self._writing = [job for job in self._writing if job.writing]
             self._jobs[evaluation.iteration] = ScoringJob(
                 self.evaluator, per_rank, self.detections_path, background=self.asynchronous,
             )
@@ -333,7 +351,9 @@ class EvaluationQueue:
         if self.ctx.is_main:
             outcomes = []
             for evaluation in list(self._queue)[:count]:
-                _, metrics, seconds, ended = self._jobs.pop(evaluation.iteration).outcome
+                job = self._jobs.pop(evaluation.iteration)
+                self._writing.append(job)
+                _, metrics, seconds, ended = job.outcome
                 background = max(ended - evaluation.inference_end, 0.0) if self.asynchronous else 0.0
                 outcomes.append((metrics, seconds, background))
         finished = []

@@ -251,6 +251,7 @@ SCHEMA: dict[str, Rule] = {
     "eval.every_epochs": NON_NEGATIVE_INT,  # 0: no evaluation
     "eval.asynchronous": Flag(),
     "eval.num_workers": NON_NEGATIVE_INT,
+    "eval.scoring_workers": NON_NEGATIVE_INT,  # 0: one per CPU
     "eval.backend": Choice(EVAL_BACKENDS),
     "eval.box_ap_target": FRACTION,
     "eval.mask_ap_target": FRACTION,

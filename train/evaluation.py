@@ -6,7 +6,9 @@ to worker processes that RLE-encode them from box-sized masks (`train.mask_encod
 the inference loop never waits on encoding. `evaluate` gathers every rank's results on
 rank 0, keeps one result per image id (padded last batches repeat images), runs COCOeval for
 `bbox` and `segm` with pycocotools (the official API) or faster-coco-eval (same numbers,
-faster), prints the usual table and returns the 12 COCO stats of each type on every rank.
+faster), split by category over `scoring_workers` processes with one process's numbers
+(`train.parallel_cocoeval`), prints the usual table and returns the 12 COCO stats of each type
+on every rank.
 Evaluation beside training (train/async_evaluation.py) takes the same steps one at a time:
 `inference_on_dataset(score=False)`, `take_results`, `encoding_futures` / `collect_encodings`,
 `gather_to_main`, `merge_ranks`, `score`.
@@ -37,6 +39,15 @@ from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
 from train.metrics import format_duration
+from train.parallel_cocoeval import (
+    TaskTiming,
+    available_cpus,
+    category_costs,
+    evaluate_group,
+    merged_cocoeval,
+    plan_tasks,
+    run_tasks,
+)
 from train.throughput import synchronize
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -97,17 +108,20 @@ class COCOEvaluator:
         *,
         backend: str = "pycocotools",
         num_workers: int = 2,
+        scoring_workers: int = 1,
         mask_threshold: float = 0.5,
         max_pending_per_worker: int | None = MAX_PENDING_PER_WORKER,
         tables: bool = True,
     ):
-        """`tables`: print COCOeval's result table (tools); the trainer prints one line per epoch instead
-        (every statistic is in its metrics.jsonl)."""
+        """`num_workers`: processes encoding masks (0: in this process); `scoring_workers`: processes running
+        COCOeval (0: one per CPU this process may use). `tables`: print COCOeval's result table (tools); the
+        trainer prints one line per epoch instead (every statistic is in its metrics.jsonl)."""
         if backend not in BACKENDS:
             raise EvaluationError(f"unknown COCO evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.annotations_file = Path(annotations_file)
         self.backend = backend
         self.num_workers = num_workers
+        self.scoring_workers = scoring_workers or available_cpus()
         self.mask_threshold = mask_threshold
         self.tables = tables
         # None: the pass's masks may all wait for the workers (evaluation beside training, train/async_evaluation.py)
@@ -116,6 +130,7 @@ class COCOEvaluator:
         self._label_to_category = _category_lookup(categories, self._coco_gt, self.annotations_file)
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future] = deque()
+        self.task_timings: list[TaskTiming] = []  # CPU time of each COCOeval task of the last scoring (benchmarks)
         self.reset()
 
     @classmethod
@@ -179,7 +194,10 @@ class COCOEvaluator:
 
     def _score_merged(self, merged: Mapping[int, ImageResult]) -> dict[str, dict[str, float]]:
         self._check_image_ids(merged)
-        return {iou_type: self._run_cocoeval(merged, iou_type) for iou_type in IOU_TYPES}
+        return {
+            iou_type: {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+            for iou_type, evaluator in self.cocoeval(merged).items()
+        }
 
     def close(self) -> None:
         """Stop the encoding workers (they are otherwise kept for the next evaluation)."""
@@ -220,23 +238,37 @@ class COCOEvaluator:
                 f"the other {len(known) - len(merged)} count as images without detections"
             )
 
-    def _run_cocoeval(self, merged: Mapping[int, ImageResult], iou_type: str) -> dict[str, float]:
-        entries = coco_results(merged, geometry=(GEOMETRY[iou_type],))
+    def cocoeval(self, merged: Mapping[int, ImageResult]) -> dict[str, Any]:
+        """Summarized COCOeval objects (`eval` arrays, `stats`) of each IoU type, over `scoring_workers` processes."""
+        cocoeval_class = _coco_api(self.backend)[1]
+        costs = category_costs(self._coco_gt, {image_id: r.category_ids for image_id, r in merged.items()})
+        tasks = plan_tasks(costs, IOU_TYPES, self.scoring_workers)
+
+        def run(task):
+            entries = coco_results(merged, geometry=(GEOMETRY[task.iou_type],), category_ids=task.category_ids)
+            with quiet():  # the API's progress chatter; the result tables are printed below
+                return evaluate_group(cocoeval_class, self._coco_gt, _load_results(self._coco_gt, entries), task)
+
         if self.tables:
-            print(f"COCOeval {iou_type} ({self.backend}): matching {len(entries)} detections on {len(merged)} images ...", flush=True)
+            processes = min(self.scoring_workers, len(tasks))
+            print(
+                f"COCOeval bbox and segm ({self.backend}, {processes} process{'es' * (processes > 1)}): matching "
+                f"{sum(len(r.scores) for r in merged.values())} detections on {len(merged)} images ...", flush=True,
+            )
         start = time.perf_counter()
-        with quiet():  # the API's progress chatter; its result table is printed below
-            coco_dt = _load_results(self._coco_gt, entries)
-            evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-        if self.tables:
-            print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
-            evaluator.summarize()
-        else:
-            with quiet():
-                evaluator.summarize()  # computes the stats
-        return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+        done = run_tasks(tasks, run, self.scoring_workers)
+        self.task_timings = [timing for timing, _ in done]
+        evaluators = {}
+        for iou_type in IOU_TYPES:
+            parts = [(timing.task, arrays) for timing, arrays in done if timing.task.iou_type == iou_type]
+            evaluators[iou_type] = merged_cocoeval(cocoeval_class, self._coco_gt, iou_type, parts)
+            if self.tables:
+                print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s for both types):")
+                evaluators[iou_type].summarize()
+            else:
+                with quiet():
+                    evaluators[iou_type].summarize()  # computes the stats
+        return evaluators
 
 
 def encoding_futures(results: Mapping[int, ImageResult]) -> list[Future]:
@@ -266,17 +298,26 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
-def coco_results(results: Mapping[int, ImageResult], geometry: Sequence[str] = ("bbox", "segmentation")) -> list[dict]:
+def coco_results(
+    results: Mapping[int, ImageResult],
+    geometry: Sequence[str] = ("bbox", "segmentation"),
+    category_ids: Sequence[int] | None = None,
+) -> list[dict]:
     """A COCO results file's entries, one per detection, with the `geometry` fields asked for.
 
     A results file holds both `bbox` and `segmentation`; COCOeval of one type gets only that
-    one's (`GEOMETRY`). The dicts are fresh: pycocotools' loadRes adds fields to them.
+    one's (`GEOMETRY`). `category_ids`: only the detections of these COCO categories, in the
+    same order. The dicts are fresh: pycocotools' loadRes adds fields to them.
     """
     entries = []
     for image_id, result in results.items():
-        fields = {"bbox": result.boxes_xywh.tolist(), "segmentation": result.rles}
+        kept, rles = slice(None), result.rles
+        if category_ids is not None:
+            kept = np.flatnonzero(np.isin(result.category_ids, category_ids))
+            rles = [rles[i] for i in kept.tolist()] if "segmentation" in geometry else None
+        fields = {"bbox": result.boxes_xywh[kept].tolist(), "segmentation": rles}
         columns = [fields[name] for name in geometry]
-        for category_id, score, *values in zip(result.category_ids.tolist(), result.scores.tolist(), *columns):
+        for category_id, score, *values in zip(result.category_ids[kept].tolist(), result.scores[kept].tolist(), *columns):
             entries.append({"image_id": image_id, "category_id": category_id, **dict(zip(geometry, values)), "score": score})
     return entries
 
@@ -363,7 +404,8 @@ def _coco_api(backend: str) -> tuple[Any, Any]:
     if backend == "faster":
         from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
 
-        return FasterCOCO, functools.partial(COCOeval_faster, print_function=print)
+        # One thread for its segm IoUs: the evaluation's processes are the parallelism (train.parallel_cocoeval).
+        return FasterCOCO, functools.partial(COCOeval_faster, print_function=print, rle_iou_max_workers=1)
     return COCO, COCOeval
 
 

@@ -198,6 +198,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             val_loader = build_data_loader(cfg, ctx, training=False)
             evaluator = COCOEvaluator.for_shards(
                 cfg.data.val_annotations, cfg.data.val_shards, backend=cfg.eval.backend, num_workers=cfg.eval.num_workers,
+                scoring_workers=cfg.eval.scoring_workers,
                 # beside training, inference never waits for the encoders (~0.3 MB of masks an image wait in memory)
                 max_pending_per_worker=None if cfg.eval.asynchronous else MAX_PENDING_PER_WORKER,
                 tables=False,  # one line per epoch (evaluation_sentence); the statistics go to metrics.jsonl
