@@ -52,7 +52,8 @@ def held_scoring(monkeypatch, tmp_path):
     real = COCOEvaluator.score
 
     def held(self, per_rank):
-        pid_file.write_text(str(os.getpid()))
+        pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+        pid_file.with_suffix(".tmp").rename(pid_file)  # whole when it appears: the test reads it at once
         deadline = time.monotonic() + DEADLINE_S
         while not release.exists() and time.monotonic() < deadline:
             time.sleep(0.01)

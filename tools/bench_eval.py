@@ -2,14 +2,27 @@
 
 Both paths score the same generated detections (boxes, scores, labels, 28x28 mask
 probabilities in the network-input frame) in one run. Ours: `COCOEvaluator` (box-sized
-paste, RLE in worker processes, faster-coco-eval by default). Reference: torchvision's
-full-image `paste_masks_in_image`, pycocotools encode one mask at a time, pycocotools
-COCOeval. Prints the time of each, the ratio and both APs; --json writes them too.
+paste, RLE in worker processes, COCOeval split by category over processes, faster-coco-eval
+by default). Reference: torchvision's full-image `paste_masks_in_image`, pycocotools encode
+one mask at a time, pycocotools COCOeval. Prints the time of each, the ratio and both APs;
+--json writes them too.
 
     python tools/bench_eval.py                                   # 5,000 images x 100 detections
     python tools/bench_eval.py --images 500 --dets-per-image 100 --json runs/bench_eval.json
     python tools/bench_eval.py --images 500 --backend pycocotools   # paste+encode gain alone
     python tools/bench_eval.py --ours-only                           # our path at full size
+    python tools/bench_eval.py --ours-only --workers 1 2             # scaling: 1 and 2 processes, same set, one run
+    python tools/bench_eval.py --ours-only --workers 2 --person-share 0.3 --project-workers 16
+
+`--workers N ...`: our path once per N, with N encoding and N COCOeval processes, on the same
+detections (made before the clock starts); the APs of every N must be equal to 6 decimals
+(they are equal bit for bit). Each run reports wall and CPU time (this process and its
+workers) of the encoding phase (process() until every mask is encoded) and of scoring
+(COCOeval). `--project-workers P` also scores with P processes and schedules the measured CPU
+time of each of its tasks on P processes, heaviest first as the pool does: the scoring time P
+cores would take, from this machine's per-task times. `--person-share`: the share of objects
+(and of the detections made from them) in category 1, as COCO's `person` holds about 30% of
+its instances, the one category heavier than 1/16 of the work (the split never divides one).
 
 The workload: `make_eval_set` writes COCO ground truth (ellipse-shaped objects as polygons, some crowd
 RLEs, some empty images; no JPEGs) and yields `(Batch, Detections)` pairs shaped like the
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,7 +54,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.detections import Detections
 from pipeline.batch import Batch, resized_size
-from train.evaluation import COCOEvaluator, ImageResult, to_original_frame
+from train.evaluation import STAT_NAMES, COCOEvaluator, ImageResult, to_original_frame
+from train.parallel_cocoeval import TaskTiming
 
 MASK_SIZE = 28
 IMAGE_SIZES = ((480, 640), (427, 640), (640, 480), (375, 500), (640, 427), (512, 512))
@@ -66,6 +81,7 @@ class EvalSet:
     seed: int
     flip_fraction: float
     images: list[_ImageTruth]
+    person_share: float = 0.0  # share of objects, and of the false detections, in category 1
 
     def __len__(self) -> int:
         return len(self.images)
@@ -101,12 +117,12 @@ class EvalSet:
         jittered = ellipses + noise * ellipses[:, [2, 3, 2, 3]]
         jittered[:, 2:] = np.maximum(jittered[:, 2:], 1.0)
         relabel = rng.random(len(labels)) < 0.1
-        labels = np.where(relabel, rng.integers(1, num_classes + 1, len(labels)), labels)
+        labels = np.where(relabel, _labels(rng, len(labels), num_classes, self.person_share), labels)
         scores = np.where(first, rng.uniform(0.5, 1.0, len(labels)), rng.uniform(0.05, 0.9, len(labels)))
         num_false = max(self.dets_per_image - len(labels), 0)
         false_ellipses = _random_ellipses(rng, num_false, truth.height, truth.width)
         ellipses = np.concatenate([jittered, false_ellipses])
-        labels = np.concatenate([labels, rng.integers(1, num_classes + 1, num_false)])
+        labels = np.concatenate([labels, _labels(rng, num_false, num_classes, self.person_share)])
         scores = np.concatenate([scores, rng.uniform(0.05, 0.6, num_false)])
         order = np.argsort(-scores, kind="stable")[: self.dets_per_image]
         boxes = _ellipse_boxes(ellipses[order], truth.height, truth.width)
@@ -124,8 +140,12 @@ def make_eval_set(
     seed: int = 0,
     num_classes: int = 80,
     flip_fraction: float = 0.0,
+    person_share: float = 0.0,
 ) -> EvalSet:
-    """Write `instances_eval.json` under `out_dir` and return the set (ground truth + detection maker)."""
+    """Write `instances_eval.json` under `out_dir` and return the set (ground truth + detection maker).
+
+    `person_share`: the share of objects in category 1 (0: every category equally likely).
+    """
     rng = np.random.default_rng(seed)
     categories = [{"id": k + 1, "coco_id": k + 1 + k // 9, "name": f"class{k + 1}"} for k in range(num_classes)]
     images, annotations, truths = [], [], []
@@ -134,7 +154,7 @@ def make_eval_set(
         height, width = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
         num_objects = 0 if rng.random() < 0.03 else int(rng.integers(1, 16))
         ellipses = _random_ellipses(rng, num_objects, height, width)
-        labels = rng.integers(1, num_classes + 1, num_objects)
+        labels = _labels(rng, num_objects, num_classes, person_share)
         images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": height, "width": width})
         for ellipse, label in zip(ellipses, labels):
             annotations.append(_polygon_annotation(ellipse, categories[label - 1]["coco_id"], image_id, height, width))
@@ -151,7 +171,15 @@ def make_eval_set(
     annotations_file.write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": coco_categories})
     )
-    return EvalSet(annotations_file, categories, dets_per_image, seed, flip_fraction, truths)
+    return EvalSet(annotations_file, categories, dets_per_image, seed, flip_fraction, truths, person_share)
+
+
+def _labels(rng: np.random.Generator, count: int, num_classes: int, person_share: float) -> np.ndarray:
+    """`count` labels in 1..num_classes: uniform, or category 1 with probability `person_share`, the rest uniform."""
+    if not person_share:
+        return rng.integers(1, num_classes + 1, count)
+    person = rng.random(count) < person_share
+    return np.where(person, 1, rng.integers(2, num_classes + 1, count))
 
 
 def reference_encode_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[dict]:
@@ -183,33 +211,50 @@ def reference_results(batches: Iterator[tuple[Batch, Detections]], categories: l
 
 
 def run_benchmark(
-    eval_set: EvalSet, *, batch_size: int = 16, backend: str = "faster", num_workers: int = 2, with_reference: bool = True
+    eval_set: EvalSet,
+    *,
+    batch_size: int = 16,
+    backend: str = "faster",
+    workers: Sequence[int] = (2,),
+    with_reference: bool = True,
+    project_workers: int = 0,
 ) -> dict[str, Any]:
-    """Time our evaluation path and the reference one on the same set; compare their RLEs and metrics.
+    """Time our evaluation path (once per entry of `workers`) and the reference one on the same set.
 
-    Without the reference (`with_reference=False`) only our time and APs are measured; the
-    reference keys are then None.
+    Without the reference (`with_reference=False`) only our runs are measured; the reference
+    keys are then None. `ours_s` and `ap_ours` are those of the last entry of `workers`.
     """
-    ours_s, metrics_ours, results_ours = _time_ours(eval_set, batch_size, backend, num_workers)
+    batches = list(eval_set.batches(batch_size))  # made before any clock starts
+    runs = [_time_ours(eval_set, batches, backend, n) for n in workers]
+    results_ours = runs[-1].pop("results")
+    for run in runs[:-1]:
+        del run["results"]
     figures: dict[str, Any] = {
         "images": len(eval_set),
         "dets_per_image": eval_set.dets_per_image,
+        "person_share": eval_set.person_share,
         "backend": backend,
-        "num_workers": num_workers,
-        "ours_s": ours_s,
-        "ap_ours": {t: m["AP"] for t, m in metrics_ours.items()},
+        "runs": runs,
+        "ours_s": runs[-1]["seconds"],
+        "ap_ours": {t: m["AP"] for t, m in runs[-1]["metrics"].items()},
+        "equal_across_workers": all(run["metrics"] == runs[0]["metrics"] for run in runs),
         "reference_s": None,
         "speedup": None,
         "ap_reference": None,
     }
+    if len(runs) > 1:
+        figures["scaling"] = runs[0]["seconds"] / runs[-1]["seconds"]
+    if project_workers:
+        figures["projection"] = _project(eval_set, results_ours, backend, project_workers)
     if not with_reference:
         return figures
-    reference_s, metrics_reference, results_reference = _time_reference(eval_set, batch_size)
+    reference_s, metrics_reference, results_reference = _time_reference(eval_set, batches)
+    metrics_ours = runs[-1]["metrics"]
     pairs = [(a, b) for image_id, r in results_ours.items() for a, b in zip(r.rles, results_reference[image_id].rles)]
     return {
         **figures,
         "reference_s": reference_s,
-        "speedup": reference_s / ours_s,
+        "speedup": reference_s / figures["ours_s"],
         "ap_reference": {t: m["AP"] for t, m in metrics_reference.items()},
         "max_stat_difference": max(
             abs(metrics_ours[t][k] - metrics_reference[t][k]) for t in metrics_ours for k in metrics_ours[t]
@@ -219,20 +264,61 @@ def run_benchmark(
     }
 
 
-def _time_ours(eval_set: EvalSet, batch_size: int, backend: str, num_workers: int) -> tuple[float, dict, dict]:
-    start = time.perf_counter()
-    with COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend=backend, num_workers=num_workers) as ours:
-        for batch, detections in eval_set.batches(batch_size):
-            ours.process(batch, detections)
-        metrics = ours.evaluate()
-        seconds = time.perf_counter() - start
-        return seconds, metrics, ours.results()
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its ended, reaped children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def _time_reference(eval_set: EvalSet, batch_size: int) -> tuple[float, dict, dict]:
+def _time_ours(eval_set: EvalSet, batches: list, backend: str, workers: int) -> dict[str, Any]:
+    """One run of our path with `workers` encoding and `workers` COCOeval processes: time, CPU, metrics."""
+    cpu_start, wall_start = _cpu_s(), time.perf_counter()
+    ours = COCOEvaluator(
+        eval_set.annotations_file, eval_set.categories, backend=backend, num_workers=workers, scoring_workers=workers
+    )
+    for batch, detections in batches:
+        ours.process(batch, detections)
+    results = ours.results()
+    ours.close()  # the encoding workers end here, so that their CPU time is counted apart from scoring
+    cpu_encoded, wall_encoded = _cpu_s(), time.perf_counter()
+    metrics = ours.evaluate()
+    cpu_end, wall_end = _cpu_s(), time.perf_counter()
+    return {
+        "workers": workers,
+        "seconds": wall_end - wall_start,
+        "cpu_s": sum(cpu_end) - sum(cpu_start),
+        "main_cpu_s": cpu_end[0] - cpu_start[0],  # this process: feeding the encoders, collecting, merging
+        "encode_s": wall_encoded - wall_start,
+        "encode_cpu_s": sum(cpu_encoded) - sum(cpu_start),
+        "score_s": wall_end - wall_encoded,
+        "score_cpu_s": sum(cpu_end) - sum(cpu_encoded),
+        "tasks": [_task_figures(t) for t in ours.task_timings],
+        "metrics": metrics,
+        "results": results,
+    }
+
+
+def _task_figures(timing: TaskTiming) -> dict[str, Any]:
+    return {"iou_type": timing.task.iou_type, "categories": len(timing.task.category_ids), "cpu_s": timing.cpu_s}
+
+
+def _project(eval_set: EvalSet, results: dict[int, ImageResult], backend: str, workers: int) -> dict[str, Any]:
+    """Score with `workers` processes here, then schedule each task's measured CPU time on `workers` cores."""
+    scorer = COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend=backend, scoring_workers=workers)
+    scorer.score([results])
+    cpu = [timing.cpu_s for timing in scorer.task_timings]  # in the order the pool hands them out, heaviest first
+    finish = [0.0] * workers
+    for seconds in cpu:
+        earliest = finish.index(min(finish))
+        finish[earliest] += seconds
+    return {"workers": workers, "tasks": len(cpu), "task_cpu_s": sum(cpu), "longest_task_s": max(cpu),
+            "makespan_s": max(finish)}
+
+
+def _time_reference(eval_set: EvalSet, batches: list) -> tuple[float, dict, dict]:
     start = time.perf_counter()
     reference = COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend="pycocotools", num_workers=0)
-    results = reference_results(eval_set.batches(batch_size), eval_set.categories)
+    results = reference_results(iter(batches), eval_set.categories)
     metrics = reference.score([results])
     return time.perf_counter() - start, metrics, results
 
@@ -356,7 +442,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dets-per-image", type=int, default=100, help="detections per image, each with a mask")
     parser.add_argument("--batch-size", type=int, default=16, help="images per process() call")
     parser.add_argument("--backend", choices=("pycocotools", "faster"), default="faster", help="COCOeval of our path")
-    parser.add_argument("--workers", type=int, default=2, help="our RLE-encoding worker processes")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[2],
+        help="our path's processes, encoding and COCOeval each; several values: one run each, same detections",
+    )
+    parser.add_argument("--project-workers", type=int, default=0, metavar="P",
+                        help="also schedule the measured COCOeval tasks of P processes on P cores")
+    parser.add_argument("--person-share", type=float, default=0.0,
+                        help="share of the objects in category 1, like COCO's person (about 0.3); 0: uniform")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated set")
     parser.add_argument("--ours-only", action="store_true", help="time our path alone (the reference takes hours at full size)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -364,22 +457,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if min(args.workers) < 1:
+        raise SystemExit("bench_eval: --workers takes counts of at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        eval_set = make_eval_set(Path(tmp), args.images, args.dets_per_image, seed=args.seed)
+        eval_set = make_eval_set(Path(tmp), args.images, args.dets_per_image, seed=args.seed, person_share=args.person_share)
         figures = run_benchmark(
             eval_set,
             batch_size=args.batch_size,
             backend=args.backend,
-            num_workers=args.workers,
+            workers=args.workers,
             with_reference=not args.ours_only,
+            project_workers=args.project_workers,
         )
-    print(
-        f"\n{figures['images']} images x {figures['dets_per_image']} detections: "
-        f"ours {figures['ours_s']:.1f} s ({args.backend}, {args.workers} workers)"
-    )
-    if args.ours_only:
-        print(f"  AP: bbox {figures['ap_ours']['bbox']:.6f}, segm {figures['ap_ours']['segm']:.6f}")
-    else:
+    print(f"\n{figures['images']} images x {figures['dets_per_image']} detections ({args.backend}):")
+    for run in figures["runs"]:
+        print(
+            f"  ours, {run['workers']} worker(s): {run['seconds']:.1f} s (CPU {run['cpu_s']:.1f} s, {run['main_cpu_s']:.1f} s of it "
+            f"in the main process); "
+            f"encoding {run['encode_s']:.1f} s (CPU {run['encode_cpu_s']:.1f} s), "
+            f"COCOeval {run['score_s']:.1f} s (CPU {run['score_cpu_s']:.1f} s); "
+            f"AP bbox {run['metrics']['bbox']['AP']:.6f}, segm {run['metrics']['segm']['AP']:.6f}"
+        )
+    if "scaling" in figures:
+        print(f"  {figures['runs'][0]['workers']} -> {figures['runs'][-1]['workers']} workers: "
+              f"{figures['scaling']:.2f}x; all {len(STAT_NAMES) * 2} stats equal: {figures['equal_across_workers']}")
+    if "projection" in figures:
+        projection = figures["projection"]
+        print(f"  COCOeval on {projection['workers']} cores (measured tasks, scheduled): {projection['makespan_s']:.1f} s "
+              f"for {projection['task_cpu_s']:.1f} CPU s in {projection['tasks']} tasks, the longest {projection['longest_task_s']:.1f} s")
+    if not args.ours_only:
         print(f"  reference {figures['reference_s']:.1f} s, speedup {figures['speedup']:.1f}x")
         for iou_type in ("bbox", "segm"):
             print(f"  {iou_type} AP: ours {figures['ap_ours'][iou_type]:.6f}, reference {figures['ap_reference'][iou_type]:.6f}")

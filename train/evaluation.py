@@ -241,11 +241,11 @@ class COCOEvaluator:
     def cocoeval(self, merged: Mapping[int, ImageResult]) -> dict[str, Any]:
         """Summarized COCOeval objects (`eval` arrays, `stats`) of each IoU type, over `scoring_workers` processes."""
         cocoeval_class = _coco_api(self.backend)[1]
-        costs = category_costs(self._coco_gt, {image_id: r.category_ids for image_id, r in merged.items()})
-        tasks = plan_tasks(costs, IOU_TYPES, self.scoring_workers)
+        table = DetectionTable.of(merged)  # before the processes fork, which inherit it
+        tasks = plan_tasks(category_costs(self._coco_gt, table.image_ids, table.category_ids), IOU_TYPES, self.scoring_workers)
 
         def run(task):
-            entries = coco_results(merged, geometry=(GEOMETRY[task.iou_type],), category_ids=task.category_ids)
+            entries = table.entries(geometry=(GEOMETRY[task.iou_type],), category_ids=task.category_ids)
             with quiet():  # the API's progress chatter; the result tables are printed below
                 return evaluate_group(cocoeval_class, self._coco_gt, _load_results(self._coco_gt, entries), task)
 
@@ -253,7 +253,7 @@ class COCOEvaluator:
             processes = min(self.scoring_workers, len(tasks))
             print(
                 f"COCOeval bbox and segm ({self.backend}, {processes} process{'es' * (processes > 1)}): matching "
-                f"{sum(len(r.scores) for r in merged.values())} detections on {len(merged)} images ...", flush=True,
+                f"{len(table.scores)} detections on {len(merged)} images ...", flush=True,
             )
         start = time.perf_counter()
         done = run_tasks(tasks, run, self.scoring_workers)
@@ -298,28 +298,54 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
-def coco_results(
-    results: Mapping[int, ImageResult],
-    geometry: Sequence[str] = ("bbox", "segmentation"),
-    category_ids: Sequence[int] | None = None,
-) -> list[dict]:
+def coco_results(results: Mapping[int, ImageResult], geometry: Sequence[str] = ("bbox", "segmentation")) -> list[dict]:
     """A COCO results file's entries, one per detection, with the `geometry` fields asked for.
 
     A results file holds both `bbox` and `segmentation`; COCOeval of one type gets only that
-    one's (`GEOMETRY`). `category_ids`: only the detections of these COCO categories, in the
-    same order. The dicts are fresh: pycocotools' loadRes adds fields to them.
+    one's (`GEOMETRY`). The dicts are fresh: pycocotools' loadRes adds fields to them.
     """
-    entries = []
-    for image_id, result in results.items():
-        kept, rles = slice(None), result.rles
-        if category_ids is not None:
-            kept = np.flatnonzero(np.isin(result.category_ids, category_ids))
-            rles = [rles[i] for i in kept.tolist()] if "segmentation" in geometry else None
-        fields = {"bbox": result.boxes_xywh[kept].tolist(), "segmentation": rles}
-        columns = [fields[name] for name in geometry]
-        for category_id, score, *values in zip(result.category_ids[kept].tolist(), result.scores[kept].tolist(), *columns):
-            entries.append({"image_id": image_id, "category_id": category_id, **dict(zip(geometry, values)), "score": score})
-    return entries
+    return DetectionTable.of(results).entries(geometry)
+
+
+@dataclass
+class DetectionTable:
+    """Every detection of a pass as one column per field, in results order (images, then detections).
+
+    Built once per scoring, so that each COCOeval task picks its categories' entries with one
+    array operation instead of a pass over every image.
+    """
+
+    image_ids: np.ndarray  # [D] int64
+    category_ids: np.ndarray  # [D] int64, COCO ids
+    scores: np.ndarray  # [D] float32
+    boxes_xywh: np.ndarray  # [D, 4] float32
+    rles: list[dict]  # D COCO RLEs
+
+    @classmethod
+    def of(cls, results: Mapping[int, ImageResult]) -> "DetectionTable":
+        parts = list(results.values())
+        return cls(
+            image_ids=np.repeat(np.array(list(results), dtype=np.int64), [len(r.scores) for r in parts]),
+            category_ids=np.concatenate([r.category_ids for r in parts] or [np.zeros(0, np.int64)]),
+            scores=np.concatenate([r.scores for r in parts] or [np.zeros(0, np.float32)]),
+            boxes_xywh=np.concatenate([r.boxes_xywh.reshape(-1, 4) for r in parts] or [np.zeros((0, 4), np.float32)]),
+            rles=[rle for r in parts for rle in r.rles],
+        )
+
+    def entries(self, geometry: Sequence[str] = ("bbox", "segmentation"), category_ids: Sequence[int] | None = None) -> list[dict]:
+        """Results entries with the `geometry` fields; `category_ids`: only these COCO categories' detections."""
+        kept = np.arange(len(self.scores)) if category_ids is None else np.flatnonzero(np.isin(self.category_ids, category_ids))
+        fields = {
+            "bbox": lambda: self.boxes_xywh[kept].tolist(),
+            "segmentation": lambda: [self.rles[i] for i in kept.tolist()],
+        }
+        columns = [fields[name]() for name in geometry]
+        return [
+            {"image_id": image_id, "category_id": category_id, **dict(zip(geometry, values)), "score": score}
+            for image_id, category_id, score, *values in zip(
+                self.image_ids[kept].tolist(), self.category_ids[kept].tolist(), self.scores[kept].tolist(), *columns
+            )
+        ]
 
 
 def inference_on_dataset(

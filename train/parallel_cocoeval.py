@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-TASKS_PER_WORKER = 3  # groups per IoU type and process: enough for the pool to even out the estimates' errors
+TASKS_PER_WORKER = 2  # groups per IoU type and process: the pool evens out the estimates' errors; each costs a pass over the images
 CATEGORY_AXIS = {"precision": 2, "recall": 1, "scores": 2}  # COCOeval.eval's arrays, [T, R, K, A, M] and [T, K, A, M]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -73,28 +73,26 @@ def follow_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def category_costs(coco_gt: Any, detections: Mapping[int, np.ndarray]) -> dict[int, float]:
+def category_costs(coco_gt: Any, image_ids: np.ndarray, category_ids: np.ndarray) -> dict[int, float]:
     """Estimated evaluation work per category (COCO id): over images, detections + ground truth + their product.
 
-    `detections` maps image ids to the COCO category id of each detection. Each category also
-    counts 1, so that categories without any data still spread over the groups.
+    `image_ids` and `category_ids` hold one entry per detection. Each category also counts 1,
+    so that categories without any data still spread over the groups.
     """
-    category_ids = sorted(coco_gt.getCatIds())
-    image_index = {image_id: i for i, image_id in enumerate(sorted(coco_gt.getImgIds()))}
-    lookup = {category_id: k for k, category_id in enumerate(category_ids)}
+    categories = np.array(sorted(coco_gt.getCatIds()), dtype=np.int64)
+    images = np.array(sorted(coco_gt.getImgIds()), dtype=np.int64)
 
-    def counts(images: Sequence[int], categories: Sequence[int]) -> np.ndarray:
-        cells = [image_index[i] * len(category_ids) + lookup[c] for i, c in zip(images, categories) if c in lookup]
-        return np.bincount(np.array(cells, dtype=np.int64), minlength=len(image_index) * len(category_ids)).reshape(
-            len(image_index), len(category_ids)
-        )
+    def counts(image_ids: np.ndarray, category_ids: np.ndarray) -> np.ndarray:
+        known = np.isin(category_ids, categories) & np.isin(image_ids, images)
+        cells = np.searchsorted(images, image_ids[known]) * len(categories) + np.searchsorted(categories, category_ids[known])
+        return np.bincount(cells, minlength=len(images) * len(categories)).reshape(len(images), len(categories))
 
     annotations = coco_gt.dataset["annotations"]
-    truth = counts([a["image_id"] for a in annotations], [a["category_id"] for a in annotations])
-    found = [(image_id, c) for image_id, cats in detections.items() for c in np.asarray(cats).tolist()]
-    detected = counts([i for i, _ in found], [c for _, c in found])
+    truth = counts(np.array([a["image_id"] for a in annotations], dtype=np.int64),
+                   np.array([a["category_id"] for a in annotations], dtype=np.int64))
+    detected = counts(np.asarray(image_ids, dtype=np.int64), np.asarray(category_ids, dtype=np.int64))
     work = (truth + detected + truth * detected).sum(axis=0) + 1
-    return dict(zip(category_ids, work.astype(float).tolist()))
+    return dict(zip(categories.tolist(), work.astype(float).tolist()))
 
 
 def plan_tasks(costs: Mapping[int, float], iou_types: Sequence[str], workers: int) -> list[Task]:
@@ -127,7 +125,7 @@ def run_tasks(
         return [_timed(run, task) for task in tasks]
     pool = get_context("fork").Pool(min(workers, len(tasks)), initializer=_hold, initargs=(os.getpid(), run))
     with pool:  # leaving the block terminates the processes, also on an error or Ctrl-C
-        return list(pool.imap_unordered(_run_held, tasks))
+        return list(pool.imap(_run_held, tasks))  # handed out in order as processes free up, returned in order
 
 
 def merged_cocoeval(
