@@ -14,9 +14,10 @@ one mask at a time, pycocotools COCOeval. Prints the time of each, the ratio and
     python tools/bench_eval.py --ours-only --workers 1 2             # scaling: 1 and 2 processes, same set, one run
     python tools/bench_eval.py --ours-only --workers 2 --person-share 0.3 --project-workers 16
 
-`--workers N ...`: our path once per N, with N encoding and N COCOeval processes, on the same
-detections (made before the clock starts); the APs of every N must be equal to 6 decimals
-(they are equal bit for bit). Each run reports wall and CPU time (this process and its
+`--workers N ...`: our path once per N, given N cores (this process and every process it
+starts are pinned to N of the CPUs it may use, as `taskset` would; all of them when N is
+larger), with N encoding and N COCOeval processes, on the same detections (made before the
+clock starts); the APs of every N must be equal to 6 decimals (they are equal bit for bit). Each run reports wall and CPU time (this process and its
 workers) of the encoding phase (process() until every mask is encoded) and of scoring
 (COCOeval). `--project-workers P` also scores with P processes and schedules the measured CPU
 time of each of its tasks on P processes, heaviest first as the pool does: the scoring time P
@@ -39,7 +40,9 @@ torchvision's `references/detection/coco_eval.py`. The tests and this benchmark 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import tempfile
 import time
@@ -270,8 +273,24 @@ def _cpu_s() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
+@contextlib.contextmanager
+def _given_cores(count: int) -> Iterator[int]:
+    """Pin this process (and what it forks meanwhile) to `count` of its CPUs; yields how many it got."""
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[:count])
+    try:
+        yield min(count, len(allowed))
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def _time_ours(eval_set: EvalSet, batches: list, backend: str, workers: int) -> dict[str, Any]:
-    """One run of our path with `workers` encoding and `workers` COCOeval processes: time, CPU, metrics."""
+    """One run of our path on `workers` cores with `workers` encoding and `workers` COCOeval processes."""
+    with _given_cores(workers) as cores:
+        return {"cores": cores, **_run_ours(eval_set, batches, backend, workers)}
+
+
+def _run_ours(eval_set: EvalSet, batches: list, backend: str, workers: int) -> dict[str, Any]:
     cpu_start, wall_start = _cpu_s(), time.perf_counter()
     ours = COCOEvaluator(
         eval_set.annotations_file, eval_set.categories, backend=backend, num_workers=workers, scoring_workers=workers
@@ -472,7 +491,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\n{figures['images']} images x {figures['dets_per_image']} detections ({args.backend}):")
     for run in figures["runs"]:
         print(
-            f"  ours, {run['workers']} worker(s): {run['seconds']:.1f} s (CPU {run['cpu_s']:.1f} s, {run['main_cpu_s']:.1f} s of it "
+            f"  ours, {run['workers']} worker(s) on {run['cores']} core(s): {run['seconds']:.1f} s (CPU {run['cpu_s']:.1f} s, {run['main_cpu_s']:.1f} s of it "
             f"in the main process); "
             f"encoding {run['encode_s']:.1f} s (CPU {run['encode_cpu_s']:.1f} s), "
             f"COCOeval {run['score_s']:.1f} s (CPU {run['score_cpu_s']:.1f} s); "

@@ -92,9 +92,12 @@ def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tenso
     boxes = torch.where(flipped[:, None, None], flip_boxes(boxes, width), boxes)
     sy, sx = batch.scales.to(boxes).unbind(-1)
     boxes = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
-    # A flipped image's masks are mirrored inside their boxes.
+    # A flipped image's masks are mirrored inside their boxes. Evaluation never flips, so the pass
+    # over every mask is skipped then (it cost 3 ms an image on a CPU); the callers copy the
+    # masks to the host right after, so asking the device costs no extra wait.
     masks = detections.mask_probs.float()
-    masks = torch.where(flipped[:, None, None, None], masks.flip(-1), masks)
+    if flipped.any():
+        masks = torch.where(flipped[:, None, None, None], masks.flip(-1), masks)
     return boxes, masks
 
 
