@@ -27,9 +27,9 @@ Format 2 added the crc32 component; a folder of another format is refused with a
 re-shard.
 
 Reading (both loaders): `open_shard_set` opens a folder as a `ShardSet` (shards per orientation
-group, sample counts, maxima) after the cheap checks that catch a broken set before any reader
-starts (missing or empty folder, a tar or index missing, a tar whose size differs from the
-manifest, an index whose count or offsets do not fit its tar); `tools/shard_coco.py --verify` is
+group, sample counts, maxima, every index read once) after the cheap checks that catch a broken
+set before any reader starts (missing or empty folder, a tar or index missing, a tar whose size
+differs from the manifest, an index whose count or offsets do not fit its tar); `tools/shard_coco.py --verify` is
 the full check (sha256 and every member). `read_sample(ref)` then reads one sample by the `.idx`
 offsets, not by streaming the tars with the `webdataset` library: an exact per-epoch
 permutation, the per-rank sample ranges and a mid-epoch resume that skips batches without
@@ -461,6 +461,7 @@ class GroupShards:
 
     tars: tuple[Path, ...]
     counts: tuple[int, ...]  # samples per tar
+    rows: tuple[list[IndexRow], ...]  # each tar's index, read once when the set is opened
 
     @property
     def indices(self) -> tuple[Path, ...]:
@@ -511,21 +512,22 @@ def open_shard_set(folder: str | Path) -> ShardSet:
         raise ShardReadError(
             f"{folder}/manifest.json lists no shards (empty shard folder); re-run tools/shard_coco.py to write them"
         )
-    groups: dict[str, tuple[list[Path], list[int]]] = {g: ([], []) for g in GROUPS}
+    groups: dict[str, tuple[list[Path], list[int], list[list[IndexRow]]]] = {g: ([], [], []) for g in GROUPS}
     for entry in entries:
         tar = folder / entry["name"]
-        _check_shard(tar, entry)
-        tars, counts = groups[entry["group"]]
+        tars, counts, rows = groups[entry["group"]]
         tars.append(tar)
         counts.append(int(entry["samples"]))
+        rows.append(_checked_index(tar, entry))
     return ShardSet(
         folder=folder,
         manifest=manifest,
-        groups={g: GroupShards(tuple(t), tuple(c)) for g, (t, c) in groups.items()},
+        groups={g: GroupShards(tuple(t), tuple(c), tuple(r)) for g, (t, c, r) in groups.items()},
     )
 
 
-def _check_shard(tar: Path, entry: dict[str, Any]) -> None:
+def _checked_index(tar: Path, entry: dict[str, Any]) -> list[IndexRow]:
+    """The shard's index, after checking it and the tar against the manifest entry."""
     index = tar.with_name(index_name(tar.name))
     if not tar.is_file():
         raise shard_error(tar, "the shard listed in manifest.json is missing")
@@ -542,6 +544,7 @@ def _check_shard(tar: Path, entry: dict[str, Any]) -> None:
         raise shard_error(index, f"the index lists {len(samples)} samples but manifest.json says {entry['samples']}")
     if samples:
         _check_index_matches_tar(tar, index, samples, size)
+    return samples
 
 
 def _check_index_matches_tar(tar: Path, index: Path, samples: list[IndexRow], size: int) -> None:
@@ -585,10 +588,7 @@ def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
     """Every sample of each group, in the order DALI's readers number them (shard order, then index order)."""
     k = shard_set.num_categories
     return {
-        group: [
-            SampleRef(tar, row.members, row.key, k) for tar, index in zip(shards.tars, shards.indices)
-            for row in read_index(index)
-        ]
+        group: [SampleRef(tar, row.members, row.key, k) for tar, rows in zip(shards.tars, shards.rows) for row in rows]
         for group, shards in shard_set.groups.items()
     }
 
