@@ -23,7 +23,7 @@ the size arithmetic, `fn.flip`, `bb_flip`/`coord_flip` and `fn.pad` to the manif
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class PlanFeeder:
     returns them in.
     """
 
-    def __init__(self, plan: list[list[tuple[str, int, bool]]], refs: dict[str, list[SampleRef]],
+    def __init__(self, plan: list[list[tuple[str, int, bool]]], refs: dict[str, Sequence[SampleRef]],
                  settings: LoaderSettings, timer: StageTimer):
         self._batches = iter(plan)
         self.refs = refs

@@ -52,7 +52,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -373,6 +373,62 @@ def _parse_index_line(line: str) -> IndexRow | None:
     return IndexRow(keys.pop(), members) if len(keys) == 1 and len(members) == len(fields) // 4 else None
 
 
+@dataclass(frozen=True)
+class IndexTable:
+    """A wds2idx index as arrays: a few bytes a sample and no Python object per sample.
+
+    A loader holds every sample's offsets for a whole run (117k samples for COCO), and its
+    DataLoader workers are forked from it: per-sample objects (a dict each) took about 1.3 KB a
+    sample, and their reference counts make every forked worker copy the pages it touches.
+    """
+
+    keys: np.ndarray  # [N] str: each sample's key
+    spans: np.ndarray  # [N, len(COMPONENTS), 2] int64: each component's (data offset, size); -1 where it is absent
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, index: int) -> dict[str, tuple[int, int]]:
+        """Component -> (data offset, size) of sample `index`, as `IndexRow.members`."""
+        return {c: (offset, size) for c, (offset, size) in zip(COMPONENTS, self.spans[index].tolist()) if offset >= 0}
+
+    @classmethod
+    def of_rows(cls, rows: list[IndexRow]) -> "IndexTable":
+        absent = (-1, -1)
+        return cls(
+            keys=np.array([row.key for row in rows], dtype=str),
+            spans=np.array([[row.members.get(c, absent) for c in COMPONENTS] for row in rows], dtype=np.int64).reshape(
+                len(rows), len(COMPONENTS), 2
+            ),
+        )
+
+
+def read_index_table(path: Path) -> IndexTable:
+    """`read_index` as an IndexTable, without a Python object per sample.
+
+    An index in the sharder's own layout (each line the components of COMPONENTS in order) is
+    checked and converted in bulk; any other goes through `read_index`, which accepts every valid
+    index and names the first bad line of an invalid one.
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return IndexTable.of_rows(read_index(path))  # raises the sentence
+    lines = text.splitlines()
+    tokens = text.split()
+    count = int(tokens[1]) if len(tokens) >= 2 and tokens[0] == "v1.2" and tokens[1].isdecimal() else -1
+    if count < 0 or len(lines) != count + 1 or len(tokens) != 2 + count * 4 * len(COMPONENTS) or not all(lines):
+        return IndexTable.of_rows(read_index(path))
+    components, offsets, sizes, names = (tokens[start::4] for start in range(2, 6))
+    keys = np.array([name[: -len(COMPONENTS[0]) - 1] for name in names[:: len(COMPONENTS)]], dtype=str)
+    expected_names = np.strings.add(np.strings.add(keys[:, None], "."), np.array(COMPONENTS)[None, :]).ravel()
+    if components != list(COMPONENTS) * count or not all(map(str.isdecimal, offsets)) \
+            or not all(map(str.isdecimal, sizes)) or not (np.array(names, dtype=str) == expected_names).all():
+        return IndexTable.of_rows(read_index(path))
+    spans = np.stack([np.fromiter(map(int, column), np.int64, len(column)) for column in (offsets, sizes)], axis=1)
+    return IndexTable(keys=keys, spans=spans.reshape(count, len(COMPONENTS), 2))
+
+
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
     """Load and check `manifest.json` of a shard folder, with one clear error when it is unusable."""
     shard_dir = Path(shard_dir)
@@ -461,7 +517,7 @@ class GroupShards:
 
     tars: tuple[Path, ...]
     counts: tuple[int, ...]  # samples per tar
-    rows: tuple[list[IndexRow], ...]  # each tar's index, read once when the set is opened
+    tables: tuple[IndexTable, ...]  # each tar's index, read once when the set is opened
 
     @property
     def indices(self) -> tuple[Path, ...]:
@@ -512,13 +568,13 @@ def open_shard_set(folder: str | Path) -> ShardSet:
         raise ShardReadError(
             f"{folder}/manifest.json lists no shards (empty shard folder); re-run tools/shard_coco.py to write them"
         )
-    groups: dict[str, tuple[list[Path], list[int], list[list[IndexRow]]]] = {g: ([], [], []) for g in GROUPS}
+    groups: dict[str, tuple[list[Path], list[int], list[IndexTable]]] = {g: ([], [], []) for g in GROUPS}
     for entry in entries:
         tar = folder / entry["name"]
-        tars, counts, rows = groups[entry["group"]]
+        tars, counts, tables = groups[entry["group"]]
         tars.append(tar)
         counts.append(int(entry["samples"]))
-        rows.append(_checked_index(tar, entry))
+        tables.append(_checked_index(tar, entry))
     return ShardSet(
         folder=folder,
         manifest=manifest,
@@ -526,7 +582,7 @@ def open_shard_set(folder: str | Path) -> ShardSet:
     )
 
 
-def _checked_index(tar: Path, entry: dict[str, Any]) -> list[IndexRow]:
+def _checked_index(tar: Path, entry: dict[str, Any]) -> IndexTable:
     """The shard's index, after checking it and the tar against the manifest entry."""
     index = tar.with_name(index_name(tar.name))
     if not tar.is_file():
@@ -537,34 +593,38 @@ def _checked_index(tar: Path, entry: dict[str, Any]) -> list[IndexRow]:
     if size != entry["bytes"]:
         raise shard_error(tar, f"the tar has {size} bytes but manifest.json says {entry['bytes']} (truncated?)")
     try:
-        samples = read_index(index)
+        samples = read_index_table(index)
     except ShardFormatError as e:
         raise shard_error(index, f"unreadable index ({e})") from None
     if len(samples) != entry["samples"]:
         raise shard_error(index, f"the index lists {len(samples)} samples but manifest.json says {entry['samples']}")
-    if samples:
+    if len(samples):
         _check_index_matches_tar(tar, index, samples, size)
     return samples
 
 
-def _check_index_matches_tar(tar: Path, index: Path, samples: list[IndexRow], size: int) -> None:
+def _check_index_matches_tar(tar: Path, index: Path, samples: IndexTable, size: int) -> None:
     """Every member must lie inside the tar, and the first and last must sit where the index says.
 
     Reading two tar headers is enough to catch an index written for another tar without
     scanning the shard (the full member-by-member check is `--verify`).
     """
-    end = max(offset + length for sample in samples for offset, length in sample.members.values())
+    offsets, lengths = samples.spans[..., 0], samples.spans[..., 1]
+    end = int((offsets + lengths)[offsets >= 0].max(initial=0))
     if end > size:
         raise shard_error(index, f"the index points past the end of {tar.name} (byte {end} of {size})")
     with open(tar, "rb") as f:
-        for sample in (samples[0], samples[-1]):
-            component, (offset, length) = next(iter(sample.members.items()))
+        for position in (0, len(samples) - 1):
+            members = samples.members(position)
+            if not members:
+                continue  # read_sample names the components it lacks
+            component, (offset, length) = next(iter(members.items()))
             f.seek(offset - tarfile.BLOCKSIZE)
             try:
                 header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
             except tarfile.TarError:
                 header = None
-            if header is None or header.size != length or header.name != f"{sample.key}.{component}":
+            if header is None or header.size != length or header.name != f"{samples.keys[position]}.{component}":
                 raise shard_error(index, f"the index does not match the members of {tar.name}")
 
 
@@ -584,11 +644,31 @@ class SampleRef:
     num_categories: int
 
 
-def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
+class SampleRefs(Sequence[SampleRef]):
+    """The samples of one orientation group in the order DALI's readers number them (shard order,
+    then index order), as the shards' index tables: each SampleRef is made when it is asked for."""
+
+    def __init__(self, tars: Sequence[Path], tables: Sequence[IndexTable], num_categories: int):
+        self.tars = tuple(tars)
+        self.tables = tuple(tables)
+        self.num_categories = num_categories
+        self.starts = np.cumsum([0] + [len(t) for t in self.tables])  # each shard's first position
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, position: int) -> SampleRef:  # type: ignore[override]
+        if not 0 <= position < len(self):
+            raise IndexError(f"sample {position} of {len(self)}")
+        shard = int(np.searchsorted(self.starts, position, side="right")) - 1
+        table, row = self.tables[shard], position - int(self.starts[shard])
+        return SampleRef(self.tars[shard], table.members(row), str(table.keys[row]), self.num_categories)
+
+
+def sample_refs(shard_set: ShardSet) -> dict[str, SampleRefs]:
     """Every sample of each group, in the order DALI's readers number them (shard order, then index order)."""
-    k = shard_set.num_categories
     return {
-        group: [SampleRef(tar, row.members, row.key, k) for tar, rows in zip(shards.tars, shards.rows) for row in rows]
+        group: SampleRefs(shards.tars, shards.tables, shard_set.num_categories)
         for group, shards in shard_set.groups.items()
     }
 

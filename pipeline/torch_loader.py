@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -39,7 +39,7 @@ _POLL_S = 0.05  # how often a blocked producer checks whether the consumer has g
 class ShardSamples(torch.utils.data.Dataset):
     """Map-style dataset: (group, position, flip) -> one transformed sample, or the error it raised."""
 
-    def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool):
+    def __init__(self, refs: dict[str, Sequence[SampleRef]], settings: LoaderSettings, decode: bool):
         self.refs = refs
         self.settings = settings
         self.decode = decode  # False: hand the JPEG bytes to the main process (GPU decode)

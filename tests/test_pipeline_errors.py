@@ -14,7 +14,9 @@ import torch
 from torchvision.io import decode_jpeg
 
 from pipeline.loader import build_loader
-from pipeline.shard_format import ARRAY_COMPONENTS, CHECKSUM, FORMAT, ShardReadError, checksums, read_index
+from pipeline.shard_format import (
+    ARRAY_COMPONENTS, CHECKSUM, FORMAT, ShardFormatError, ShardReadError, checksums, read_index, read_index_table,
+)
 from pipeline_shards import data_config
 
 BACKENDS = ["dali", "torch"]
@@ -218,3 +220,20 @@ def test_ground_truth_beyond_the_manifest_maxima_is_an_error_not_a_truncation(sh
     with pytest.raises(ShardReadError) as error:
         load_all(shards_copy, backend)
     assert_one_sentence(error.value, "max", "tools/shard_coco.py")
+
+
+def test_the_index_table_holds_what_the_index_says_and_other_layouts_take_the_line_parser(shards_copy):
+    for index in sorted(shards_copy.glob("*.idx")):
+        rows, table = read_index(index), read_index_table(index)
+        assert table.keys.tolist() == [row.key for row in rows]
+        assert [table.members(i) for i in range(len(table))] == [row.members for row in rows]
+    # A valid index in another layout (members in another order) and a damaged one: the line parser decides.
+    index = sorted(shards_copy.glob("*.idx"))[0]
+    header, first, *rest = index.read_text().splitlines()
+    quads = first.split()
+    reordered = " ".join(" ".join(quads[i : i + 4]) for i in reversed(range(0, len(quads), 4)))
+    index.write_text("\n".join([header, reordered, *rest]) + "\n")
+    assert read_index_table(index).members(0) == read_index(index)[0].members
+    index.write_text("\n".join([header, first.replace(quads[1], quads[1] + "x", 1), *rest]) + "\n")
+    with pytest.raises(ShardFormatError, match="line 2 is not a valid index line"):
+        read_index_table(index)
