@@ -338,11 +338,7 @@ class DetectionTable:
     def entries(self, geometry: Sequence[str] = ("bbox", "segmentation"), category_ids: Sequence[int] | None = None) -> list[dict]:
         """Results entries with the `geometry` fields; `category_ids`: only these COCO categories' detections."""
         kept = np.arange(len(self.scores)) if category_ids is None else np.flatnonzero(np.isin(self.category_ids, category_ids))
-        fields = {
-            "bbox": lambda: self.boxes_xywh[kept].tolist(),
-            "segmentation": lambda: [self.rles[i] for i in kept.tolist()],
-        }
-        columns = [fields[name]() for name in geometry]
+        columns = [self.boxes_xywh[kept].tolist() if name == "bbox" else [self.rles[i] for i in kept.tolist()] for name in geometry]
         return [
             {"image_id": image_id, "category_id": category_id, **dict(zip(geometry, values)), "score": score}
             for image_id, category_id, score, *values in zip(
