@@ -41,8 +41,8 @@ from train.mask_encoding import encode_masks, init_worker
 from train.metrics import format_duration
 from train.parallel_cocoeval import (
     TaskTiming,
-    available_cpus,
     category_costs,
+    default_workers,
     evaluate_group,
     merged_cocoeval,
     plan_tasks,
@@ -117,14 +117,14 @@ class COCOEvaluator:
         tables: bool = True,
     ):
         """`num_workers`: processes encoding masks (0: in this process); `scoring_workers`: processes running
-        COCOeval (0: one per CPU this process may use). `tables`: print COCOeval's result table (tools); the
+        COCOeval (0: one per CPU this process may use, at most 16). `tables`: print COCOeval's result table (tools); the
         trainer prints one line per epoch instead (every statistic is in its metrics.jsonl)."""
         if backend not in BACKENDS:
             raise EvaluationError(f"unknown COCO evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.annotations_file = Path(annotations_file)
         self.backend = backend
         self.num_workers = num_workers
-        self.scoring_workers = scoring_workers or available_cpus()
+        self.scoring_workers = scoring_workers or default_workers()
         self.mask_threshold = mask_threshold
         self.tables = tables
         # None: the pass's masks may all wait for the workers (evaluation beside training, train/async_evaluation.py)

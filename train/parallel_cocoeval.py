@@ -40,6 +40,7 @@ import numpy as np
 
 TASKS_PER_WORKER = 2  # groups per IoU type and process: the pool evens out the estimates' errors; each costs a pass over the images
 CATEGORY_AXIS = {"precision": 2, "recall": 1, "scores": 2}  # COCOeval.eval's arrays, [T, R, K, A, M] and [T, K, A, M]
+MAX_DEFAULT_WORKERS = 16
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -58,11 +59,13 @@ class TaskTiming:
     cpu_s: float  # CPU seconds of the process that ran it
 
 
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity, e.g. a Slurm or taskset share), else all."""
+def default_workers() -> int:
+    """One process per CPU this process may run on (its affinity: a Slurm or taskset share), at most
+    MAX_DEFAULT_WORKERS: beyond that the heaviest category, never split, sets the time, and each
+    process is one more fork of a trainer's large address space."""
     with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS)
+    return min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
 
 
 def follow_parent(parent_pid: int) -> None:
