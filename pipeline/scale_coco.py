@@ -16,7 +16,7 @@ train2017 (`instances_train2017.json`, 448 MB):
   on the boxes about 42% small, 38% medium, 19% large; COCO: 41/34/24); each a star-shaped
   polygon of 8..40 vertices, 15% in two parts (about 27 vertices an object), coordinates with
   2 decimals as COCO's; `bbox` is the polygons' extent and `area` their shoelace area
-  (nothing in the data path reads it). The annotation file weighs about 510 MB.
+  (nothing in the data path reads it). The annotation file weighs about 505 MB.
 
 What is cheap: the pixels. Each distinct size has one JPEG (smooth noise, about 25 KB at
 640x480; COCO's average 160 KB), and every image of that size is a hard link to it, so the image folder costs

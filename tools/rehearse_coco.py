@@ -18,8 +18,9 @@ process and every process it started) and peak memory (the largest resident set 
    wall, CPU and peak memory of each, per rank. The per-rank batch is the recipes': 96 images
    over 8 ranks (configs/batch96_8gpu.yaml), 256 over 64 (4 a rank).
 
-The set and its shards are deleted at the end (`--keep` keeps them). Disk: about 3.5 GB at
-full size (the shards; the annotation file is about 500 MB). Figures go to stdout and `--json`.
+The set and its shards are deleted at the end (`--keep` keeps them). Disk: about 4.2 GB at
+full size (3.7 GB of shards and the 505 MB annotation file). Figures go to stdout and `--json`;
+docs/SCALE.md has them.
 """
 
 from __future__ import annotations
