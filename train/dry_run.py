@@ -9,9 +9,14 @@
 - full: the real training loop (loader + step), without evaluation or checkpoints.
 
 Each runs warm-up iterations first (not timed), then `iters` timed ones, and reports
-images/s and a per-stage breakdown (seconds per iteration). The images/s is the training
-loop's: nothing waits for the device inside the timed steps (on CUDA they are timed between
-two CUDA events), and the step is `train.engine.TrainingStep` itself. The breakdown is a
+images/s, a per-stage breakdown (seconds per iteration) and the timed steps' losses; it logs
+every step as it goes. The model and full runs step at LR 0 (`hold_weights`): every kernel of
+a real step runs, but random weights cannot diverge into NaN steps. A timed step with a
+non-finite loss ends the run with one sentence, after the report is written.
+
+The images/s is the training loop's: nothing waits for the device inside the timed steps (on
+CUDA they are timed between two CUDA events), and the step is `train.engine.TrainingStep`
+itself; the model run captures only the bucket it times. The breakdown is a
 separate view over a few more steps, whose `lap` hook synchronizes the device at each stage
 boundary so that GPU time lands in its stage (slower than the loop, so not its throughput);
 the clocks are train/throughput.py's.
@@ -24,8 +29,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from model.build import build_model_with_weights
 from model.synthetic_batch import synthetic_batch
@@ -35,23 +43,44 @@ from train import distributed, inputs
 from train.config import Config
 from train.cuda_graphs import graph_static_part
 from train.distributed import DistributedContext
-from train.engine import TrainingStep, build_training_step
-from train.solver import set_learning_rate
+from train.engine import NonFiniteLossError, TrainingStep, build_training_step
 from train.throughput import WARMUP_ITERS, endless, loader_epochs, loader_rate, measure
 
 log = logging.getLogger(__name__)
 
 
-def trainer_step(cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]]) -> tuple[TrainingStep, str]:
-    """The training step as main.py builds it (precision, fused optimizer, CUDA graphs per bucket), and how, for the log."""
+def trainer_step(
+    cfg: Config, ctx: DistributedContext, categories: list[dict[str, Any]], buckets: list[tuple[int, int]] | None = None
+) -> tuple[TrainingStep, str]:
+    """The training step as main.py builds it (precision, fused optimizer, CUDA graphs), at LR 0, and how, for the log.
+
+    The static part is captured for `buckets` (default: every bucket the loader produces),
+    so a run that times one bucket captures only that one.
+    """
+    start = time.perf_counter()
+    log.info("building the model (%s weights) on %s", cfg.train.weights or "random", ctx.device)
     model = build_model_with_weights(cfg.model, categories, cfg.train.weights, ctx.device, for_training=True)
     model.train()
     step = build_training_step(cfg, ctx.device, model)
-    set_learning_rate(step.optimizer, cfg.solver, cfg.solver.warmup_iters)  # post-warmup LR: the typical step
-    graphs = graph_static_part(model, cfg, ctx, step.autocast)
-    setup = f"{graphs}; {step.description}"
-    log.info("%s", setup)
+    hold_weights(step.optimizer)
+    log.info("model built in %.1f s; capturing its static part where CUDA graphs apply", time.perf_counter() - start)
+    graphs = graph_static_part(model, cfg, ctx, step.autocast, buckets)
+    setup = f"{graphs}; {step.description}; LR 0 (weights held)"
+    log.info("%s (%.1f s in all)", setup, time.perf_counter() - start)
     return step, setup
+
+
+def hold_weights(optimizer: torch.optim.Optimizer) -> None:
+    """LR 0 in every parameter group: the step still runs every kernel of a real one (gradients,
+    momentum, weight decay and the fused update, which multiplies by the LR and skips nothing),
+    but the weights stay as built.
+
+    A throughput run times many steps of one batch, often from random weights: at the
+    schedule's LR (0.02 x K after warm-up) the frozen-BN reference model turns to NaN within two
+    steps, and every later step would time NaN arithmetic and report nothing usable.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
 
 
 def dry_run_pipeline(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str, Any]:
@@ -71,7 +100,7 @@ def dry_run_model(cfg: Config, ctx: DistributedContext, iters: int) -> dict[str,
     max_gt = max(manifest["max_instances"], 1) if manifest else 16
     height, width = inputs.bucket_list(cfg.data)[0]  # the landscape bucket (or padded size)
     batch = synthetic_batch(images, (height, width), num_classes, max_gt, device=ctx.device, seed=cfg.seed)
-    step, setup = trainer_step(cfg, ctx, categories)
+    step, setup = trainer_step(cfg, ctx, categories, buckets=[(height, width)])
     result = measure("model", lambda lap: step(batch, lap), iters=iters, images_per_iter=images, device=ctx.device,
                      replays=lambda: step.graph_replays)
     return {**result, "image_size": [height, width], "setup": setup}
@@ -125,4 +154,11 @@ def run_dry_runs(which: str, cfg: Config, ctx: DistributedContext, *, iters: int
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(results, indent=2))
         log.info("dry-run report written to %s", report)
+    nonfinite = {name: results[name]["nonfinite_steps"] for name in names if not results[name].get("losses_finite", True)}
+    if nonfinite:
+        kept = f"its figures are in {report}" if report else "pass --report OUT.json to keep its figures"
+        raise NonFiniteLossError(
+            f"the dry run timed steps with non-finite losses ({', '.join(f'{n}: steps {s}' for n, s in nonfinite.items())}); "
+            f"{kept}: check the data with tools/shard_coco.py --verify and train.weights"
+        )
     return results

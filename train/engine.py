@@ -147,6 +147,11 @@ class LoggedStep:
     lr: float
     skipped: bool  # fp16: the scaler skipped this step's update
 
+    @property
+    def finite(self) -> bool:
+        """Whether every loss of the step is finite (a NaN or inf in any one makes the total so)."""
+        return math.isfinite(self.total)
+
 
 class LossReadback:
     """Per-step losses kept on the device and copied to the host in one transfer."""
@@ -212,7 +217,7 @@ class NonFiniteGuard:
     total: int = 0
 
     def check(self, step: LoggedStep) -> None:
-        if math.isfinite(step.total):
+        if step.finite:
             self.in_a_row = 0
             return
         self.in_a_row += 1
