@@ -1,7 +1,8 @@
 """The torch fallback: the same `Batch` contract without DALI, and the in-repo baseline for benchmarks.
 
 Stages follow the DALI pipeline: read a sample -> decode (torchvision.io.decode_jpeg, on the GPU
-when the training device is CUDA) -> flip and resize the image with the sample's coin
+when the training device is CUDA, after the work already queued on the stream: see
+`wait_before_decoding`) -> flip and resize the image with the sample's coin
 -> scale, flip and pad the ground truth and pad the images per batch, in uint8, with the code
 the DALI backend uses (pipeline/batch.py). DataLoader workers do the per-sample work on the CPU.
 
@@ -65,11 +66,33 @@ class ShardSamples(torch.utils.data.Dataset):
         return out
 
 
+def wait_before_decoding(device: torch.device) -> None:
+    """On CUDA: wait until the work queued on the current stream has run, before a decode writes anything.
+
+    torchvision's CUDA `decode_jpeg` allocates its outputs on the caller's current stream but
+    writes them from a private stream (or nvJPEG's hardware engine), which does not wait for
+    the caller's stream (pytorch/vision PR #9606). The caching allocator hands a block freed on
+    a stream straight to the next allocation on it, so the decoder can be given a block that
+    kernels queued on this stream (the previous batch's resize and padding) have yet to read,
+    and overwrite it. Once the stream's queued work has run, no freed block is still in use.
+    The decode already holds the producer thread until its own stream is done; this makes it
+    wait for the stream's earlier work first (the previous batch's resize, padding and copies).
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """uint8 [3, h, w] RGB images from JPEG bytes (uint8 [n] each), decoded on `device` (batched on CUDA)."""
+    wait_before_decoding(device)
+    return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
 def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) -> None:
     """Decode each sample's JPEG on `device` (batched on CUDA) and apply its flip and resize, in place."""
     start = time.perf_counter()
     try:
-        images = decode_jpeg([s["jpeg"] for s in samples], mode=ImageReadMode.RGB, device=device)
+        images = decode_jpegs([s["jpeg"] for s in samples], device)
     except RuntimeError:
         images = [decode_image(s["jpeg"], s["record"].source, device) for s in samples]  # name the one that fails
     decoded = time.perf_counter()
