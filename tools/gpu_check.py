@@ -9,9 +9,9 @@ The stages run in the order of STAGES. Consecutive stages of one process run in 
 the four graphed bf16 stages share one model and one capture (of the one bucket they time),
 the two eager stages share a process; every other stage has its own. Each stage has its own
 time limit, counted from the end of the stage before it in its process (from the process's
-start for the first), inside a total budget; a stage that fails, hangs or takes the CUDA
-context down costs only itself: its process ends there and the stages after it start in a
-fresh one. A stage that no longer fits the budget is recorded as skipped. cuDNN autotunes
+start for the first), inside a total budget. A failed check (`CheckFailed`) keeps its figures
+and the process goes on; a stage that breaks, hangs or takes the CUDA context down costs only
+itself: its process ends there and the stages after it start in a fresh one. A stage that no longer fits the budget is recorded as skipped. cuDNN autotunes
 only in processes that time training steps. After every stage OUT_DIR/gpu_check.json is
 rewritten:
 
@@ -19,7 +19,7 @@ rewritten:
      "seconds": ..., "process": ..., "figures": {...}}}, "goals": {...}}
 
 and the stage processes' output is appended to OUT_DIR/gpu_check.log: two files in all (8
-may come back). A failed check keeps the figures it measured. The training figures come from
+may come back). The training figures come from
 the trainer's own step (`train.engine.TrainingStep`, built as train/main.py builds it, at LR 0:
 train/dry_run.py `hold_weights`) timed between CUDA events (train/throughput.py), with every
 timed step's losses read back afterwards and checked finite. The rehearsal runs the reference
@@ -31,6 +31,7 @@ docs/PERFORMANCE.md lists the stages, their figures, the goals and the time esti
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -557,8 +558,7 @@ def run_all(out_dir: Path, *, rehearse: bool, budget: float, only: list[str], li
                                         "error": f"{max(left, 0):.0f} s of the budget left"})
                 continue
             process = STAGES[pending[0]].process
-            together = [name for name in pending[: next((i for i, n in enumerate(pending) if STAGES[n].process != process),
-                                                         len(pending))]]
+            together = list(itertools.takewhile(lambda name: STAGES[name].process == process, pending))
             for name, entry in runner.run(together):
                 record(name, entry)
                 pending.remove(name)

@@ -159,6 +159,7 @@ def run_dry_runs(which: str, cfg: Config, ctx: DistributedContext, *, iters: int
         kept = f"its figures are in {report}" if report else "pass --report OUT.json to keep its figures"
         raise NonFiniteLossError(
             f"the dry run timed steps with non-finite losses ({', '.join(f'{n}: steps {s}' for n, s in nonfinite.items())}); "
-            f"{kept}: check the data with tools/shard_coco.py --verify and train.weights"
+            f"{kept}; at LR 0 the weights never change, so the batch, the weights file (train.weights) or fp16's range "
+            "made them so: check the shards with tools/shard_coco.py --verify, or run with train.precision=bf16"
         )
     return results
