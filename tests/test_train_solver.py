@@ -199,5 +199,9 @@ def test_fused_optimizer_steps_like_the_plain_one():
             opt.zero_grad()
             net.head(net.frozen(x)).square().sum().backward()
             opt.step()
+    # One fused kernel and three plain ones round differently (fused multiply-adds): over 50 seeds,
+    # torch's CPU fused SGD came within 0.73 of rtol=1e-6, atol=1e-7. Against this tolerance (on
+    # the CPU) an LR 5% off lands 2.5e4 times outside it, a bias LR factor of 1 or no momentum
+    # 7e4 times, no weight decay 6 times.
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
