@@ -48,9 +48,10 @@ instead of images padded to 800x1344.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.shard_format import Sample, shard_error
 
 MIN_SLOTS = 16  # the smallest ground-truth padding: batches with few instances share one shape
+_UNTIMED = nullcontext()  # make_batch's `measure` when nobody times it (reusable: nothing allocated per part)
 
 @dataclass
 class Batch:
@@ -272,10 +274,12 @@ def make_batch(
     bucket: tuple[int, int] | None,
     size_divisibility: int,
     device: torch.device,
+    measure: Callable[[str], AbstractContextManager] = lambda op: _UNTIMED,
 ) -> Batch:
     """The batch of `records` and their images (uint8 [h, w, 3], on `device` or the CPU), ground truth on the CPU.
 
     `maxima`: (instances, polygons, vertices) per image from the manifest, at least 1 each.
+    `measure(op)` times the `ground_truth` and `pad_images` parts (the loaders' `StageTimer.measure`).
     Raises ShardReadError for a sample past the maxima, ValueError for an image past the bucket.
     """
     max_instances, max_polygons, max_vertices = maxima
@@ -294,7 +298,21 @@ def make_batch(
     if bucket is not None:
         check_fits_bucket(resized, bucket, image_ids)
     shape = padded_shape(resized, bucket, size_divisibility)
+    with measure("ground_truth"):
+        ground_truth = _padded_ground_truth(records, maxima, resized, original, flipped)
+    with measure("pad_images"):
+        padded = pad_images(images, shape, device)
+    return Batch(
+        images=padded, image_sizes=resized, original_sizes=original, flipped=flipped, image_ids=image_ids, **ground_truth
+    )
 
+
+def _padded_ground_truth(
+    records: Sequence[SampleRecord], maxima: tuple[int, int, int], resized: torch.Tensor, original: torch.Tensor,
+    flipped: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The `Batch` fields of the ground truth: padded per batch, scaled to the resized images and flipped."""
+    max_instances, max_polygons, max_vertices = maxima
     num_boxes = torch.tensor([len(r.labels) for r in records], dtype=torch.int32)
     num_polys = torch.tensor([len(r.polys) for r in records], dtype=torch.int32)
     num_verts = torch.tensor([len(r.verts) for r in records], dtype=torch.int32)
@@ -313,19 +331,8 @@ def make_batch(
     verts = verts * scales[:, None, [1, 0]]
     boxes = torch.where((flipped[:, None] & box_rows)[..., None], flip_boxes(boxes, width[:, None]), boxes)
     verts = torch.where((flipped[:, None] & vert_rows)[..., None], flip_vertices(verts, width[:, None]), verts)
-    return Batch(
-        images=pad_images(images, shape, device),
-        image_sizes=resized,
-        original_sizes=original,
-        scales=scales,
-        flipped=flipped,
-        image_ids=image_ids,
-        boxes=boxes,
-        labels=labels.long(),
-        num_boxes=num_boxes,
-        verts=verts,
-        polys=polys,
-        num_polys=num_polys,
+    return dict(
+        scales=scales, boxes=boxes, labels=labels.long(), num_boxes=num_boxes, verts=verts, polys=polys, num_polys=num_polys
     )
 
 

@@ -595,6 +595,11 @@ def sample_refs(shard_set: ShardSet) -> dict[str, list[SampleRef]]:
 
 def read_sample(ref: SampleRef) -> Sample:
     """The sample at `ref`, checked; raises ShardReadError naming the tar and key when it cannot be read or is damaged."""
+    return checked_sample(ref, read_members(ref))
+
+
+def read_members(ref: SampleRef) -> dict[str, bytes]:
+    """The bytes of each component of the sample at `ref` (the file reads of `read_sample`, unchecked)."""
     try:
         with open(ref.tar, "rb") as f:
             members = {}
@@ -605,6 +610,11 @@ def read_sample(ref: SampleRef) -> Sample:
             raise ShardFormatError("the tar ends before a member the index lists")
     except (OSError, ShardFormatError) as e:
         raise shard_error(ref.tar, f"cannot read this sample ({e})", ref.key) from None
+    return members
+
+
+def checked_sample(ref: SampleRef, members: Mapping[str, Buffer]) -> Sample:
+    """`read_members(ref)`'s bytes as a Sample, after `decode_sample`'s check (the check of `read_sample`)."""
     try:
         return decode_sample(members, ref.key, ref.num_categories)
     except ShardFormatError as e:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.batch import Batch, decode_image, make_batch, sample_record, transform_image
-from pipeline.loader import LoaderBase, LoaderSettings
-from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, read_sample, sample_refs, shard_error
+from pipeline.batch import Batch, decode_image, make_batch, transform_image
+from pipeline.loader import PROCESS, LoaderBase, LoaderSettings, StageTimer, read_record, thread_name
+from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, sample_refs, shard_error
 
 T = TypeVar("T")
 _END = object()
@@ -38,31 +37,37 @@ _POLL_S = 0.05  # how often a blocked producer checks whether the consumer has g
 
 
 class ShardSamples(torch.utils.data.Dataset):
-    """Map-style dataset: (group, position, flip) -> one transformed sample, or the error it raised."""
+    """Map-style dataset: (group, position, flip[, trace]) -> one transformed sample, or the error it raised.
+
+    Each sample carries its `spans` (its timer's `take()`: the op totals, and with `trace` the spans
+    themselves), which the loader's timer merges: a worker process times into its own copy of
+    the timer, on the same clock as the main process.
+    """
 
     def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool):
         self.refs = refs
         self.settings = settings
         self.decode = decode  # False: hand the JPEG bytes to the main process (GPU decode)
+        self.timer = StageTimer()
 
-    def __getitem__(self, item: tuple[str, int, bool]) -> dict[str, Any]:
-        group, position, flip = item
-        ref = self.refs[group][position]
+    def __getitem__(self, item: tuple[str, int, bool] | tuple[str, int, bool, bool]) -> dict[str, Any]:
+        group, position, flip = item[:3]
+        self.timer.tracing = len(item) > 3  # the sampler adds the flag while the loader traces
         try:
-            return self._load(ref, flip)
+            with self.timer.measure("sample"):
+                out = self._load(self.refs[group][position], flip)
         except ShardReadError as e:
-            return {"error": e}  # raised in the main process, as one sentence
+            out = {"error": e}  # raised in the main process, as one sentence
+        worker = torch.utils.data.get_worker_info()
+        track = (f"loader worker {worker.id}", "worker") if worker is not None else (PROCESS, thread_name())
+        out["spans"] = self.timer.take(*track)
+        return out
 
     def _load(self, ref: SampleRef, flip: bool) -> dict[str, Any]:
-        start = time.perf_counter()
-        sample = read_sample(ref)
-        out = {
-            "record": sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size),
-            "jpeg": torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8),
-            "times": {"read": time.perf_counter() - start},
-        }
+        record, jpeg = read_record(ref, flip, self.settings, self.timer)
+        out = {"record": record, "jpeg": torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)}
         if self.decode:
-            decode_and_transform([out], torch.device("cpu"))
+            decode_and_transform([out], torch.device("cpu"), self.timer)
         return out
 
 
@@ -88,25 +93,21 @@ def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.
     return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_and_transform(samples: list[dict[str, Any]], device: torch.device) -> None:
+def decode_and_transform(samples: list[dict[str, Any]], device: torch.device, timer: StageTimer) -> None:
     """Decode each sample's JPEG on `device` (batched on CUDA) and apply its flip and resize, in place."""
-    start = time.perf_counter()
-    try:
-        images = decode_jpegs([s["jpeg"] for s in samples], device)
-    except RuntimeError:
-        images = [decode_image(s["jpeg"], s["record"].source, device) for s in samples]  # name the one that fails
-    decoded = time.perf_counter()
+    with timer.measure("decode"):
+        try:
+            images = decode_jpegs([s["jpeg"] for s in samples], device)
+        except RuntimeError:
+            images = [decode_image(s["jpeg"], s["record"].source, device) for s in samples]  # name the one that fails
     for sample, image in zip(samples, images):
         record = sample["record"]
         if tuple(image.shape[1:]) != record.original:
             tar, key = record.source
             raise shard_error(tar, f"the JPEG is {tuple(image.shape[1:])} but its json says {record.original}", key)
-        sample["image"] = transform_image(image, record.resized, record.flipped)
+        with timer.measure("resize_flip"):
+            sample["image"] = transform_image(image, record.resized, record.flipped)
         del sample["jpeg"]
-    per_sample = 1.0 / len(samples)
-    for sample in samples:
-        sample["times"]["decode"] = (decoded - start) * per_sample
-        sample["times"]["augment"] = (time.perf_counter() - decoded) * per_sample
 
 
 def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -115,13 +116,18 @@ def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class _PlanSampler:
-    """The batch sampler handed to the DataLoader: the current epoch's remaining plan."""
+    """The batch sampler handed to the DataLoader: the current epoch's remaining plan.
 
-    def __init__(self):
+    While `timer` traces, each entry also says so to the worker that reads it (`ShardSamples`).
+    """
+
+    def __init__(self, timer: StageTimer):
         self.batches: list[list[tuple[str, int, bool]]] = []
+        self.timer = timer
 
     def __iter__(self):
-        return iter(self.batches)
+        for batch in self.batches:
+            yield [(*entry, True) for entry in batch] if self.timer.tracing else batch
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -133,7 +139,7 @@ class TorchLoader(LoaderBase):
     def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
         """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
         super().__init__(shard_set, settings, **placement)
-        self._sampler = _PlanSampler()
+        self._sampler = _PlanSampler(self.timer)
         workers = settings.torch_workers
         self._loader = torch.utils.data.DataLoader(
             ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device),
@@ -172,13 +178,12 @@ class TorchLoader(LoaderBase):
     def _finish(self, samples: list[dict[str, Any]], group: str) -> tuple[Batch, Any]:
         """On the producer thread, inside `_on_copy_stream`: the batch on the device, and its copies' event."""
         for s in samples:
+            self.timer.merge(s.pop("spans"))
+        for s in samples:
             if "error" in s:
                 raise s["error"]
         if self.decode_on_device:
-            decode_and_transform(samples, self.device)
-        for s in samples:
-            for stage, seconds in s["times"].items():
-                self.timer.add(stage, seconds)
+            decode_and_transform(samples, self.device, self.timer)
         with self.timer.measure("collate"):
             batch = make_batch(
                 [s["record"] for s in samples],
@@ -187,7 +192,10 @@ class TorchLoader(LoaderBase):
                 bucket=None if self.settings.buckets is None else self.settings.buckets[group],
                 size_divisibility=self.settings.size_divisibility,
                 device=self.device,
-            ).to(self.device, non_blocking=True)
+                measure=self.timer.measure,
+            )
+        with self.timer.measure("to_device"):
+            batch = batch.to(self.device, non_blocking=True)
         return batch, self._copies_done()
 
 

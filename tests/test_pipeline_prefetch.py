@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import torch_loader
-from pipeline.loader import build_loader
+from pipeline.loader import StageTimer, build_loader
 from pipeline.torch_loader import prefetched
 from pipeline_shards import data_config
 
@@ -89,8 +89,8 @@ def test_the_gpu_decode_waits_for_the_work_queued_on_its_stream_before_it_starts
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch_loader, "decode_jpeg", decode)
     record = SimpleNamespace(original=(4, 6), resized=(8, 12), flipped=True, source=("shard.tar", "key"))
-    samples = [{"jpeg": torch.zeros(8, dtype=torch.uint8), "record": record, "times": {}} for _ in range(2)]
-    torch_loader.decode_and_transform(samples, torch.device("cuda"))
+    samples = [{"jpeg": torch.zeros(8, dtype=torch.uint8), "record": record} for _ in range(2)]
+    torch_loader.decode_and_transform(samples, torch.device("cuda"), StageTimer())
     assert calls == ["wait for the producer's stream", "decode 2 on cuda"]
     assert samples[0]["image"].shape == (8, 12, 3) and "jpeg" not in samples[0]
     calls.clear()

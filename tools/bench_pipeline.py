@@ -94,7 +94,7 @@ class Bench:
             pipe, feeder, groups = loader.epoch_pipeline(e)
             for _ in groups:
                 yield pipe.run()
-                feeder.fed.popleft()  # the records the loader would batch
+                feeder.take()  # the records the loader would batch
 
         return self._rate(endless(epoch))
 
