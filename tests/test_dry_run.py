@@ -151,7 +151,7 @@ def test_the_model_dry_run_of_random_reference_weights_reports_finite_losses_for
 
 def test_a_dry_run_with_non_finite_losses_writes_its_report_then_stops_in_one_sentence(tmp_path, monkeypatch):
     figures = {"images_per_s": 3.0, "losses": [{"total": float("nan")}], "nonfinite_steps": [1], "losses_finite": False}
-    monkeypatch.setitem(dry_run.RUNNERS, "model", lambda cfg, ctx, iters: figures)
+    monkeypatch.setitem(dry_run.RUNNERS, "model", lambda cfg, ctx, iters, traces: figures)
     ctx = init_distributed("cpu", env={})
     with pytest.raises(NonFiniteLossError, match=r"non-finite losses \(model: steps \[1\]\); its figures are in .*R.json"):
         run_dry_runs("model", load_config(REFERENCE), ctx, iters=1, report=str(tmp_path / "R.json"))

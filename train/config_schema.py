@@ -243,6 +243,8 @@ SCHEMA: dict[str, Rule] = {
     "train.collective_timeout_s": NON_NEGATIVE,  # 0: torch's defaults, no watch
     "train.deterministic": Flag(),
     "train.num_threads": NON_NEGATIVE_INT,
+    "train.trace": Text(),  # "": no trace
+    "train.trace_iters": ListOf(COUNT, length=2, increasing=True),  # [first, last): iterations first .. last - 1
     "train.mlperf.org": Text(non_empty=True),
     "train.mlperf.platform": Text(non_empty=True),
     "train.mlperf.division": Choice(MLPERF_DIVISIONS),

@@ -126,6 +126,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per dry run (after warm-up)")
     parser.add_argument("--report", help="write the dry-run figures to this JSON file")
     parser.add_argument(
+        "--trace", metavar="FILE.json",
+        help="write a Chrome trace (Perfetto) of the loader and the step, with a per-op table and FILE.png (sets "
+             "train.trace): dry runs trace their timed iterations, training the iterations of train.trace_iters",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, before or after the flags, e.g. solver.base_lr=0.04"
     )
     return parser
@@ -142,7 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """The config file, then the command line's paths, then its KEY=VALUE overrides."""
-    paths = {"data.train_shards": args.data, "data.val_shards": args.val_data, "data.val_annotations": args.val_annotations}
+    paths = {"data.train_shards": args.data, "data.val_shards": args.val_data, "data.val_annotations": args.val_annotations,
+             "train.trace": args.trace}
     flags = [f"{key}={json.dumps(value)}" for key, value in paths.items() if value]
     if args.resume:
         flags.append(f"train.resume={json.dumps(args.resume)}")
@@ -314,8 +320,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         def save_mid_epoch() -> None:
             save(state.epoch, train_loader.state_dict())
 
+        loop_step = step
+        if cfg.train.trace:  # an opt-in wrapper: the step's phases and the loader's spans, for a window of iterations
+            from train.trace import TraceWindow, rank_path, traced_step
+
+            window = TraceWindow(train_loader.timer, rank_path(cfg.train.trace, ctx.rank, ctx.world_size),
+                                 *cfg.train.trace_iters, device=ctx.device)
+            cleanup.callback(window.finish)  # a run that ends inside the window writes what it traced
+            loop_step = traced_step(step, window, done=state.iteration)
         loop = EpochLoop(
-            step, cfg.solver, guard, readback_every=cfg.train.loss_readback_every, global_batch=cfg.solver.ims_per_batch,
+            loop_step, cfg.solver, guard, readback_every=cfg.train.loss_readback_every, global_batch=cfg.solver.ims_per_batch,
             max_iter=cfg.solver.max_iter, step_seed=(cfg.seed, ctx.rank), save_checkpoint=save_mid_epoch,
             checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, stop=stop,
             poll=poll if queue is not None else None,

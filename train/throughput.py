@@ -15,11 +15,13 @@ import os
 import resource
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from pipeline.loader import StageTimer
 from train.engine import LossReadback, no_lap
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,12 @@ def measure(
     warmup: int = WARMUP_ITERS,
     breakdown: int = BREAKDOWN_ITERS,
     replays: Callable[[], int] | None = None,
+    trace: StageTimer | None = None,
 ) -> dict[str, Any]:
     """`step(lap)` `warmup` times untimed, `iters` times timed (images/s), then `breakdown` times
     with a synchronizing `lap` for the per-stage breakdown. With `replays` (a CUDA-graph replay
-    count, such as `TrainingStep.graph_replays`) also the replays per step.
+    count, such as `TrainingStep.graph_replays`) also the replays per step. `trace` (a timer)
+    traces the timed steps only (train/trace.py).
 
     `step` returns its losses, still on the device (as `TrainingStep` does). The timed steps'
     losses stay there as the training loop keeps them (`LossReadback`), are read back once the
@@ -135,9 +139,10 @@ def measure(
     readback = LossReadback()
 
     def timed_steps() -> None:
-        for i in range(iters):
-            readback.add(i + 1, step(no_lap), math.nan)  # no schedule here: the LR column stays empty
-            progress("timed", i + 1, iters)
+        with tracing(trace):
+            for i in range(iters):
+                readback.add(i + 1, step(no_lap), math.nan)  # no schedule here: the LR column stays empty
+                progress("timed", i + 1, iters)
 
     seconds, cpu_time = timed_seconds(timed_steps, device)
     logged = readback.flush()
@@ -202,13 +207,28 @@ def loader_epochs(loader: Any) -> Callable[[int], Iterable[Any]]:
     return epoch
 
 
-def loader_rate(loader: Any, *, warmup: int, iters: int, device: torch.device) -> dict[str, Any]:
-    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/loader.py `StageTimer`)."""
+@contextmanager
+def tracing(timer: StageTimer | None) -> Iterator[None]:
+    """`timer` keeps its spans inside the block (train/trace.py); None: nothing."""
+    if timer is None:
+        yield
+        return
+    timer.tracing = True
+    try:
+        yield
+    finally:
+        timer.tracing = False
+
+
+def loader_rate(loader: Any, *, warmup: int, iters: int, device: torch.device, trace: bool = False) -> dict[str, Any]:
+    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/loader.py `StageTimer`);
+    with `trace`, its timer keeps the measured batches' spans."""
     batches = endless(loader_epochs(loader))
     for _ in range(warmup):
         next(batches)
     before = loader.timings()["total_s"]
-    rate = measure_rate(batches, len, warmup=0, iters=iters, device=device)
+    with tracing(loader.timer if trace else None):
+        rate = measure_rate(batches, len, warmup=0, iters=iters, device=device)
     after = loader.timings()["total_s"]
     stages = {s: None if t is None else 1000.0 * (t - before[s]) / rate["images"] for s, t in after.items()}
     return {**rate, "stage_ms_per_image": stages, "batches_per_epoch": len(loader)}
