@@ -19,6 +19,8 @@ Which samples, in which order and with which coins, is the epoch plan both backe
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import queue
 import threading
 from contextlib import AbstractContextManager, nullcontext
@@ -37,11 +39,12 @@ _POLL_S = 0.05  # how often a blocked producer checks whether the consumer has g
 
 
 class ShardSamples(torch.utils.data.Dataset):
-    """Map-style dataset: (group, position, flip[, trace]) -> one transformed sample, or the error it raised.
+    """Map-style dataset: (group, position, flip) -> one transformed sample, or the error it raised.
 
-    Each sample carries its `spans` (its timer's `take()`: the op totals, and with `trace` the spans
-    themselves), which the loader's timer merges: a worker process times into its own copy of
-    the timer, on the same clock as the main process.
+    Each sample carries its `spans` (its timer's `take()`: the op totals, and while `tracing` the
+    spans themselves), which the loader's timer merges: a worker process times into its own copy
+    of the timer, on the same clock as the main process. `tracing` is shared memory, so the
+    workers follow the loader's timer as it changes (the loader copies it once per batch).
     """
 
     def __init__(self, refs: dict[str, list[SampleRef]], settings: LoaderSettings, decode: bool):
@@ -49,10 +52,11 @@ class ShardSamples(torch.utils.data.Dataset):
         self.settings = settings
         self.decode = decode  # False: hand the JPEG bytes to the main process (GPU decode)
         self.timer = StageTimer()
+        self.tracing = multiprocessing.RawValue(ctypes.c_bool, False)
 
-    def __getitem__(self, item: tuple[str, int, bool] | tuple[str, int, bool, bool]) -> dict[str, Any]:
-        group, position, flip = item[:3]
-        self.timer.tracing = len(item) > 3  # the sampler adds the flag while the loader traces
+    def __getitem__(self, item: tuple[str, int, bool]) -> dict[str, Any]:
+        group, position, flip = item
+        self.timer.tracing = self.tracing.value
         try:
             with self.timer.measure("sample"):
                 out = self._load(self.refs[group][position], flip)
@@ -116,18 +120,13 @@ def collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class _PlanSampler:
-    """The batch sampler handed to the DataLoader: the current epoch's remaining plan.
+    """The batch sampler handed to the DataLoader: the current epoch's remaining plan."""
 
-    While `timer` traces, each entry also says so to the worker that reads it (`ShardSamples`).
-    """
-
-    def __init__(self, timer: StageTimer):
+    def __init__(self):
         self.batches: list[list[tuple[str, int, bool]]] = []
-        self.timer = timer
 
     def __iter__(self):
-        for batch in self.batches:
-            yield [(*entry, True) for entry in batch] if self.timer.tracing else batch
+        return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -139,10 +138,11 @@ class TorchLoader(LoaderBase):
     def __init__(self, shard_set: ShardSet, settings: LoaderSettings, **placement: Any):
         """`placement`: the keywords of `LoaderBase` (training, batch_size, rank, world_size, seed, device)."""
         super().__init__(shard_set, settings, **placement)
-        self._sampler = _PlanSampler(self.timer)
+        self._sampler = _PlanSampler()
         workers = settings.torch_workers
+        self._samples = ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device)
         self._loader = torch.utils.data.DataLoader(
-            ShardSamples(sample_refs(shard_set), settings, decode=not self.decode_on_device),
+            self._samples,
             batch_sampler=self._sampler,
             collate_fn=collate,
             num_workers=workers,
@@ -159,6 +159,7 @@ class TorchLoader(LoaderBase):
         self._sampler.batches = self._plan(epoch)[start:]
         groups = [entries[0][0] for entries in self._sampler.batches]
         # The worker processes start (fork) here, on the consumer's thread, not on the producer's.
+        self._samples.tracing.value = self.timer.tracing  # the workers trace while the timer does (copied per batch)
         samples = iter(self._loader)
         ready = prefetched(
             lambda: (self._finish(next(samples), group) for group in groups),
@@ -167,6 +168,7 @@ class TorchLoader(LoaderBase):
         )
         try:
             while True:
+                self._samples.tracing.value = self.timer.tracing
                 with self.timer.measure("wait"):
                     item = next(ready, None)
                 if item is None:

@@ -295,12 +295,13 @@ def draw_timeline(document: Mapping[str, Any], path: str | Path, seconds: float 
     labels = []
     for y, key in enumerate(rows):
         pid, tid, depth = key
-        track = names.get((pid, tid), "DALI: batches inside DALI" if tid == -1 else str(tid))
-        labels.append(f"{processes.get(pid, pid)}: {track}" + (f" [{depth}]" if depth else ""))
+        process = str(processes.get(pid, pid)).split(" (pid ")[0]
+        track = names.get((pid, tid), "batches inside DALI" if tid == -1 else str(tid))
+        labels.append(f"{track if process == PROCESS else process}" + (f" [{depth}]" if depth else ""))
         for op in ops:
             bars = [(start / 1000, duration / 1000) for start, duration, name in lanes[key] if name == op]
             if bars:
-                ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=colours[op], edgecolor="none")
+                ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=colours[op], edgecolor="white", linewidth=0.2)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, seconds * 1000)
