@@ -301,6 +301,7 @@ def run_pipeline_benchmark(
             runs[row].append(bench.run(row, baseline))
             gc.collect()  # end this row's pipelines and worker processes before the next row
     figures = {row: _median_row(r) for row, r in runs.items()}
+    span_ns = span_cost_ns() if any(r in figures for r in TRACED_ROWS) else None
     ours = figures[f"{backend}_loader"]
     stages = dict(ours["stage_ms_per_image"])
     if backend == "dali" and all(r in figures for r in ("bare_dali", *STAGE_ROWS)):
@@ -328,7 +329,8 @@ def run_pipeline_benchmark(
         "rows": figures,
         "runs": runs,
         "ratios": ratios(figures),
-        "tracing_cost": tracing_cost(figures, span_cost_ns()) if any(r in figures for r in TRACED_ROWS) else {},
+        "span_cost_ns": span_ns,
+        "tracing_cost": tracing_cost(figures, span_ns) if span_ns else {},
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
 
@@ -513,6 +515,10 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"  {stage:8s} {'inside DALI' if ms is None else f'{ms:8.2f}'}")
     for name, ratio in result["ratios"].items():
         print(f"ratio {name:26s} CPU {ratio['cpu']:.2f}x  rate {ratio['rate']:.2f}x")
+    if result["span_cost_ns"]:
+        cost = result["span_cost_ns"]
+        print(f"a span costs {cost['off']:.0f} ns with the timer not tracing, {cost['on']:.0f} ns tracing, "
+              f"and {cost['merge']:.0f} ns more from a worker")
     for row, cost in result["tracing_cost"].items():
         print(f"tracing {row}: {cost['spans_per_image']:.1f} spans per image add about {1000 * cost['added_cpu_ms_per_image']:.1f} "
               f"CPU us per image, {cost['share_of_cpu']:.2%} of its CPU time (the traced row measured {cost['measured_cpu_ratio']:.3f}x)")
