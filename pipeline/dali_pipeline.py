@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.batch import Batch, SampleRecord, decode_image, make_batch
+from pipeline.batch import Batch, SampleRecord, decode_image
 from pipeline.loader import LoaderBase, LoaderSettings, StageTimer, read_record
 from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, sample_refs, shard_error
 
@@ -138,25 +138,13 @@ class DaliLoader(LoaderBase):
     def _to_batch(self, images, records: list[SampleRecord], group: str) -> Batch:
         """The copy out of DALI's buffers (`pad_images`, inside `collate`) and the ground truth's copy to the device."""
         with self._on_copy_stream():
-            with self.timer.measure("collate"):
-                # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
-                batch = make_batch(
-                    records,
-                    [torch.from_dlpack(images[i]) for i in range(len(images))],
-                    maxima=self.maxima,
-                    bucket=None if self.settings.buckets is None else self.settings.buckets[group],
-                    size_divisibility=self.settings.size_divisibility,
-                    device=self.device,
-                    measure=self.timer.measure,
-                )
-            with self.timer.measure("to_device"):
-                batch = batch.to(self.device, non_blocking=True)
-                copies_done = self._copies_done()
-                if copies_done is not None:
-                    # DALI reuses its output buffers once run() is called again, on its own stream, which
-                    # nothing orders after this copy: the copy out must be over before then (a
-                    # device-to-device copy of the batch, on a stream that holds nothing else).
-                    copies_done.synchronize()
+            # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
+            batch, copies_done = self._collate(records, [torch.from_dlpack(images[i]) for i in range(len(images))], group)
+        if copies_done is not None:
+            # DALI reuses its output buffers once run() is called again, on its own stream, which
+            # nothing orders after this copy: the copy out must be over before then (a
+            # device-to-device copy of the batch, on a stream that holds nothing else).
+            copies_done.synchronize()
         return self._hand_over(batch, copies_done)
 
 

@@ -54,7 +54,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from pipeline.batch import Batch, SampleRecord, bucket_shapes, sample_record
+from pipeline.batch import Batch, SampleRecord, bucket_shapes, make_batch, sample_record
 from pipeline.epoch_plan import epoch_plan, group_batches
 from pipeline.shard_format import SampleRef, ShardSet, checked_sample, open_shard_set, read_members
 
@@ -458,6 +458,24 @@ class LoaderBase:
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """Batches `start`, `start + 1`, ... of `epoch` (a resume starts past 0)."""
         raise NotImplementedError
+
+    def _collate(
+        self, records: list[SampleRecord], images: list[torch.Tensor], group: str
+    ) -> tuple[Batch, torch.cuda.Event | None]:
+        """The batch on the device (`collate` and `to_device` spans), and the event after its copies (`_copies_done`)."""
+        with self.timer.measure("collate"):
+            batch = make_batch(
+                records,
+                images,
+                maxima=self.maxima,
+                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+                size_divisibility=self.settings.size_divisibility,
+                device=self.device,
+                measure=self.timer.measure,
+            )
+        with self.timer.measure("to_device"):
+            batch = batch.to(self.device, non_blocking=True)
+        return batch, self._copies_done()
 
     def _on_copy_stream(self) -> AbstractContextManager:
         """Where a batch's device work runs: the side stream on CUDA (on any thread), so it overlaps compute."""

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.batch import Batch, decode_image, make_batch, transform_image
+from pipeline.batch import Batch, decode_image, transform_image
 from pipeline.loader import PROCESS, LoaderBase, LoaderSettings, StageTimer, read_record, thread_name
 from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, sample_refs, shard_error
 
@@ -186,19 +186,7 @@ class TorchLoader(LoaderBase):
                 raise s["error"]
         if self.decode_on_device:
             decode_and_transform(samples, self.device, self.timer)
-        with self.timer.measure("collate"):
-            batch = make_batch(
-                [s["record"] for s in samples],
-                [s["image"] for s in samples],
-                maxima=self.maxima,
-                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
-                size_divisibility=self.settings.size_divisibility,
-                device=self.device,
-                measure=self.timer.measure,
-            )
-        with self.timer.measure("to_device"):
-            batch = batch.to(self.device, non_blocking=True)
-        return batch, self._copies_done()
+        return self._collate([s["record"] for s in samples], [s["image"] for s in samples], group)
 
 
 def prefetched(

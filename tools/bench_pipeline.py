@@ -422,8 +422,9 @@ def cores_sentence(result: dict[str, Any]) -> str:
         f"here the fastest setting, {key}={fastest['value']}, delivered {fastest['images_per_s']:.0f} images/s "
         f"({fastest['images_per_s'] / rate:.0%} of it) on {result['machine']['cpus']} cores"
     )
+    where = "decoding and resizing on the CPU" if result.get("device", "cpu") == "cpu" else f"delivering to {result['device']}"
     return (
-        f"to keep up with {rate:g} images/s per GPU the {result['backend']} loader needs about "
+        f"to keep up with {rate:g} images/s per GPU the {result['backend']} loader, {where}, needs about "
         f"{result['cores_per_gpu']:.1f} cores per GPU ({fastest['cpu_ms_per_image']:.1f} CPU ms per image at "
         f"{key}={fastest['value']}, its fastest setting here); {here}"
     )
@@ -565,10 +566,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench_pipeline: {e}", file=sys.stderr)
         return 1
     print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return 0
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def sweep_main(args: argparse.Namespace) -> int:
@@ -590,9 +595,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         print(f"bench_pipeline: {e}", file=sys.stderr)
         return 1
     print_sweep(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     if args.plot:
         try:
             plot_sweep(result, args.plot)

@@ -68,7 +68,7 @@ OPS: dict[str, tuple[str, str]] = {
     "collate": ("group", "the batch made from its samples (batch.make_batch)"),
     "ground_truth": ("work", "per batch: ground truth padded, scaled and flipped"),
     "pad_images": ("work", "per batch: images copied into the padded batch (DALI: the copy out of its buffers)"),
-    "to_device": ("work", "per batch: the batch to the training device (on CUDA: queueing the copies)"),
+    "to_device": ("work", "per batch: the batch to the training device (on CUDA: queueing the copies; DALI then waits for them)"),
     "wait": ("wait", "the consumer blocked for its next batch (DALI: pipe.run, the feeds it calls included)"),
     "dali_graph": ("inside", "a batch inside DALI, from its feed to its outputs (decode, resize, flip in DALI's threads)"),
     "step": ("group", "one training step: the batch consumed"),
