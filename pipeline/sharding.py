@@ -13,11 +13,15 @@ Reference rules (maskrcnn-benchmark's COCODataset, which the MLPerf reference tr
 - before the filter, annotations whose bbox has a NaN or infinite coordinate are dropped (not in
   the reference, which has none: see `finite_annotations`);
 - per image, in order: crowd annotations removed; bbox xywh -> xyxy (continuous, no "- 1")
-  clipped to the image, and removed when it has no positive width or height; polygons with
+  clipped to the image, and removed when it has no positive width or height; an RLE mask (as
+  labeling tools export instance masks) becomes one polygon whose fill is exactly the mask
+  (pipeline/coco_masks.py; the manifest's `rle_masks` records each conversion's IoU against
+  pycocotools' decode); polygons with
   fewer than 3 points or a NaN or infinite coordinate removed; an instance left without a polygon removed. A kept image may
   end with no instance (only crowd annotations); it stays, as in the reference.
 - `--mode eval` keeps every image. Its shards hold the same cleaned non-crowd instances;
-  crowd annotations are counted, not stored, because evaluation reads the original JSON.
+  crowd annotations are counted, not stored, because evaluation reads the original JSON, so a
+  file with an annotation that COCO's evaluation cannot score (pipeline/coco_masks.py) is refused.
 Every image is decoded once: one that is missing, does not decode (or would take more memory
 than PIL's decompression-bomb limit allows), or whose size differs from the JSON is left out and listed in the manifest by file name. A run that stores no image at all
 (a wrong --images folder) is an error, not an empty set.
@@ -47,6 +51,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.coco_masks import RleConversions, SegmentationError, scoring_refusal
 from pipeline.shard_format import (
     GROUPS,
     MANIFEST_NAME,
@@ -81,6 +86,7 @@ SHORT_POLYGON = "polygon: fewer than 3 points"
 NON_FINITE_POLYGON = "polygon: NaN or infinite coordinate (in float32)"
 NO_POLYGON = "instance: no polygon left"
 BOX_CLIPPED = "instance: bbox clipped to the image"
+RLE_CONVERTED = "instance: RLE mask converted to an exact polygon (manifest: rle_masks)"
 REENCODED = "image: re-encoded as JPEG (source was not an RGB or grayscale JPEG)"
 
 INSTANCES_NOTE = {
@@ -216,8 +222,12 @@ def clean_instances(
     contiguous_id: dict[int, int],
     dropped: Counter,
     repaired: Counter,
+    rle_masks: RleConversions,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The reference per-image rules: returns (boxes xyxy, labels, polys, verts) in shard layout."""
+    """The reference per-image rules: returns (boxes xyxy, labels, polys, verts) in shard layout.
+
+    An RLE mask (as labeling tools export instance masks) becomes one exact polygon (`rle_masks`).
+    """
     boxes, labels, polys, verts = [], [], [], []
     num_verts = 0
     for ann in anns:
@@ -231,7 +241,10 @@ def clean_instances(
             continue
         if box != [x, y, x + w, y + h]:
             repaired[BOX_CLIPPED] += 1
-        segmentation = ann["segmentation"] if isinstance(ann["segmentation"], list) else []
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, dict):
+            segmentation = rle_masks.polygons(ann, height, width)
+            repaired[RLE_CONVERTED] += bool(segmentation)
         polygons = [p for p in segmentation if len(p) >= 6]
         dropped[SHORT_POLYGON] += len(segmentation) - len(polygons)
         with np.errstate(over="ignore"):  # a coordinate beyond float32 becomes infinite, and is dropped
@@ -318,7 +331,7 @@ def _write_one_shard(task: tuple[Path, list[ImageJob]]) -> dict[str, Any]:
 
 
 def plan_jobs(
-    data: dict[str, Any], images_dir: Path, mode: str, dropped: Counter, repaired: Counter
+    data: dict[str, Any], images_dir: Path, mode: str, dropped: Counter, repaired: Counter, rle_masks: RleConversions
 ) -> list[ImageJob]:
     """Apply the mode's image filter and the per-image rules; returns jobs in image-id order."""
     contiguous_id = {c["coco_id"]: c["id"] for c in category_map(data["categories"])}
@@ -330,7 +343,7 @@ def plan_jobs(
         anns = finite_annotations(anns_by_image[image["id"]], dropped)
         if mode == "train" and not keep_image_for_training(anns, dropped):
             continue
-        arrays = clean_instances(anns, image["height"], image["width"], contiguous_id, dropped, repaired)
+        arrays = clean_instances(anns, image["height"], image["width"], contiguous_id, dropped, repaired, rle_masks)
         jobs.append(
             ImageJob(image["id"], image["file_name"], image["height"], image["width"],
                      images_dir / image["file_name"], *arrays)
@@ -388,7 +401,15 @@ def shard_coco(
 
     dropped: Counter = Counter()
     repaired: Counter = Counter()
-    jobs = plan_jobs(data, images_dir, mode, dropped, repaired)
+    rle_masks = RleConversions()
+    if mode == "eval":  # evaluation will score this file: what it cannot score stops here
+        refusal = scoring_refusal(data, str(annotations_file), "fix or remove it in the file, then shard it again")
+        if refusal:
+            raise CocoInputError(refusal)
+    try:
+        jobs = plan_jobs(data, images_dir, mode, dropped, repaired, rle_masks)
+    except SegmentationError as e:
+        raise CocoInputError(f"{annotations_file}: {e}; fix the file") from None
     try:
         with replacing_folder(out_dir) as staging:
             tasks = assign_shards(jobs, staging, split, samples_per_shard, seed)
@@ -425,6 +446,7 @@ def shard_coco(
                 "max_vertices": max((len(j.verts) for j in stored), default=0),
                 "dropped": dict(sorted((k, v) for k, v in dropped.items() if v)),
                 "repaired": dict(sorted((k, v) for k, v in repaired.items() if v)),
+                "rle_masks": rle_masks.summary(),
                 "undecodable": [name for name, _ in excluded],
             })
     except OSError as e:
