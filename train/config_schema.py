@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from model.backbone import BLOCKS_PER_STAGE, NORMS
 from model.normalization import NORMALIZATIONS
 from model.rpn import ANCHOR_GENERATORS
+from pipeline.batch import bucket_problem
 from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -160,7 +161,7 @@ RETIRED: dict[str, str] = {
 }
 
 SCHEMA: dict[str, Rule] = {
-    "seed": NON_NEGATIVE_INT,
+    "seed": Number(low=0, high=2**32 - 1, integer=True),  # numpy and DALI take 32-bit seeds
     "output_dir": Text(non_empty=True),
     "data.train_shards": Text(),
     "data.val_shards": Text(),
@@ -276,6 +277,14 @@ RELATIONS = (
         "be twice model.roi_heads.mask_pooler_resolution (the mask head's deconvolution doubles it)",
     ),
 )
+
+
+def check_buckets(values: Mapping[str, Any]) -> str | None:
+    """data.buckets against the sizes it must hold (pipeline/batch.py's rule), when static shapes use them."""
+    keys = ("data.static_shapes", "data.min_size", "data.max_size", "data.size_divisibility", "data.buckets")
+    if not all(key in values for key in keys) or not values["data.static_shapes"]:
+        return None
+    return bucket_problem(*(values[key] for key in keys[1:]))
 
 
 def check_value(key: str, value: Any) -> tuple[Any, str | None]:
