@@ -393,6 +393,8 @@ def shard_coco(
         raise CocoInputError(f"mode must be one of {MODES}, got {mode!r}")
     if samples_per_shard < 1 or workers < 1:
         raise CocoInputError("--samples-per-shard and --workers must be at least 1")
+    if seed < 0:
+        raise CocoInputError(f"--seed must be a non-negative integer, got {seed}")
     if not images_dir.is_dir():
         raise CocoInputError(f"{images_dir}: no such images folder; pass the folder of JPEGs with --images")
     split = split or default_split(annotations_file)

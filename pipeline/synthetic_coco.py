@@ -44,6 +44,7 @@ PATTERNS = {
 }
 PATTERN_NAMES = tuple(PATTERNS)
 PORTRAIT_FRACTION = 0.25
+MAX_SIDE = 8192  # 8192^2 pixels stay under PIL's decompression-bomb limit, which the sharder applies
 TINY_FRACTION = 0.1  # share of ordinary objects drawn a few pixels wide
 
 
@@ -152,8 +153,11 @@ def _check_options(num_images: int, options: SyntheticOptions) -> None:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if not 1 <= options.num_classes <= len(COCO_CATEGORIES):
         raise ValueError(f"num_classes must be within 1..{len(COCO_CATEGORIES)}, got {options.num_classes}")
-    if min(options.image_size) < 32:
-        raise ValueError(f"image_size must be at least 32x32, got {options.image_size}")
+    if min(options.image_size) < 32 or max(options.image_size) > MAX_SIDE:
+        raise ValueError(
+            f"image_size must be within 32..{MAX_SIDE} on each side, got {tuple(options.image_size)} "
+            "(larger images exceed what the sharder decodes safely)"
+        )
     if options.max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {options.max_objects}")
     for name in ("grayscale_fraction", "empty_fraction", "crowd_fraction"):

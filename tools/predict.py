@@ -39,6 +39,7 @@ from model.weights import WeightsError, read_weights
 from pipeline.images import batch_from_images, orientation_batches
 from pipeline.loader import settings_from_config
 from train.config import ConfigError
+from train.config_schema import COUNT, FRACTION, cli_type
 from train.distributed import pick_device
 from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
 from train.interrupts import Interrupted, SignalStop, signals_interrupt
@@ -56,10 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, type=Path, help="trainer checkpoint, this model's or torchvision's Mask R-CNN state dict")
     parser.add_argument("--images", required=True, type=Path, help="folder of JPEG/PNG images")
     parser.add_argument("--out", required=True, type=Path, help="folder for detections.json and pictures/")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0: all)")
+    parser.add_argument("--score-threshold", type=cli_type(FRACTION), default=0.5, help="keep detections scoring at least this (0: all)")
     parser.add_argument("--config", type=Path, help="model config (default: the one saved in the checkpoint)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: eval.ims_per_batch)")
+    parser.add_argument("--batch-size", type=cli_type(COUNT), help="images per forward pass (default: eval.ims_per_batch)")
     parser.add_argument("--no-pictures", action="store_true", help="write detections.json only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.roi_heads.detections_per_img=50")
     return parser

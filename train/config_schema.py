@@ -11,6 +11,7 @@ tests/test_config.py fails until every key has a rule.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -285,6 +286,20 @@ def check_buckets(values: Mapping[str, Any]) -> str | None:
     if not all(key in values for key in keys) or not values["data.static_shapes"]:
         return None
     return bucket_problem(*(values[key] for key in keys[1:]))
+
+
+def cli_type(rule: Rule) -> Callable[[str], Any]:
+    """An argparse `type` that holds a command-line value to `rule`, so a tool's flags and the config
+    keys share one definition of each range; argparse turns a refusal into its one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if isinstance(rule, Number) and rule.integer else text
+            return rule.coerce(value)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule.description}") from None
+
+    return parse
 
 
 def check_value(key: str, value: Any) -> tuple[Any, str | None]:
