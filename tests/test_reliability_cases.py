@@ -136,7 +136,7 @@ def test_predict_stopped_by_a_signal_keeps_the_finished_images(signum, many_phot
     stdout, stderr = process.communicate(timeout=300)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     last = _one_sentence(result, 128 + signum, f"stopped by {signal.Signals(signum).name}; the ",
-                         f"are in {out / 'detections.json'}: run the same command again for every image")
+                         f"are in {out / 'detections.json'}: run the same command again with --overwrite for every image")
     finished = int(re.search(r"detections of the (\d+) images finished", last).group(1))
     entries = json.loads((out / "detections.json").read_text())
     assert 1 <= finished < 60 and len({e["image_id"] for e in entries}) == finished and len(entries) == 10 * finished

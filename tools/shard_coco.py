@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.shard_format import ShardFormatError
 from pipeline.sharding import MODES, CocoInputError, ShardWriteError, shard_coco, verify_shards
+from train.output_paths import OutputPathError, check_outputs_apart
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,12 +53,13 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if args.images is None or args.annotations is None or args.mode is None:
             raise CocoInputError("sharding needs --images, --annotations and --mode (or pass --verify)")
+        check_outputs_apart({"--out": args.out}, {"--images": args.images, "--annotations": args.annotations})
         start = time.perf_counter()
         manifest = shard_coco(
             args.images, args.annotations, args.out, mode=args.mode, samples_per_shard=args.samples_per_shard,
             workers=args.workers, seed=args.seed, split=args.split, progress=True,
         )
-    except (CocoInputError, ShardFormatError, ShardWriteError) as e:
+    except (CocoInputError, ShardFormatError, ShardWriteError, OutputPathError) as e:
         print(f"shard_coco: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from train.config_schema import COUNT, FRACTION, cli_type
+from train.output_paths import OutputPathError, check_outputs_apart
 from train.visualization import VisualizationError, write_visualizations
 
 
@@ -39,6 +40,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {args.annotations} does not exist; pass a COCO instances JSON", file=sys.stderr)
         return 2
     try:
+        check_outputs_apart(
+            {"--out": args.out}, {"--annotations": args.annotations, "--images": args.images, "--predictions": args.predictions}
+        )
         paths = write_visualizations(
             args.annotations,
             args.images,
@@ -48,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
             num_images=args.num,
             score_threshold=args.score_threshold,
         )
-    except VisualizationError as e:
+    except (VisualizationError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} pictures to {args.out}")

@@ -73,7 +73,7 @@ from train.checkpoint import (
     this_ranks_position,
     weights_loaded,
 )
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, load_config, lookup
 from train.cuda_graphs import graph_static_part
 from train.distributed import (
     DistributedContext,
@@ -99,6 +99,7 @@ from train.inputs import build_data_loader, categories_of, require_inputs
 from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
+from train.output_paths import OutputPathError, check_outputs_apart
 from train.run_folder import RunFolder, RunFolderError, check_output_dir
 from train.solver import log_closed_division_check
 
@@ -107,7 +108,9 @@ log = logging.getLogger("train")
 # Errors a user can cause and fix; main() ends them with one sentence and exit code 2.
 USER_ERRORS = (
     ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
+    OutputPathError,
 )
+RUN_INPUTS = ("data.train_shards", "data.val_shards", "data.val_annotations", "train.weights")  # never written
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRAIN_POLL_S = 0.5  # waiting for the last results: a signal is honoured within this
 
@@ -152,6 +155,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     wall_start, init_start_ms = time.perf_counter(), time.time() * 1000
     cfg = resolve_config(args)
+    check_outputs_apart(
+        {"output_dir": cfg.output_dir, "--report": args.report},
+        {"--config": args.config, **{key: lookup(cfg, key) for key in RUN_INPUTS}},
+    )
     ctx = init_distributed(cfg.train.device, collective_timeout_s=cfg.train.collective_timeout_s)
     setup_logging(ctx)
     if args.dry_run:
