@@ -43,6 +43,8 @@ import signal
 import stat
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -419,10 +421,10 @@ def shard_coco(
             tasks = assign_shards(jobs, staging, split, samples_per_shard, seed)
             results = []
             # Workers start before the progress bar's monitor thread exists, so nothing is forked mid-update.
-            with _worker_map(workers, len(tasks)) as run, tqdm(
+            with _completed(_write_one_shard, tasks, workers) as finished, tqdm(
                 total=len(jobs), unit="img", desc=f"sharding {split}", disable=not progress
             ) as bar:
-                for result in run(_write_one_shard, tasks):
+                for result in finished:
                     results.append(result)
                     bar.update(result["images"])
 
@@ -455,6 +457,12 @@ def shard_coco(
             })
     except OSError as e:
         raise _write_error(e, out_dir) from None
+    except BrokenProcessPool:
+        kept = "the shard set there is unchanged" if (out_dir / MANIFEST_NAME).is_file() else "nothing was left behind"
+        raise ShardWriteError(
+            f"a worker process died while sharding into {out_dir} (when memory runs out, the kernel's OOM killer "
+            f"ends one so); run again with fewer --workers; {kept}"
+        ) from None
     return read_manifest(out_dir)
 
 
@@ -470,18 +478,43 @@ def _nothing_stored(images_dir: Path, annotations_file: Path, planned: int, excl
 
 
 @contextlib.contextmanager
-def _worker_map(workers: int, num_tasks: int) -> Iterator[Callable]:
-    """A `map` over worker processes, results in completion order; in-process for one worker."""
-    if workers == 1 or num_tasks <= 1:
-        yield map
+def _completed(work: Callable[[Any], Any], tasks: list, workers: int) -> Iterator[Iterator[Any]]:
+    """`work(task)` for every task, in worker processes (in this one for one worker), results in completion order.
+
+    A ProcessPoolExecutor rather than a multiprocessing.Pool: a worker that dies (the OOM killer, a
+    SIGTERM sent to the whole process group) leaves a Pool waiting for ever, on the lost task or on
+    a queue lock the dead worker held, where the executor reports it (BrokenProcessPool). When the
+    block fails or is interrupted, the workers are killed at once: their shards are no longer wanted,
+    and one may be stuck (a hung network file system) where waiting would never end.
+    """
+    if workers == 1 or len(tasks) <= 1:
+        yield map(work, tasks)
         return
     # "fork" where the OS has it: workers start at once and work when the caller is an
     # interactive session or a `python -` script, which "spawn" would have to re-import.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    # Workers leave Ctrl-C to the parent, which stops the pool and cleans up in one place.
-    with context.Pool(min(workers, num_tasks), initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        yield pool.imap_unordered
+    before = set(multiprocessing.active_children())
+    executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_leave_signals_to_parent)
+    try:
+        futures = [executor.submit(work, task) for task in tasks]
+        yield (future.result() for future in as_completed(futures))
+    except BaseException:
+        for process in set(multiprocessing.active_children()) - before:  # this executor's workers
+            process.kill()
+        raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _leave_signals_to_parent() -> None:
+    """A worker's signals: Ctrl-C and a hang-up, which reach the terminal's whole process group, are
+    the parent's to handle (it stops the workers and removes the staging folder in one place);
+    SIGTERM ends a worker quietly instead of running the handler a fork copied from the parent
+    (tools/shard_coco.py raises there, which would print a traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- replacing a shard folder

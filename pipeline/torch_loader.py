@@ -19,16 +19,17 @@ Which samples, in which order and with which coins, is the epoch plan both backe
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch, decode_image, make_batch, sample_record, transform_image
-from pipeline.loader import LoaderBase, LoaderSettings
+from pipeline.loader import LoaderBase, LoaderSettings, LoaderWorkerLost
 from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, read_sample, sample_refs, shard_error
 
 T = TypeVar("T")
@@ -130,7 +131,8 @@ class TorchLoader(LoaderBase):
         self._sampler.batches = self._plan(epoch)[start:]
         groups = [entries[0][0] for entries in self._sampler.batches]
         # The worker processes start (fork) here, on the consumer's thread, not on the producer's.
-        samples = iter(self._loader)
+        with worker_deaths(), deferred_worker_errors():
+            samples = iter(self._loader)  # persistent workers wait here for the epoch's first samples
         ready = prefetched(
             lambda: (self._finish(next(samples), group) for group in groups),
             depth=self.settings.prefetch,
@@ -138,7 +140,7 @@ class TorchLoader(LoaderBase):
         )
         try:
             while True:
-                with self.timer.measure("wait"):
+                with self.timer.measure("wait"), worker_deaths():
                     item = next(ready, None)
                 if item is None:
                     return
@@ -166,6 +168,39 @@ class TorchLoader(LoaderBase):
                 device=self.device,
             ).to(self.device, non_blocking=True)
         return batch, self._copies_done()
+
+
+@contextmanager
+def worker_deaths() -> Iterator[None]:
+    """torch's error for a DataLoader worker that died, as `LoaderWorkerLost`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):  # torch's words for a worker that died
+            raise
+        raise LoaderWorkerLost(
+            f"a worker process of the torch loader died ({' '.join(str(e).split())}); when memory runs out, the "
+            "kernel's OOM killer ends one so: lower data.torch_workers or data.prefetch"
+        ) from None
+
+
+@contextmanager
+def deferred_worker_errors() -> Iterator[None]:
+    """Starting the DataLoader's workers without torch's SIGCHLD handler.
+
+    That handler raises a dead worker's error in the main thread wherever it is, say halfway
+    through an optimizer step, which no checkpoint could then keep. Without it the DataLoader
+    still finds the dead worker when the next batch is fetched (it checks its workers while it
+    waits), and the consumer gets `LoaderWorkerLost` between two steps.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # torch installs no handler off the main thread
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def prefetched(

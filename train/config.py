@@ -224,8 +224,8 @@ def validate(data: dict[str, Any], origins: Mapping[str, str]) -> None:
     buckets = config_schema.check_buckets(values)
     if buckets:
         raise ConfigError(
-            f"data.buckets ({_origin(origins, 'data.buckets')}) {buckets}; list each (height, width) once, "
-            "each at least one of those, or set data.static_shapes=false"
+            f"data.buckets ({_origin(origins, 'data.buckets')}) {buckets}; list each [height, width] once, "
+            "each at least as large as one of those, or set data.static_shapes=false"
         )
 
 
