@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from model.weights import load_failure
 from train.config import Config
 from train.distributed import DistributedContext, gather_from_ranks
 
@@ -187,7 +188,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: torch raises many kinds of error
-        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); pass another checkpoint") from e
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({load_failure(e)}); pass another checkpoint") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UnreadableCheckpoint(f"{path} is not a checkpoint written by train/main.py; pass one from <output_dir>/checkpoints")
     return state
