@@ -19,6 +19,7 @@ Which samples, in which order and with which coins, is the epoch plan both backe
 from __future__ import annotations
 
 import queue
+import re
 import signal
 import threading
 import time
@@ -172,14 +173,17 @@ class TorchLoader(LoaderBase):
 
 @contextmanager
 def worker_deaths() -> Iterator[None]:
-    """torch's error for a DataLoader worker that died, as `LoaderWorkerLost`."""
+    """A DataLoader worker's death, as `LoaderWorkerLost`: torch's error for a worker that exited, or the
+    broken connection met when a batch the dead worker had queued is received (its tensors' file
+    descriptors go through a connection to that worker)."""
     try:
         yield
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):  # torch's words for a worker that died
-            raise
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        text = " ".join(str(e).split())
+        if isinstance(e, RuntimeError) and not re.search(r"DataLoader worker .* (exited unexpectedly|is killed by)", text):
+            raise  # an error of the work itself, which torch re-raises from the worker
         raise LoaderWorkerLost(
-            f"a worker process of the torch loader died ({' '.join(str(e).split())}); when memory runs out, the "
+            f"a worker process of the torch loader died ({text or type(e).__name__}); when memory runs out, the "
             "kernel's OOM killer ends one so: lower data.torch_workers or data.prefetch"
         ) from None
 
