@@ -32,6 +32,7 @@ from model.mask_targets import polygon_mask_targets
 from pipeline.coco_masks import SegmentationError, mask_polygon, polygon_iou, rle_counts, rle_polygon, scoring_problem
 from pipeline.shard_format import open_shard_set, read_sample, sample_refs
 from pipeline.sharding import RLE_CONVERTED
+from pipeline.synthetic_coco import make_synthetic_coco
 from tests.model_helpers import batch_from
 from tests.test_model_mask_targets import R, pycocotools_target
 from tests.train_runs import ENV, PYTHON, REPO, TINY, losses
@@ -246,6 +247,21 @@ def test_any_annotation_is_either_refused_in_words_or_scored(area, bbox, segment
 
 
 # --- a labeling tool's export, through the real command lines ---------------------------------------
+
+
+@pytest.mark.parametrize("form", ["rle", "rle-list"])
+def test_make_synthetic_coco_writes_the_masks_of_its_polygons_as_rle(form, tmp_path):
+    """`--masks rle|rle-list`: the same images, each non-crowd mask the RLE of the polygon set's mask."""
+    polygons = COCO(str(make_synthetic_coco(tmp_path / "polygons", "val", 6, image_size=(64, 80))))
+    rles = COCO(str(make_synthetic_coco(tmp_path / form, "val", 6, image_size=(64, 80), masks=form)))
+    assert polygons.getAnnIds() == rles.getAnnIds()
+    for ann_id in polygons.getAnnIds():
+        original, exported = polygons.anns[ann_id], rles.anns[ann_id]
+        if original["iscrowd"]:
+            assert exported == original
+            continue
+        assert isinstance(exported["segmentation"]["counts"], str if form == "rle" else list)
+        assert np.array_equal(rles.annToMask(exported), polygons.annToMask(original))
 
 def test_an_rle_export_is_sharded_exactly_and_trains_on_its_masks(synthetic_coco, tmp_path):
     """The synthetic train set's instances exported as RLE masks, half compressed and half as count

@@ -228,7 +228,7 @@ class RunFolder:
             return None
         try:
             state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise RunFolderError(f"{path} cannot be read ({e}); move it away to resume without its records") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise RunFolderError(f"{path} was not written by train/main.py; move it away to resume without it")
