@@ -5,6 +5,8 @@
 - `fill(folder)`: write a filler file until the disk is really full (ENOSPC); returns it, so the
   test can delete it to "free some space".
 - `children(pid)`: the live child process ids of `pid` (from /proc), to signal a worker directly.
+- `floats(...)`: hypothesis' floats without subnormals: a trainer run in the same process
+  (torch.set_flush_denormal) flushes them to zero, which hypothesis refuses to build floats under.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import strategies as st
 
 
 @contextlib.contextmanager
@@ -53,3 +56,7 @@ def fill(folder: Path) -> Path:
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def floats(*args, **kwargs) -> st.SearchStrategy[float]:
+    return st.floats(*args, allow_subnormal=False, **kwargs)

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from faults import floats
 from model.mask_targets import polygon_mask_targets
 from pipeline.coco_masks import SegmentationError, mask_polygon, polygon_iou, rle_counts, rle_polygon, scoring_problem
 from pipeline.shard_format import open_shard_set, read_sample, sample_refs
@@ -227,11 +228,11 @@ def test_what_would_hang_or_exhaust_pycocotools_is_refused_without_trying_it():
 
 @settings(max_examples=120, deadline=None)
 @given(
-    area=st.one_of(st.none(), st.floats(allow_nan=True), st.integers(-5, 5000), st.text(max_size=3)),
-    bbox=st.one_of(st.lists(st.floats(-10, 80), min_size=0, max_size=5), st.none()),
+    area=st.one_of(st.none(), floats(allow_nan=True), st.integers(-5, 5000), st.text(max_size=3)),
+    bbox=st.one_of(st.lists(floats(-10, 80), min_size=0, max_size=5), st.none()),
     segmentation=st.one_of(
-        st.lists(st.lists(st.floats(-20, 80, allow_nan=False), max_size=10), max_size=3),
-        st.lists(st.lists(st.one_of(st.floats(), st.integers(-10, 100), st.text(max_size=2)), max_size=8), max_size=2),
+        st.lists(st.lists(floats(-20, 80, allow_nan=False), max_size=10), max_size=3),
+        st.lists(st.lists(st.one_of(floats(), st.integers(-10, 100), st.text(max_size=2)), max_size=8), max_size=2),
         st.fixed_dictionaries({"size": st.just([50, 60]), "counts": st.lists(st.integers(0, 3000), max_size=4)}),
     ),
     iscrowd=st.sampled_from([0, 1, None]),

@@ -24,7 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from faults import children, fill, grow, small_disk
+from faults import children, floats, grow, small_disk
 from pipeline.shard_format import read_manifest
 from pipeline.sharding import shard_coco
 from tests.model_helpers import random_checkpoint
@@ -337,7 +337,7 @@ NUMERIC_KEYS = sorted(key for key, rule in SCHEMA.items() if isinstance(rule, Nu
 
 @settings(max_examples=60, deadline=None)
 @given(key=st.sampled_from(NUMERIC_KEYS), value=st.one_of(
-    st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6), st.booleans(),
+    st.integers(-(2**70), 2**70), floats(allow_nan=True, allow_infinity=True), st.text(max_size=6), st.booleans(),
 ))
 def test_any_value_typed_for_a_numeric_key_is_taken_or_refused_in_one_sentence(key, value):
     override = f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
