@@ -307,7 +307,8 @@ def scoring_problem(ann: Mapping[str, Any], image: Mapping[str, Any] | None) -> 
         except TypeError:
             return "has a polygon that is not an even-length list of x, y numbers"
         if not math.isfinite(total) or (polygon and (min(polygon) < -limit or max(polygon) > 2 * limit)):
-            return f"has a polygon coordinate that is not finite or lies far off its {image['width']}x{image['height']} image"
+            size = f"{image['width']}x{image['height']}"
+            return f"has a polygon coordinate that is not finite or lies far off its {size} image"
     if len(segmentation[0]) < 6:
         points = len(segmentation[0]) // 2
         return f"has a first polygon of {points} point{'s' * (points != 1)} (pycocotools needs at least 3 to score it)"

@@ -136,7 +136,9 @@ def load_coco_instances(annotations_file: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoInputError(f"{path} is not valid JSON ({e}); pass a COCO instances JSON") from None
     except RecursionError:  # Python's json reader recurses once per level of nesting
-        raise CocoInputError(f"{path} nests arrays or objects too deeply to be COCO instances; pass a COCO instances JSON") from None
+        raise CocoInputError(
+            f"{path} nests arrays or objects too deeply to be COCO instances; pass a COCO instances JSON"
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise CocoInputError(
             f"{path} is not in COCO instances format (needs lists 'images', 'annotations' and 'categories')"

@@ -169,16 +169,16 @@ def _decode(paths: list[Path]) -> dict[Path, torch.Tensor]:
 
 def _earlier_results(args: argparse.Namespace) -> list[Path]:
     """What an earlier run left in --out: detections.json, pictures/*.png; refused before any work without --overwrite."""
-    found = [p for p in (args.out / "detections.json",) if p.is_file()] + sorted((args.out / "pictures").glob("*.png"))
-    if found and not args.overwrite:
-        pictures = len(found) - (found[0].name == "detections.json")
-        what = [name for name, present in (("detections.json", pictures < len(found)), (f"{pictures} pictures", pictures))
-                if present]
+    detections = [args.out / "detections.json"] if (args.out / "detections.json").is_file() else []
+    pictures = sorted((args.out / "pictures").glob("*.png"))
+    if (detections or pictures) and not args.overwrite:
+        drawn = f"{len(pictures)} picture{'s' * (len(pictures) != 1)}"
+        what = ["detections.json"] * bool(detections) + [drawn] * bool(pictures)
         raise PredictError(
             f"--out {args.out} already holds {' and '.join(what)} from an earlier run; pass --overwrite to replace "
             "them, or a new --out"
         )
-    return found
+    return detections + pictures
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:

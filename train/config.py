@@ -141,7 +141,8 @@ def parse_override(override: str) -> tuple[str, Any]:
 def apply_override(data: dict[str, Any], override: str, origins: dict[str, str] | None = None) -> None:
     """Apply one `a.b.c=VALUE` to nested `data` in place; VALUE is parsed as YAML."""
     key, value = parse_override(override)
-    _set(data, key, value, f"override {override}", origins)
+    shown = override if override.isprintable() else override.encode("unicode_escape").decode()  # one line, always
+    _set(data, key, value, f"override {shown}", origins)
 
 
 def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[str, str] | None = None) -> None:
