@@ -62,6 +62,12 @@ BACKENDS = ("dali", "torch")
 DECODE_DEVICES = ("auto", "gpu", "cpu")
 
 
+class LoaderWorkerLost(RuntimeError):
+    """A worker process of the loader died (the kernel's OOM killer sends SIGKILL): raised when the
+    consumer asks for the next batch, so the batches handed over so far, and the loader's position
+    after them, are consistent; the message says what died and what to lower."""
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     min_size: int

@@ -385,7 +385,7 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_bytes())
     except OSError as e:
         raise ShardFormatError(f"cannot read {path} ({e.strerror}); make it readable") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/shard_coco.py") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None

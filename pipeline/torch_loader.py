@@ -22,15 +22,17 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import queue
+import re
+import signal
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.batch import Batch, decode_image, transform_image
-from pipeline.loader import PROCESS, LoaderBase, LoaderSettings, StageTimer, read_record, thread_name
+from pipeline.loader import PROCESS, LoaderBase, LoaderSettings, LoaderWorkerLost, StageTimer, read_record, thread_name
 from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, sample_refs, shard_error
 
 T = TypeVar("T")
@@ -160,7 +162,8 @@ class TorchLoader(LoaderBase):
         groups = [entries[0][0] for entries in self._sampler.batches]
         # The worker processes start (fork) here, on the consumer's thread, not on the producer's.
         self._samples.tracing.value = self.timer.tracing  # the workers trace while the timer does (copied per batch)
-        samples = iter(self._loader)
+        with worker_deaths(), deferred_worker_errors():
+            samples = iter(self._loader)  # persistent workers wait here for the epoch's first samples
         ready = prefetched(
             lambda: (self._finish(next(samples), group) for group in groups),
             depth=self.settings.prefetch,
@@ -169,7 +172,7 @@ class TorchLoader(LoaderBase):
         try:
             while True:
                 self._samples.tracing.value = self.timer.tracing
-                with self.timer.measure("wait"):
+                with self.timer.measure("wait"), worker_deaths():
                     item = next(ready, None)
                 if item is None:
                     return
@@ -187,6 +190,42 @@ class TorchLoader(LoaderBase):
         if self.decode_on_device:
             decode_and_transform(samples, self.device, self.timer)
         return self._collate([s["record"] for s in samples], [s["image"] for s in samples], group)
+
+
+@contextmanager
+def worker_deaths() -> Iterator[None]:
+    """A DataLoader worker's death, as `LoaderWorkerLost`: torch's error for a worker that exited, or the
+    broken connection met when a batch the dead worker had queued is received (its tensors' file
+    descriptors go through a connection to that worker)."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        text = " ".join(str(e).split())
+        if isinstance(e, RuntimeError) and not re.search(r"DataLoader worker .* (exited unexpectedly|is killed by)", text):
+            raise  # an error of the work itself, which torch re-raises from the worker
+        raise LoaderWorkerLost(
+            f"a worker process of the torch loader died ({text or type(e).__name__}); when memory runs out, the "
+            "kernel's OOM killer ends one so: lower data.torch_workers or data.prefetch"
+        ) from None
+
+
+@contextmanager
+def deferred_worker_errors() -> Iterator[None]:
+    """Starting the DataLoader's workers without torch's SIGCHLD handler.
+
+    That handler raises a dead worker's error in the main thread wherever it is, say halfway
+    through an optimizer step, which no checkpoint could then keep. Without it the DataLoader
+    still finds the dead worker when the next batch is fetched (it checks its workers while it
+    waits), and the consumer gets `LoaderWorkerLost` between two steps.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # torch installs no handler off the main thread
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def prefetched(

@@ -136,7 +136,7 @@ def test_ctrl_c_while_sharding_leaves_the_previous_set_as_it_was(synthetic_coco,
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == f"shard_coco: interrupted; {out} is as it was before this run"
+    assert stderr.strip().splitlines()[-1] == f"shard_coco: stopped by SIGINT; {out} is as it was before this run: run the same command again"
     assert snapshot(out) == before
 
 

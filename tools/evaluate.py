@@ -41,6 +41,7 @@ from train.engine import autocast_context, resolve_precision
 from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
 from train.inference import config_for_weights
 from train.interrupts import Interrupted, SignalStop, signals_interrupt
+from train.output_paths import OutputPathError, check_outputs_apart
 
 
 class OutputError(OSError):
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with signals_interrupt() as stop:
             evaluate(args, stop)
-    except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
+    except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as stop:  # metrics of part of the set are not COCO's: nothing to keep
@@ -75,6 +76,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
+    check_outputs_apart(
+        {"--json": args.json, "--results": args.results},
+        {"--weights": args.weights, "--data": args.data, "--annotations": args.annotations, "--config": args.config},
+    )
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)
     ctx = init_distributed(args.device)

@@ -20,7 +20,10 @@ categories); --config and KEY=VALUE overrides apply on top. Files without a conf
 configs/reference.yaml and what the weights need (torchvision's COCO Mask R-CNN: RGB
 normalization, stride in the 3x3 conv, its anchors, COCO's category names). Errors end in one sentence, exit
 code 2; an image that does not decode is skipped with a warning. Ctrl-C or SIGTERM stops after
-writing detections.json for the images finished so far (exit code 130 or 143).
+writing detections.json for the images finished so far (exit code 130 or 143). An --out that
+holds an earlier run's detections.json or pictures is refused before any work, unless
+--overwrite is given (then they are removed once every check has passed); --out may not be
+--images or lie inside it (train/output_paths.py).
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from model.weights import WeightsError, read_weights
 from pipeline.images import batch_from_images, orientation_batches
 from pipeline.loader import settings_from_config
 from train.config import ConfigError
+from train.config_schema import COUNT, FRACTION, cli_type
 from train.distributed import pick_device
 from train.inference import config_for_weights, detect, image_files, image_ids, read_image, result_entries
 from train.interrupts import Interrupted, SignalStop, signals_interrupt
+from train.output_paths import OutputPathError, check_outputs_apart
 from train.visualization import category_colors, draw_predictions
 
 CHUNK_BATCHES = 4  # batches of images decoded at a time
@@ -56,11 +61,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, type=Path, help="trainer checkpoint, this model's or torchvision's Mask R-CNN state dict")
     parser.add_argument("--images", required=True, type=Path, help="folder of JPEG/PNG images")
     parser.add_argument("--out", required=True, type=Path, help="folder for detections.json and pictures/")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0: all)")
+    parser.add_argument("--score-threshold", type=cli_type(FRACTION), default=0.5, help="keep detections scoring at least this (0: all)")
     parser.add_argument("--config", type=Path, help="model config (default: the one saved in the checkpoint)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: eval.ims_per_batch)")
+    parser.add_argument("--batch-size", type=cli_type(COUNT), help="images per forward pass (default: eval.ims_per_batch)")
     parser.add_argument("--no-pictures", action="store_true", help="write detections.json only")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the detections.json and pictures/ of an earlier run in --out (without it, such an --out is refused)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.roi_heads.detections_per_img=50")
     return parser
 
@@ -69,16 +78,21 @@ def main(args: argparse.Namespace) -> int:
     try:
         with signals_interrupt() as stop:
             predict(args, stop)
-    except (PredictError, WeightsError, ConfigError) as e:
+    except (PredictError, WeightsError, ConfigError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(stop.sentence("run the same command again for every image"), file=sys.stderr)
+        print(stop.sentence("run the same command again with --overwrite for every image"), file=sys.stderr)
         return stop.exit_code
     return 0
 
 
 def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[dict]:
+    check_outputs_apart(
+        {"--out": args.out, "--out (its pictures/)": args.out / "pictures"},
+        {"--weights": args.weights, "--images": args.images, "--config": args.config},
+    )
+    earlier = _earlier_results(args)
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)  # a bad value stops here, before --out is made
     categories = weights.class_categories()
@@ -92,6 +106,10 @@ def predict(args: argparse.Namespace, stop: SignalStop | None = None) -> list[di
     names = {int(c["coco_id"]): c["name"] for c in categories}
     colors = category_colors(sorted(names))
 
+    for path in earlier:  # --overwrite, once every check has passed: no earlier result mixes with this run's
+        path.unlink()
+    if earlier:
+        print(f"predict: --overwrite: removed the earlier run's {len(earlier)} files from {args.out}")
     ids = dict(zip(files, image_ids(files)))
     entries: list[dict] = []
     start, done, skipped = time.perf_counter(), 0, 0
@@ -147,6 +165,20 @@ def _decode(paths: list[Path]) -> dict[Path, torch.Tensor]:
         except RuntimeError as e:
             print(f"warning: skipped {path}: it does not decode as a JPEG or PNG ({' '.join(str(e).split())[:120]})")
     return images
+
+
+def _earlier_results(args: argparse.Namespace) -> list[Path]:
+    """What an earlier run left in --out: detections.json, pictures/*.png; refused before any work without --overwrite."""
+    detections = [args.out / "detections.json"] if (args.out / "detections.json").is_file() else []
+    pictures = sorted((args.out / "pictures").glob("*.png"))
+    if (detections or pictures) and not args.overwrite:
+        drawn = f"{len(pictures)} picture{'s' * (len(pictures) != 1)}"
+        what = ["detections.json"] * bool(detections) + [drawn] * bool(pictures)
+        raise PredictError(
+            f"--out {args.out} already holds {' and '.join(what)} from an earlier run; pass --overwrite to replace "
+            "them, or a new --out"
+        )
+    return detections + pictures
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:

@@ -181,6 +181,7 @@ def _score_in_child(
     gc.freeze()  # the trainer's objects are never collected here: some hold CUDA memory, which a fork must not touch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # not Linux: close() still kills it
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != trainer_pid:  # the trainer died before prctl took effect

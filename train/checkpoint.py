@@ -5,7 +5,10 @@ A checkpoint holds the model, optimizer and GradScaler state, the schedule posit
 the resolved config, the categories of the class outputs and the id of the run that wrote
 it. It is written to a temporary file in the same folder and renamed into place (`os.replace`
 is atomic on POSIX), so a crash or SIGKILL never leaves a half-written file under a checkpoint
-name. A file damaged later (a disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
+name; the temporary file such a kill leaves is removed by the next trainer on the folder
+(`remove_abandoned_temporaries`). A write that fails (a full disk, which torch's zip writer
+reports as a RuntimeError "unexpected pos") is one sentence, `CheckpointWriteError`, with the
+newest checkpoint kept as it was. A file damaged later (a disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
 the newest one that still reads. Which checkpoints a run may delete is the run folder's
 business (train/run_folder.py).
 """
@@ -17,18 +20,21 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from model.weights import load_failure
 from train.config import Config
 from train.distributed import DistributedContext, gather_from_ranks
 
 log = logging.getLogger(__name__)
 
 FORMAT = "maskrcnn-train-checkpoint/1"
+TEMPORARY_PREFIX = "."  # a checkpoint is written as `.ckpt-<iteration>.pt.tmp-<pid>`, then renamed
 # Sections of the config a checkpoint must agree with to be resumed: they fix the
 # parameters' shapes, the schedule and the random streams. Paths, logging and evaluation
 # settings may change between a run and its resumption.
@@ -44,6 +50,10 @@ class CheckpointError(ValueError):
 
 class UnreadableCheckpoint(CheckpointError):
     """The file is damaged or is not a checkpoint of this trainer."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk); the message names it, the newest one kept, and the fix."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -122,16 +132,46 @@ def save_checkpoint(
         "categories": categories,
         "run_id": run_id,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "unexpected pos" not in str(e):
+            raise  # torch's zip writer reports a failed write (a full disk) as "unexpected pos"; others are bugs
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(e, path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_failure(error: OSError | RuntimeError, path: Path) -> str:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write stopped short"
+    free_mb = shutil.disk_usage(path.parent).free / 1e6
+    kept = [p for p in list_checkpoints(path.parent.parent) if p != path]
+    previous = f"the newest checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
+    return (
+        f"cannot write checkpoint {path} ({reason}; {free_mb:.1f} MB free on its disk); {previous}: free some space "
+        "or set a larger disk's output_dir, and continue with --resume"
+    )
+
+
+def remove_abandoned_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete the partial checkpoints (`.ckpt-*.pt.tmp-PID`) that a kill during a write left behind.
+
+    Called by the trainer that holds the run folder's lock (train/run_folder.py) before it writes a
+    checkpoint of its own: no other trainer can be writing there, so every such file is a dead
+    writer's, whatever its PID (a restarted container often gives the new trainer the old one's PID).
+    """
+    folder = checkpoint_dir(output_dir)
+    abandoned = sorted(folder.glob(f"{TEMPORARY_PREFIX}ckpt-*.pt.tmp-*")) if folder.is_dir() else []
+    for path in abandoned:
+        path.unlink(missing_ok=True)
+    return abandoned
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
@@ -148,7 +188,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: torch raises many kinds of error
-        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}); pass another checkpoint") from e
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({load_failure(e)}); pass another checkpoint") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UnreadableCheckpoint(f"{path} is not a checkpoint written by train/main.py; pass one from <output_dir>/checkpoints")
     return state

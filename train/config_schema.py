@@ -11,6 +11,7 @@ tests/test_config.py fails until every key has a rule.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from model.backbone import BLOCKS_PER_STAGE, NORMS
 from model.normalization import NORMALIZATIONS
 from model.rpn import ANCHOR_GENERATORS
+from pipeline.batch import bucket_problem
 from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -160,7 +162,7 @@ RETIRED: dict[str, str] = {
 }
 
 SCHEMA: dict[str, Rule] = {
-    "seed": NON_NEGATIVE_INT,
+    "seed": Number(low=0, high=2**32 - 1, integer=True),  # numpy and DALI take 32-bit seeds
     "output_dir": Text(non_empty=True),
     "data.train_shards": Text(),
     "data.val_shards": Text(),
@@ -278,6 +280,28 @@ RELATIONS = (
         "be twice model.roi_heads.mask_pooler_resolution (the mask head's deconvolution doubles it)",
     ),
 )
+
+
+def check_buckets(values: Mapping[str, Any]) -> str | None:
+    """data.buckets against the sizes it must hold (pipeline/batch.py's rule), when static shapes use them."""
+    keys = ("data.static_shapes", "data.min_size", "data.max_size", "data.size_divisibility", "data.buckets")
+    if not all(key in values for key in keys) or not values["data.static_shapes"]:
+        return None
+    return bucket_problem(*(values[key] for key in keys[1:]))
+
+
+def cli_type(rule: Rule) -> Callable[[str], Any]:
+    """An argparse `type` that holds a command-line value to `rule`, so a tool's flags and the config
+    keys share one definition of each range; argparse turns a refusal into its one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if isinstance(rule, Number) and rule.integer else text
+            return rule.coerce(value)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule.description}") from None
+
+    return parse
 
 
 def check_value(key: str, value: Any) -> tuple[Any, str | None]:

@@ -16,13 +16,14 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline.epoch_plan import derived_seed
+from pipeline.loader import LoaderWorkerLost
 from train.checkpoint import parameters_are_finite
 from train.config import Config, ConfigError
 from train.config_schema import PRECISIONS
@@ -276,6 +277,16 @@ class EpochLoop:
     poll: Callable[[], bool] | None = None
 
 
+def _logging_first(batches: Iterable[Any], read_back: Callable[[], None]) -> Iterator[Any]:
+    """`batches`; if a loader worker dies, the steps done so far are read back (logged, checked) before the
+    error goes on to main, which keeps them in a checkpoint."""
+    try:
+        yield from batches
+    except LoaderWorkerLost:
+        read_back()
+        raise
+
+
 def train_one_epoch(loop: EpochLoop, batches: Iterable[Any], state: TrainState) -> bool:
     """Step through `batches` until it ends or `loop.max_iter` steps are done; True if it ended.
 
@@ -303,7 +314,7 @@ def train_one_epoch(loop: EpochLoop, batches: Iterable[Any], state: TrainState) 
             raise
 
     ended = True
-    for batch in batches:
+    for batch in _logging_first(batches, read_back):
         lr = set_learning_rate(step.optimizer, loop.solver_cfg, state.iteration)
         if loop.step_seed is not None:
             seed_step(loop.step_seed, state.iteration)

@@ -33,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 
 from model.detections import Detections
 from pipeline.batch import Batch, flip_boxes
+from pipeline.coco_masks import scoring_refusal
 from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
@@ -348,9 +349,17 @@ def _load_ground_truth(annotations_file: Path, backend: str) -> Any:
         raise EvaluationError(f"{annotations_file} does not exist; pass the COCO instances JSON, e.g. instances_val2017.json")
     try:
         with quiet():
-            return _coco_api(backend)[0](str(annotations_file))
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
+            coco_gt = _coco_api(backend)[0](str(annotations_file))
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
         raise EvaluationError(f"{annotations_file} is not a COCO instances file ({e}); pass instances_val2017.json") from e
+    # Checked before any training: an annotation COCOeval cannot score would fail every evaluation, every --resume.
+    refusal = scoring_refusal(
+        coco_gt.dataset, str(annotations_file),
+        "fix or remove it in the file, then shard the val set again (tools/shard_coco.py --mode eval)",
+    )
+    if refusal:
+        raise EvaluationError(refusal)
+    return coco_gt
 
 
 def quiet() -> contextlib.AbstractContextManager:
