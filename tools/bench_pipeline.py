@@ -51,6 +51,7 @@ import torch
 from pipeline.loader import LoaderSettings, build_loader, dali_available, settings_from_config
 from pipeline.shard_format import ShardFormatError, open_shard_set
 from train.config import ConfigError, load_config
+from train.output_paths import exit_if_overlapping
 from train.throughput import endless, loader_rate, measure_rate
 
 ROWS = ("dali_loader", "dali_graph", "bare_dali", "torch_loader", "torchvision")
@@ -530,6 +531,10 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_if_overlapping("bench_pipeline", {"--json": args.json, "--plot": args.plot}, {
+        "--data": args.data, "--config": args.config, "--baseline-images": args.baseline_images,
+        "--baseline-annotations": args.baseline_annotations,
+    })
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0 or args.repeat < 1:
         print("bench_pipeline: --batch-size, --iters and --repeat must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from train.output_paths import exit_if_overlapping
 from train.trace import TIMELINE_SECONDS, draw_timeline, format_op_table, op_table, span_durations
 
 
@@ -28,6 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_if_overlapping("trace_report", {"--png": args.png, "--json": args.json}, {"the trace": args.trace})
     try:
         document = json.loads(args.trace.read_text())
         durations = span_durations(document)

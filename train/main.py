@@ -32,9 +32,10 @@ train.max_epochs). `torchrun --max-restarts=N` restarts resume by themselves. Re
 (one log per attempt), metrics.jsonl, config.yaml, checkpoints/.
 
 Exit codes: 0 done (or already done); 2 a user error, one sentence on stderr, nothing lost;
-143 (SIGTERM) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1 anything
-else, including a rank that stopped answering and an evaluation lost beside training (one
-sentence; its checkpoint stays, and --resume runs it).
+143 (SIGTERM), 129 (SIGHUP) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1
+anything else, including a rank that stopped answering, an evaluation lost beside training (one
+sentence; its checkpoint stays, and --resume runs it) and a loader worker process killed (the OOM
+killer: one sentence, a checkpoint of the steps so far).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from mlperf_logging.mllog import constants as C
 
 from model.build import build_model_with_weights
 from model.weights import WeightsError
+from pipeline.loader import LoaderWorkerLost
 from pipeline.shard_format import ShardFormatError, read_manifest
 from train.async_evaluation import Evaluation, EvaluationLost, EvaluationQueue
 from train.checkpoint import (
@@ -67,13 +69,14 @@ from train.checkpoint import (
     parameter_digest,
     parameters_are_finite,
     read_checkpoint,
+    remove_abandoned_temporaries,
     restore_rng_states,
     save_checkpoint,
     schedule_changes,
     this_ranks_position,
     weights_loaded,
 )
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, load_config, lookup
 from train.cuda_graphs import graph_static_part
 from train.distributed import (
     DistributedContext,
@@ -99,6 +102,7 @@ from train.inputs import build_data_loader, categories_of, require_inputs
 from train.interrupts import StopRequest, TrainingStopped
 from train.metrics import RunPlan, RunReporter
 from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
+from train.output_paths import OutputPathError, check_outputs_apart
 from train.run_folder import RunFolder, RunFolderError, check_output_dir
 from train.solver import log_closed_division_check
 
@@ -107,7 +111,9 @@ log = logging.getLogger("train")
 # Errors a user can cause and fix; main() ends them with one sentence and exit code 2.
 USER_ERRORS = (
     ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
+    OutputPathError,
 )
+RUN_INPUTS = ("data.train_shards", "data.val_shards", "data.val_annotations", "train.weights")  # never written
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRAIN_POLL_S = 0.5  # waiting for the last results: a signal is honoured within this
 
@@ -158,6 +164,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     wall_start, init_start_ms = time.perf_counter(), time.time() * 1000
     cfg = resolve_config(args)
+    check_outputs_apart(
+        {"output_dir": cfg.output_dir, "--report": args.report, "train.trace (--trace)": cfg.train.trace},
+        {"--config": args.config, **{key: lookup(cfg, key) for key in RUN_INPUTS}},
+    )
     ctx = init_distributed(cfg.train.device, collective_timeout_s=cfg.train.collective_timeout_s)
     setup_logging(ctx)
     if args.dry_run:
@@ -399,6 +409,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         except (*USER_ERRORS, EvaluationLost) as e:
             outcome = f"stopped: {e}"
             raise
+        except LoaderWorkerLost as lost:  # between two steps: the steps so far are kept (one process; ranks would wait)
+            if not ctx.is_distributed and newest != checkpoint_path(output_dir, state.iteration) \
+                    and parameters_are_finite(model):
+                save_mid_epoch()
+            kept = f"its newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+            outcome = f"stopped: {lost}"
+            raise LoaderWorkerLost(f"{lost}; {kept}: continue with --resume") from None
         except KeyboardInterrupt:
             outcome = "interrupted by a second Ctrl-C, without saving"
             raise
@@ -479,6 +496,8 @@ def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPl
     """
     try:
         folder.lock()
+        for path in remove_abandoned_temporaries(folder.path):  # the lock is ours: no other writer is alive
+            log.info("removed %s, a checkpoint write that a killed trainer left unfinished", path)
         if not resume:
             folder.require_fresh()
             return AttemptPlan(), None
@@ -613,7 +632,7 @@ def run(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(stopped.sentence(), file=sys.stderr)
         return stopped.exit_code
-    except EvaluationLost as lost:
+    except (EvaluationLost, LoaderWorkerLost) as lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
