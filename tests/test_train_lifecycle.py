@@ -161,7 +161,8 @@ def test_overrides_mix_with_flags_and_resume_never_swallows_one():
 
 @pytest.mark.parametrize(
     "case",
-    ["output_dir is a file", "output_dir under a file", "output_dir unwritable", "device cuda", "precision fp8", "backend"],
+    ["output_dir is a file", "output_dir under a file", "output_dir unwritable", "device cuda", "precision fp8", "backend",
+     "no val data"],
 )
 def test_bad_lifecycle_values_end_in_one_sentence_before_anything_is_written(case, capsys, base, tmp_path):
     a_file = tmp_path / "a-file"
@@ -179,6 +180,11 @@ def test_bad_lifecycle_values_end_in_one_sentence_before_anything_is_written(cas
         extra, expected = ["train.device=cuda"], "train.device=cuda but CUDA is not available"
     elif case == "precision fp8":  # the config's validation pass (train/config_schema.py) names the allowed values
         extra, expected = ["train.precision=fp8"], "train.precision must be one of auto, fp32, bf16, fp16"
+    elif case == "no val data":  # evaluation needs val shards, or none is asked for
+        extra, expected = ["data.val_shards="], (
+            "data.val_shards (--val-data) is empty; pass a shard folder written by tools/shard_coco.py, "
+            "or train without evaluation with eval.every_epochs=0"
+        )
     else:
         extra, expected = ["data.backend=tourch"], "data.backend must be one of dali, torch"
     assert expected in _error(capsys, [*base(out), *extra])
@@ -230,9 +236,14 @@ def test_a_second_trainer_is_refused_and_sigterm_saves_then_resume_is_exact(caps
     failures = [line for line in output.splitlines() if line.startswith(("WARNING", "ERROR")) and "FAILED" not in line]
     assert code == 1 and failures == ["WARNING -  Required AT_LEAST_ONE occurrence of 'eval_accuracy' but found 0"], output
     run_stop = json.loads((out / "mlperf.log").read_text().splitlines()[-1].split(" ", 1)[1])
-    assert (run_stop["key"], run_stop["metadata"]["status"]) == ("run_stop", "aborted")
+    assert (run_stop["key"], run_stop["metadata"]["status"], run_stop["metadata"]["ended"]) == ("run_stop", "aborted", "stopped")
     code, output = check_compliance(out / "mlperf-attempt-2.log", tmp_path)
     assert code == 0, output
+    # tools/time_to_train.py says how each ended: stopped early; then the schedule's end before the (demo's) target
+    for log, how in (("mlperf.log", "the attempt stopped early"), ("mlperf-attempt-2.log", "the schedule ended before the quality target")):
+        result = subprocess.run([PYTHON, str(REPO / "tools" / "time_to_train.py"), str(out / log)], env=ENV,
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and f"; status aborted; {how}; " in result.stdout, result.stdout + result.stderr
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_no_traceback(base, tmp_path):

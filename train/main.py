@@ -456,7 +456,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             outcome = "interrupted by a second Ctrl-C, without saving"
             raise
         finally:
-            mlog.end(C.RUN_STOP, status=status)
+            # Beside MLPerf's status: why the run stopped and its target, so that tools/time_to_train.py can
+            # tell a fine-tune that trained its schedule (no target) from a run that missed its target.
+            ended = "target" if reached else "schedule" if outcome == "finished" else "stopped"
+            mlog.end(C.RUN_STOP, status=status, ended=ended, quality_target=quality_target(cfg.eval))
             if folder is not None:
                 folder.end_attempt(outcome)
 
@@ -520,9 +523,18 @@ class AttemptPlan:
     notes: list[str] = field(default_factory=list)  # what this attempt changes (a moved schedule end)
 
 
+def quality_target(eval_cfg: Config) -> dict[str, float] | None:
+    """The box and mask AP the run stops at, None when it has none: no evaluation, or a target of 1.0
+    (AP never exceeds 1: a fine-tune that trains to the end of its schedule)."""
+    if not eval_cfg.every_epochs or max(eval_cfg.box_ap_target, eval_cfg.mask_ap_target) >= 1.0:
+        return None
+    return {"BBOX": eval_cfg.box_ap_target, "SEGM": eval_cfg.mask_ap_target}
+
+
 def reaches_target(results: Mapping[str, Any], eval_cfg: Config) -> bool:
     """Box and mask AP both at the quality target (`results`: a result, or run.json's record of one)."""
-    return results["bbox"]["AP"] >= eval_cfg.box_ap_target and results["segm"]["AP"] >= eval_cfg.mask_ap_target
+    target = quality_target(eval_cfg)
+    return target is not None and results["bbox"]["AP"] >= target["BBOX"] and results["segm"]["AP"] >= target["SEGM"]
 
 
 def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPlan | Exception, dict[str, Any] | None]:
