@@ -18,7 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.visualization import VisualizationError, write_visualizations
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from train.visualization import VisualizationError, write_visualizations  # after the command line is parsed
+
     if not args.annotations.is_file():
         print(f"error: {args.annotations} does not exist; pass a COCO instances JSON", file=sys.stderr)
         return 2
