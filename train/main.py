@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("train")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DRAIN_POLL_S = 0.5  # waiting for the last results: a signal is honoured within this
 
 
