@@ -111,7 +111,7 @@ def as_image(image: Image, name: str = "image") -> torch.Tensor:
     array = image[..., None] if image.ndim == 2 else image
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or array.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{name} is an array of {array.dtype} {image.shape}; pass uint8 or uint16 (H, W), (H, W, 3) or (H, W, 4)")
-    pixels = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
     pixels = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
     return TF.to_dtype(pixels.contiguous(), torch.uint8, scale=True)
 
