@@ -58,7 +58,7 @@ class DetectionGraph(nn.Module):
 def export_onnx(model: nn.Module, path: str | Path, height: int, width: int) -> Path:
     """Write `model` (on the CPU, fp32) as an ONNX graph for uint8 images padded to height x width."""
     path = Path(path)
-    graph = DetectionGraph(copy.deepcopy(model))  # the export leaves the module it traced unusable for eager runs
+    graph = DetectionGraph(copy.deepcopy(model)).eval()  # the export leaves the module it traced unusable for eager runs
     images = torch.zeros((1, 3, height, width), dtype=torch.uint8)
     sizes = torch.tensor([[height, width]], dtype=torch.int32)
     with torch.no_grad():
