@@ -50,10 +50,8 @@ import torch
 
 from pipeline.batch import Batch, bucket_shapes
 from pipeline.epoch_plan import epoch_plan, group_batches
+from pipeline import BACKENDS, DECODE_DEVICES
 from pipeline.shard_format import ShardSet, open_shard_set
-
-BACKENDS = ("dali", "torch")
-DECODE_DEVICES = ("auto", "gpu", "cpu")
 
 
 class LoaderWorkerLost(RuntimeError):
