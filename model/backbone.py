@@ -21,10 +21,9 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-# Bottleneck blocks per stage (res2..res5); depth = 3 * sum(blocks) + 2.
-BLOCKS_PER_STAGE = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+from model.choices import BLOCKS_PER_STAGE, NORMS
+
 GROUP_NORM_GROUPS = 32
-NORMS = ("frozen_bn", "bn", "gn")  # what norm_layer_factory builds
 
 
 class BackboneError(ValueError):

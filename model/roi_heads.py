@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import nms
 
 from model.box_ops import batched_box_iou, clip_boxes, decode_boxes, encode_boxes
 from model.detections import Detections
@@ -123,36 +123,57 @@ class RoIHeads(nn.Module):
 
     @torch.no_grad()
     def detect(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor) -> Detections:
-        """Per image: torchvision's post-processing (score threshold, per-class NMS, top D), padded to D."""
+        """Per image: torchvision's post-processing (score threshold, per-class NMS, top D), padded to D.
+
+        Written without host-side counts (selections are index tensors, the top D a padded gather),
+        so that torch.export, and through it tools/export.py's ONNX file, follows it as it runs here.
+        """
         class_logits, deltas = self.box_logits(features, proposals, sync_free=False)
         scores = F.softmax(class_logits.float(), dim=-1)
         boxes = clip_boxes(decode_boxes(deltas.float(), proposals, self.bbox_reg_weights), image_sizes)
-        batch, num_classes = scores.shape[0], scores.shape[-1]
+        batch, num_proposals, num_classes = scores.shape
         d = self.detections_per_img
-        out_boxes = boxes.new_zeros((batch, d, 4))
-        out_scores = scores.new_zeros((batch, d))
-        out_labels = torch.zeros((batch, d), dtype=torch.int64, device=boxes.device)
-        num_detections = torch.zeros(batch, dtype=torch.int32, device=boxes.device)
+        # Every (proposal, class) pair of an image in proposal-major order, background left out.
+        class_boxes = boxes[:, :, 1:].reshape(batch, -1, 4)
+        class_scores = scores[:, :, 1:].reshape(batch, -1)
+        class_labels = torch.arange(1, num_classes, device=boxes.device).repeat(num_proposals)
+        widths, heights = (class_boxes[..., 2:] - class_boxes[..., :2]).unbind(-1)
+        candidate = (
+            proposal_valid.repeat_interleave(num_classes - 1, dim=1)
+            & (class_scores > self.score_thresh)
+            & (widths >= MIN_DETECTION_SIZE) & (heights >= MIN_DETECTION_SIZE)
+        )
+        slots = torch.arange(d, device=boxes.device)
+        out_boxes, out_scores, out_labels, num_detections = [], [], [], []
         for i in range(batch):
-            # Eval is not captured or timed per step, so variable-length selection is fine here.
-            image_boxes = boxes[i][proposal_valid[i]][:, 1:].reshape(-1, 4)
-            image_scores = scores[i][proposal_valid[i]][:, 1:].reshape(-1)
-            labels = torch.arange(1, num_classes, device=boxes.device)
-            image_labels = labels.repeat(image_boxes.shape[0] // (num_classes - 1))
-            keep = torch.where(image_scores > self.score_thresh)[0]
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = remove_small_boxes(image_boxes, MIN_DETECTION_SIZE)
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:d]
-            n = keep.numel()
-            out_boxes[i, :n], out_scores[i, :n] = image_boxes[keep], image_scores[keep]
-            out_labels[i, :n] = image_labels[keep]
-            num_detections[i] = n
+            index = torch.where(candidate[i])[0]
+            keep = index[class_nms(class_boxes[i, index], class_scores[i, index], class_labels[index], self.nms_thresh)]
+            count = torch.clamp((keep >= 0).sum(), max=d)  # NMS keeps by descending score: the top D come first
+            chosen = torch.cat([keep, keep.new_zeros(d)])[:d]
+            filled = slots < count
+            out_boxes.append(torch.where(filled[:, None], class_boxes[i, chosen], 0.0))
+            out_scores.append(torch.where(filled, class_scores[i, chosen], 0.0))
+            out_labels.append(torch.where(filled, class_labels[chosen], 0))
+            num_detections.append(count.to(torch.int32))
+        out_boxes, out_scores, out_labels = torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels)
+        num_detections = torch.stack(num_detections)
         mask_logits = self.mask_logits(features, boxes_to_rois(out_boxes), out_labels.flatten(), sync_free=False)
         mask_probs = torch.sigmoid(mask_logits.float()).unflatten(0, (batch, d))
-        filled = torch.arange(d, device=boxes.device)[None, :] < num_detections[:, None]
+        filled = slots[None, :] < num_detections[:, None]
         mask_probs = mask_probs * filled[..., None, None]
         return Detections(out_boxes, out_scores, out_labels, mask_probs, num_detections)
+
+
+def class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's `batched_nms` (NMS within each class), by its coordinate trick at every size.
+
+    torchvision picks between this and a per-class loop by the input's size, a branch on a
+    data-dependent count that torch.export cannot follow; both keep the same boxes. The offset
+    parts the classes' boxes (each class's shifted past the largest coordinate), then one NMS.
+    """
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # an empty input has no max
+    offsets = labels.to(boxes.dtype) * (largest + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor, mask_predictor: MaskRCNNPredictor) -> None:

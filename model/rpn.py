@@ -20,13 +20,11 @@ from torchvision.models.detection.rpn import permute_and_flatten
 from torchvision.ops import box_iou
 
 from model.box_ops import clip_boxes, decode_boxes, encode_boxes, padded_nms
+from model.choices import ANCHOR_GENERATORS
 from model.losses import rpn_losses
 from model.matching import IGNORED, match_to_ground_truth, sample_balanced
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
-
-
-ANCHOR_GENERATORS = ("reference", "torchvision")
 
 
 def reference_cell_anchors(stride: int, size: float, aspect_ratios: tuple[float, ...]) -> Tensor:

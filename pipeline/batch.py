@@ -45,7 +45,7 @@ in each dimension (the reference's 800x1344 / 1344x800 are exactly tight for 800
 otherwise the tight bucket replaces it, so demo sizes such as 160/267 get 160x288 and 288x160
 instead of images padded to 800x1344. A bucket listed twice, or smaller than the largest resized
 image of both orientations (it could never be used), is refused when the config is built
-(`bucket_problem`).
+(`pipeline.bucket_problem`).
 """
 
 from __future__ import annotations
@@ -142,29 +142,6 @@ def bucket_shapes(
         ]
         buckets[group] = fitting[0] if fitting else (tight_h, tight_w)
     return buckets
-
-
-def bucket_problem(
-    min_size: int, max_size: int, size_divisibility: int, configured: Sequence[Sequence[int]]
-) -> str | None:
-    """What makes `configured` buckets (data.buckets) no list of shapes to pad to, or None.
-
-    A bucket listed twice is a slip; one smaller than the largest resized image of both orientations
-    (min_size x max_size, or its transpose) could never be used, and would be passed over for the
-    tight bucket without a word.
-    """
-    largest = {"landscape": (min_size, max_size), "portrait": (max_size, min_size)}
-    seen: set[tuple[int, int]] = set()
-    for h, w in configured:
-        if (h, w) in seen:
-            return f"lists [{h}, {w}] twice"
-        seen.add((h, w))
-        if not any(h >= big_h and w >= big_w for big_h, big_w in largest.values()):
-            return (
-                f"holds [{h}, {w}], smaller than the largest resized images (with data.min_size={min_size} and "
-                f"data.max_size={max_size}: {min_size}x{max_size} landscape, {max_size}x{min_size} portrait)"
-            )
-    return None
 
 
 def padded_shape(

@@ -56,10 +56,8 @@ import torch
 
 from pipeline.batch import Batch, SampleRecord, bucket_shapes, make_batch, sample_record
 from pipeline.epoch_plan import epoch_plan, group_batches
+from pipeline import BACKENDS, DECODE_DEVICES
 from pipeline.shard_format import SampleRef, ShardSet, checked_sample, open_shard_set, read_members
-
-BACKENDS = ("dali", "torch")
-DECODE_DEVICES = ("auto", "gpu", "cpu")
 
 
 class LoaderWorkerLost(RuntimeError):

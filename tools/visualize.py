@@ -20,7 +20,6 @@ from pathlib import Path
 
 from train.config_schema import COUNT, FRACTION, cli_type
 from train.output_paths import OutputPathError, check_outputs_apart
-from train.visualization import VisualizationError, write_visualizations
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from train.visualization import VisualizationError, write_visualizations  # after the command line is parsed
+
     if not args.annotations.is_file():
         print(f"error: {args.annotations} does not exist; pass a COCO instances JSON", file=sys.stderr)
         return 2

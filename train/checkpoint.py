@@ -3,13 +3,14 @@
 A checkpoint holds the model, optimizer and GradScaler state, the schedule position
 (iteration and epoch), the RNG states, the input pipeline's position inside the epoch,
 the resolved config, the categories of the class outputs and the id of the run that wrote
-it. It is written to a temporary file in the same folder and renamed into place (`os.replace`
-is atomic on POSIX), so a crash or SIGKILL never leaves a half-written file under a checkpoint
-name; the temporary file such a kill leaves is removed by the next trainer on the folder
-(`remove_abandoned_temporaries`). A write that fails (a full disk, which torch's zip writer
-reports as a RuntimeError "unexpected pos") is one sentence, `CheckpointWriteError`, with the
-newest checkpoint kept as it was. A file damaged later (a disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes from
-the newest one that still reads. Which checkpoints a run may delete is the run folder's
+it, with the digest of the shard set it trained on. It is written to a temporary file in the
+same folder and renamed into place (`os.replace` is atomic on POSIX), so a crash or SIGKILL
+never leaves a half-written file under a checkpoint name; the temporary file such a kill leaves
+is removed by the next trainer on the folder (`remove_abandoned_temporaries`). A write that
+fails (a full disk, which torch's zip writer reports as a RuntimeError "unexpected pos") is one
+sentence, `CheckpointWriteError`, with the newest checkpoint kept as it was. A file damaged
+later (a disk fault, a copy cut short) is skipped by `newest_readable_checkpoint`, which resumes
+from the newest one that still reads. Which checkpoints a run may delete is the run folder's
 business (train/run_folder.py).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -35,10 +37,19 @@ log = logging.getLogger(__name__)
 
 FORMAT = "maskrcnn-train-checkpoint/1"
 TEMPORARY_PREFIX = "."  # a checkpoint is written as `.ckpt-<iteration>.pt.tmp-<pid>`, then renamed
-# Sections of the config a checkpoint must agree with to be resumed: they fix the
-# parameters' shapes, the schedule and the random streams. Paths, logging and evaluation
-# settings may change between a run and its resumption.
-MATCHING_SECTIONS = ("seed", "model", "solver")
+# Sections of the config a checkpoint must agree with to be resumed: they fix the parameters'
+# shapes, the schedule, the random streams and the images the model sees. Evaluation, logging
+# and the machine's settings may change between a run and its resumption (each change is
+# recorded in run.json and the log).
+MATCHING_SECTIONS = ("seed", "model", "solver", "data")
+# Data keys that say where the shards are and how fast they are read, not what is computed: the
+# training shards' identity is checked by their manifest instead (`check_training_data`).
+MOVABLE_DATA_KEYS = (
+    "data.train_shards", "data.val_shards", "data.val_annotations", "data.backend", "data.decode_device",
+    "data.dali_threads", "data.torch_workers", "data.prefetch", "data.shuffle_buffer",
+)
+# How an attempt is started, never a change of the run.
+NOT_A_CHANGE = ("train.resume",)
 # Where the schedule ends: a resumed run may move it (extend a finished run, or shorten one).
 # The LR at an iteration does not depend on it, so an extended run trains exactly as a longer one.
 SCHEDULE_END_KEYS = ("solver.max_iter", "train.max_epochs")
@@ -109,13 +120,15 @@ def save_checkpoint(
     config: Config,
     run_id: str = "",
     categories: list[dict[str, Any]] | None = None,
+    shards_digest: str | None = None,
 ) -> Path:
     """Write `ckpt-<iteration>.pt` atomically (over an older file of that name).
 
     `epoch` is the epoch the next iteration belongs to and `loader_state` the pipeline's
     position inside it (None: the epoch starts from its beginning). `categories` (the train
     manifest's) say what the class outputs stand for, so the checkpoint alone can predict,
-    name its detections and be fine-tuned onto other categories (model/weights.py).
+    name its detections and be fine-tuned onto other categories (model/weights.py);
+    `shards_digest` (`shard_set_digest` of the training shards) lets a resume check its data.
     """
     path = checkpoint_path(output_dir, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +144,7 @@ def save_checkpoint(
         "config": config.to_dict(),
         "categories": categories,
         "run_id": run_id,
+        "shards_digest": shards_digest,
     }
     tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.tmp-{os.getpid()}")
     try:
@@ -235,7 +249,57 @@ def newest_readable_checkpoint(output_dir: str | Path, config: Config) -> tuple[
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: saved -> current` for every leaf of MATCHING_SECTIONS that differs (the schedule's end may move)."""
-    return [d for d in _differences(saved, current, MATCHING_SECTIONS) if d.split(":")[0] not in SCHEDULE_END_KEYS]
+    allowed = (*SCHEDULE_END_KEYS, *MOVABLE_DATA_KEYS)
+    return [d for d in _differences(saved, current, MATCHING_SECTIONS) if d.split(":")[0] not in allowed]
+
+
+def setting_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for what a resumed run may change and records: paths, evaluation, logging, the machine."""
+    kept = {d.split(":")[0] for d in config_differences(saved, current)} | {*SCHEDULE_END_KEYS, *NOT_A_CHANGE}
+    sections = sorted(set(saved) | set(current))
+    return [d for d in _differences(saved, current, sections) if d.split(":")[0] not in kept]
+
+
+def shard_set_digest(manifest: Mapping[str, Any]) -> str:
+    """What identifies a shard set: sha256 over its shards (names, sample counts, sizes, sha256s) and categories.
+
+    The sharder writes identical bytes for the same input and options, so a re-sharded or moved
+    copy of the same data keeps its digest; other data, or other categories, do not.
+    """
+    identity = {"shards": manifest["shards"], "categories": manifest["categories"]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def check_training_data(state: Mapping[str, Any], path: Path, shard_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """A resumed run trains on the data its checkpoint trained on: the same categories and the same shards.
+
+    Another class count would not even load into the checkpoint's layers, other categories would
+    silently rename its classes, and another shard set breaks the epoch's position; each is one
+    sentence naming both sides. Checkpoints written before the digest existed are checked by categories.
+    """
+    saved, current = state.get("categories"), manifest["categories"]
+    if saved is not None and [_category(c) for c in saved] != [_category(c) for c in current]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {_category_names(saved)}, but data.train_shards={shard_dir} holds "
+            f"{_category_names(current)}; resume with the shards it was trained on, or fine-tune it on these in a "
+            f"new output_dir with train.weights={path}"
+        )
+    digest = shard_set_digest(manifest)
+    if state.get("shards_digest") and state["shards_digest"] != digest:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another shard set than data.train_shards={shard_dir} (shard digest "
+            f"{state['shards_digest'][:12]} -> {digest[:12]}); resume with the shards it was trained on, or start "
+            "a fresh output_dir"
+        )
+
+
+def _category(category: Mapping[str, Any]) -> tuple[int, int, str]:
+    return int(category["id"]), int(category["coco_id"]), str(category["name"])
+
+
+def _category_names(categories: Sequence[Mapping[str, Any]]) -> str:
+    names = [str(c["name"]) for c in categories]
+    return f"{len(names)} categories ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''})"
 
 
 def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -244,6 +244,21 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     return Config(data)
 
 
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """A resolved config a run saved (`output_dir/config.yaml`) as a mapping, for `load_saved_config`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror}); pass --config with the run's config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else "not text"
+        raise ConfigError(f"{path} is not a readable config ({problem}); pass --config with the run's config") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections; pass --config with the run's config")
+    return data
+
+
 def load_saved_config(saved: Mapping[str, Any], source: str, overrides: Iterable[str] = ()) -> Config:
     """A resolved config saved with a run (e.g. in a checkpoint), over configs/reference.yaml, then `overrides`.
 

@@ -16,11 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from model.backbone import BLOCKS_PER_STAGE, NORMS
-from model.normalization import NORMALIZATIONS
-from model.rpn import ANCHOR_GENERATORS
-from pipeline.batch import bucket_problem
-from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
+from model.choices import ANCHOR_GENERATORS, BLOCKS_PER_STAGE, NORMALIZATIONS, NORMS
+from pipeline import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES, bucket_problem
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -117,6 +117,8 @@ class COCOEvaluator:
         self._label_to_category = _category_lookup(categories, self._coco_gt, self.annotations_file)
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future] = deque()
+        # after scoring: iou type -> each category's AP (tools/evaluate.py prints and saves them)
+        self.per_category: dict[str, list[dict[str, Any]]] = {}
         self.reset()
 
     @classmethod
@@ -231,6 +233,7 @@ class COCOEvaluator:
             evaluator = _coco_api(self.backend)[1](self._coco_gt, coco_dt, iou_type)
             evaluator.evaluate()
             evaluator.accumulate()
+        self.per_category[iou_type] = per_category_ap(evaluator, self._coco_gt.loadCats(evaluator.params.catIds))
         if self.tables:
             print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s):")
             evaluator.summarize()
@@ -238,6 +241,22 @@ class COCOEvaluator:
             with quiet():
                 evaluator.summarize()  # computes the stats
         return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+
+def per_category_ap(evaluator: Any, categories: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each category's AP@[.5:.95] (all areas, 100 detections), as COCOeval's first statistic averages it.
+
+    `categories`: the COCO entries of `evaluator.params.catIds`, in that order. A category without
+    ground truth has no AP (None), as detectron2 reports it (nan there).
+    """
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recalls, categories, areas, max detections]
+    rows = []
+    for k, category in enumerate(categories):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        rows.append({"category_id": int(category["id"]), "name": category["name"],
+                     "AP": float(values.mean()) if values.size else None})
+    return rows
 
 
 def encoding_futures(results: Mapping[int, ImageResult]) -> list[Future]:

@@ -37,7 +37,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from pipeline.coco_masks import scoring_problem
-from train.inference import read_image
+from train.inference import ImageError, read_image
 
 GAP = 8  # pixels of white between the two halves of a side-by-side picture
 MIN_PANEL_WIDTH = 640  # panels narrower than this are upscaled to it
@@ -248,11 +248,8 @@ def _read_image(path: Path) -> torch.Tensor:
         raise VisualizationError(f"{path} does not exist; pass --images, the folder holding the annotated images")
     try:
         return read_image(path, upright=False)  # annotations are in the stored pixels' frame, EXIF tag or not
-    except RuntimeError as e:
-        raise VisualizationError(
-            f"{path} does not decode as a JPEG or PNG ({' '.join(str(e).split())[:120]}); "
-            "replace it with the data set's original file"
-        ) from None
+    except ImageError as e:
+        raise VisualizationError(f"{e}; replace it with the data set's original file") from None
 
 
 def _decode_rle(entry: Mapping[str, Any], image_size: torch.Size, source: str) -> np.ndarray:
