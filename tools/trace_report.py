@@ -15,21 +15,23 @@ import json
 import sys
 from pathlib import Path
 
-from train.output_paths import exit_if_overlapping
-from train.trace import TIMELINE_SECONDS, draw_timeline, format_op_table, op_table, span_durations
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path, help="a trace file written by --trace / train.trace")
     parser.add_argument("--png", type=Path, help="draw the trace's first seconds here")
-    parser.add_argument("--seconds", type=float, default=TIMELINE_SECONDS, help="how much of the trace to draw")
+    parser.add_argument("--seconds", type=float, help="how much of the trace to draw (default: as the run drew it, 2 s)")
     parser.add_argument("--json", type=Path, help="write the table's rows here")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from train.output_paths import exit_if_overlapping
+    from train.trace import TIMELINE_SECONDS, draw_timeline, format_op_table, op_table, span_durations  # torch: after --help
+
     exit_if_overlapping("trace_report", {"--png": args.png, "--json": args.json}, {"the trace": args.trace})
+    seconds = args.seconds or TIMELINE_SECONDS
     try:
         document = json.loads(args.trace.read_text())
         durations = span_durations(document)
@@ -45,11 +47,11 @@ def main(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     if args.png:
         try:
-            draw_timeline(document, args.png, args.seconds)
+            draw_timeline(document, args.png, seconds)
         except ImportError:
             print("trace_report: --png needs matplotlib: pip install -e '.[trace]'", file=sys.stderr)
             return 2
-        print(f"picture of the first {args.seconds:g} s: {args.png}")
+        print(f"picture of the first {seconds:g} s: {args.png}")
     return 0
 
 
