@@ -130,7 +130,8 @@ def test_hold_weights_runs_the_optimizers_whole_step_but_keeps_the_weights():
 
 def test_the_model_dry_run_of_random_reference_weights_reports_finite_losses_for_every_timed_step(tmp_path, caplog):
     # At the schedule's LR these weights give NaN from the second step on (tools/gpu_check.py's rehearsal shows it).
-    cfg = load_config(REFERENCE, list(REHEARSAL.overrides))  # the reference model at a quarter of its width, 64x96
+    # the reference model at a quarter of its width, 64x96; traced (train/trace.py), which must not change what it reports
+    cfg = load_config(REFERENCE, [*REHEARSAL.overrides, f"train.trace={tmp_path / 'model.json'}"])
     ctx = init_distributed(cfg.train.device, env={})
     threads = torch.get_num_threads()
     try:
@@ -147,6 +148,9 @@ def test_the_model_dry_run_of_random_reference_weights_reports_finite_losses_for
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith("building the model (random weights)") and "LR 0" in model["setup"]
     assert sum(" step " in m for m in messages) == 3 + 2 + 3  # warm-up, timed, breakdown: each step shows
+    ops = {row["op"]: row["count"] for row in model["trace_ops"]}
+    assert ops == {"step": 2, "forward": 2, "backward": 2, "optimizer": 2}  # the timed steps' phases, nothing else
+    assert json.loads((tmp_path / "model.json").read_text())["otherData"]["images"] == 2 * 2
 
 
 def test_a_dry_run_with_non_finite_losses_writes_its_report_then_stops_in_one_sentence(tmp_path, monkeypatch):
