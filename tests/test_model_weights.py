@@ -196,7 +196,7 @@ def test_every_format_is_told_apart_by_its_content(tmp_path):
     (tmp_path / "R-50.pkl").write_bytes(pickle.dumps({"blobs": {}}, protocol=2))
     assert read_weights(tmp_path / "R-50.pkl").kind == MSRA
     assert read_weights(tmp_path / "tv.pth").model_overrides() == [
-        "model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.rpn.anchor_generator=torchvision"]
+        "model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.convention=torchvision"]
 
 
 def test_fine_tuning_onto_a_subset_of_the_categories_keeps_their_rows(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from model.backbone import BLOCKS_PER_STAGE, NORMS
 from model.normalization import NORMALIZATIONS
-from model.rpn import ANCHOR_GENERATORS
+from model.box_ops import CONVENTIONS
 from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -157,6 +157,8 @@ POSITIVE = Number(low=0.0, open_low=True)
 RETIRED: dict[str, str] = {
     "data.num_threads": "set data.dali_threads (DALI's CPU threads) and data.torch_workers "
     "(the torch backend's DataLoader worker processes) instead",
+    "model.rpn.anchor_generator": "set model.convention instead (reference, or torchvision: its anchors and "
+    "continuous boxes together, for its COCO checkpoint)",
 }
 
 SCHEMA: dict[str, Rule] = {
@@ -177,6 +179,7 @@ SCHEMA: dict[str, Rule] = {
     "data.static_shapes": Flag(),
     "data.buckets": ListOf(ListOf(COUNT, length=2), min_length=1),
     "data.flip_prob": FRACTION,
+    "model.convention": Choice(CONVENTIONS),
     "model.normalization": Choice(tuple(NORMALIZATIONS)),
     "model.backbone.depth": Choice(tuple(sorted(BLOCKS_PER_STAGE))),
     "model.backbone.width": COUNT,
@@ -187,7 +190,6 @@ SCHEMA: dict[str, Rule] = {
     "model.rpn.anchor_sizes": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.anchor_strides": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.aspect_ratios": ListOf(POSITIVE, min_length=1),
-    "model.rpn.anchor_generator": Choice(tuple(ANCHOR_GENERATORS)),
     "model.rpn.fg_iou": FRACTION,
     "model.rpn.bg_iou": FRACTION,
     "model.rpn.batch_size_per_image": COUNT,
