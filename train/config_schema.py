@@ -23,6 +23,7 @@ from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("auto", "apex", "fused", "foreach", "plain")
+WARMUP_METHODS = ("linear", "mlperf_linear")  # the reference scheduler's: relative, and absolute (NVIDIA's, the RCPs')
 EVAL_BACKENDS = ("pycocotools", "faster")
 MLPERF_DIVISIONS = ("closed", "open")
 MLPERF_STATUSES = ("cloud", "onprem", "preview", "research")
@@ -231,6 +232,7 @@ SCHEMA: dict[str, Rule] = {
     "solver.max_iter": COUNT,
     "solver.warmup_factor": FRACTION,
     "solver.warmup_iters": NON_NEGATIVE_INT,
+    "solver.warmup_method": Choice(WARMUP_METHODS),
     "solver.optimizer": Choice(OPTIMIZERS),
     "train.weights": Text(),
     "train.device": Choice(DEVICES),
