@@ -78,6 +78,15 @@ def test_missing_inputs_end_in_one_sentence_naming_the_option(train_shards, tmp_
     assert result.returncode == 2 and "the same on every node" in _one_sentence(result.stderr)
 
 
+def _logged(log: Path, key: str):
+    """The value of the first `key` event of an MLPerf log."""
+    for line in log.read_text().splitlines():
+        event = json.loads(line.split(" ", 1)[1])
+        if event["key"] == key:
+            return event["value"]
+    raise AssertionError(f"{log} has no {key}")
+
+
 def _run_interval_s(log: Path) -> float:
     stamps = {}
     for line in log.read_text().splitlines():
@@ -96,8 +105,10 @@ def test_the_demo_recipe_end_to_end_prints_the_time_to_train_and_the_result_line
     common = ["demo", "--shards", shards, "--val-annotations", synthetic_coco.val_json, "--weights", "none", *TINY,
               "solver.max_iter=2"]
     out = tmp_path / "reached"
-    result = _run(*common, "--output-dir", out, *REACH_AT_ONCE, NPROC="1")
+    drop_caches = tmp_path / "drop_caches"  # stands in for /proc/sys/vm/drop_caches, which only root may write
+    result = _run(*common, "--output-dir", out, *REACH_AT_ONCE, NPROC="1", DROP_CACHES=str(drop_caches))
     assert result.returncode == 0, result.stderr
+    assert drop_caches.read_text() == "3\n" and _logged(out / "mlperf.log", "cache_clear") is True
     seconds = _run_interval_s(out / "mlperf.log")
     summary = json.loads((out / "summary.json").read_text())
     assert (
@@ -111,8 +122,9 @@ def test_the_demo_recipe_end_to_end_prints_the_time_to_train_and_the_result_line
     assert int(match[1]) >= int(seconds)  # the command's wall-clock span holds run_start..run_stop
 
     out = tmp_path / "not-reached"  # the demo's own targets: not reached after 2 iterations
-    result = _run(*common, "--output-dir", out, NPROC="1")
+    result = _run(*common, "--output-dir", out, NPROC="1", DROP_CACHES="none")
     assert result.returncode == 1, result.stderr
+    assert _logged(out / "mlperf.log", "cache_clear") is False and "the page cache was not dropped" in result.stderr
     assert "status aborted" in result.stdout and re.search(r"^RESULT,OBJECT_DETECTION,,\d+,", result.stdout, re.M)
 
     cut = tmp_path / "cut.log"  # an attempt stopped before run_stop

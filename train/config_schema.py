@@ -251,6 +251,7 @@ SCHEMA: dict[str, Rule] = {
     "train.mlperf.platform": Text(non_empty=True),
     "train.mlperf.division": Choice(MLPERF_DIVISIONS),
     "train.mlperf.status": Choice(MLPERF_STATUSES),
+    "train.mlperf.cache_clear": Flag(),
     "eval.ims_per_batch": COUNT,
     "eval.every_epochs": NON_NEGATIVE_INT,  # 0: no evaluation
     "eval.asynchronous": Flag(),
