@@ -153,7 +153,7 @@ class RoIHeads(nn.Module):
         mask_probs = torch.sigmoid(self.mask_logits(features, rois, labels.flatten(), sync_free=False).float())
         filled = torch.arange(d, device=boxes.device)[None, :] < num_detections[:, None]
         mask_probs = mask_probs.unflatten(0, (batch, d)) * filled[..., None, None]
-        return Detections(boxes, scores, labels, mask_probs, num_detections)
+        return Detections(boxes, scores, labels, mask_probs, num_detections, inclusive=self.inclusive)
 
 
 @torch.no_grad()

@@ -66,13 +66,13 @@ def detect(model: torch.nn.Module, batch: Batch, mask_threshold: float = 0.5) ->
     """`model` (in eval mode) on `batch`, each image's detections mapped back to its original pixels."""
     detections = model(batch)
     counts = detections.num_detections.tolist()
-    boxes, masks = to_original_frame(batch, detections)
-    boxes, masks = boxes.cpu().numpy(), masks.cpu().numpy()
+    boxes, paste, masks = to_original_frame(batch, detections)
+    boxes, paste, masks = boxes.cpu().numpy(), paste.cpu().numpy(), masks.cpu().numpy()
     scores, labels = detections.scores.float().cpu().numpy(), detections.labels.cpu().numpy()
     results = []
     for i, (height, width) in enumerate(batch.original_sizes.tolist()):
         n = counts[i]
-        rles = encode_masks(masks[i, :n], boxes[i, :n], height, width, mask_threshold)
+        rles = encode_masks(masks[i, :n], paste[i, :n], height, width, mask_threshold)
         results.append(ImageDetections(boxes[i, :n], scores[i, :n], labels[i, :n], rles))
     return results
 
