@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # train/config.py imports model/ (through its schema)
 # The class count (categories + background) is the data's: the trainer takes it from the shards'
 # manifest, the tools from the checkpoint. COCO's when nothing says otherwise.
 DEFAULT_NUM_CLASSES = len(COCO_CATEGORY_IDS) + 1
+TORCHVISION_FROZEN_BN_EPS = 1e-5  # torchvision's FrozenBatchNorm2d default (the reference's has none)
 
 
 def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> MaskRCNN:
@@ -33,7 +34,8 @@ def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> Ma
     cfg = {**model_cfg.to_dict(), "num_classes": num_classes}
     bb, rpn, roi = cfg["backbone"], cfg["rpn"], cfg["roi_heads"]
     backbone = build_backbone(
-        bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
+        bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"],
+        frozen_bn_eps=0.0 if cfg["convention"] == "reference" else TORCHVISION_FROZEN_BN_EPS,
     )
     strides = tuple(rpn["anchor_strides"])
     anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides, cfg["convention"])

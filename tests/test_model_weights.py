@@ -112,7 +112,9 @@ def test_torchvision_resnet50_loads_and_computes_the_same(tmp_path):
     resnet = torchvision.models.resnet50(weights=None).eval()
     path = tmp_path / "resnet50.pth"
     torch.save(resnet.state_dict(), path)
-    model = build_model(model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb")).eval()
+    # torchvision's BN epsilon (1e-5) comes with its convention; the reference's frozen BN has none.
+    config = model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.convention=torchvision")
+    model = build_model(config).eval()
     report = load_weights(model, path, for_training=True)
     assert BODY + "layer4.2.conv3.weight" in report.loaded and report.unexpected == []
     x = torch.randn(1, 3, 64, 64)

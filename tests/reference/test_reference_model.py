@@ -19,6 +19,7 @@ import torch
 import model.roi_heads
 import model.rpn
 from model import build_model
+from model.backbone import conv_norm
 from model.box_ops import decode_boxes, encode_boxes, inclusive_boxes
 from model.mask_targets import polygon_mask_targets
 from model.matching import match_to_ground_truth, sample_balanced
@@ -152,7 +153,24 @@ def inject_samples(monkeypatch, module, recorded: Recorded, num_candidates: list
     monkeypatch.setattr(module, "sample_balanced", sample)
 
 
-# --------------------------------------------------------------------------------------------- anchors, coder, matcher
+# --------------------------------------------------------------------------------------------- backbone, anchors, coder, matcher
+
+
+def test_frozen_batch_norm_folded_into_its_convolution_equals_the_references():
+    """The reference's FrozenBatchNorm2d adds no epsilon to the variance (torchvision's adds 1e-5)."""
+    body = build_model(model_config()).static_part.backbone.body
+    conv, ours = body.layer1[0].conv2, body.layer1[0].bn2
+    theirs = reference("layers").FrozenBatchNorm2d(ours.weight.numel())
+    g = torch.Generator().manual_seed(10)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        value = torch.rand(ours.weight.numel(), generator=g) * (0.01 if name == "running_var" else 1.0)
+        getattr(ours, name).copy_(value)
+        getattr(theirs, name).copy_(value)
+    x = torch.randn(1, conv.in_channels, 12, 12, generator=g)
+    with torch.no_grad():
+        expected = theirs(conv(x))
+        difference = (conv_norm(conv, ours, x) - expected).norm() / expected.norm()
+    assert ours.eps == 0 and difference < 1e-6, float(difference)  # an epsilon of 1e-5 here: about 5e-4
 
 
 def test_anchors_and_their_visibility_on_a_padded_batch():
