@@ -25,8 +25,9 @@ that still parses stops the run instead of training on it, and the check exists 
   an instance whose polygons were all unusable), each polygon at least 3 vertices, and together
   covering `verts` in order.
 Format 2 added the crc32 component; format 3 applies the reference's ground-truth rules (boxes of
-width or height <= 1 pixel dropped, instances without a valid polygon kept), so a format 2 set
-holds other instances than the reference trains on. A folder of another format is refused with
+width or height <= 1 pixel dropped, instances without a valid polygon kept) and its grouping
+(square images with the portraits), so a format 2 set holds other instances than the reference
+trains on. A folder of another format is refused with
 a request to re-shard.
 
 Reading (both loaders): `open_shard_set` opens a folder as a `ShardSet` (shards per orientation
@@ -89,8 +90,12 @@ class ShardFormatError(ValueError):
 
 
 def orientation(height: int, width: int) -> str:
-    """The shard group of an image: `landscape` when h <= w, else `portrait`."""
-    return "landscape" if height <= width else "portrait"
+    """The shard group of an image: `portrait` when h >= w, else `landscape`.
+
+    As the reference's aspect-ratio grouping (`bisect_right([1], h / w)`), which puts squares
+    with the portraits; either bucket holds a square after the resize.
+    """
+    return "portrait" if height >= width else "landscape"
 
 
 def shard_name(split: str, group: str, index: int) -> str:

@@ -11,6 +11,7 @@ rasterize as polygons, are not stored (their instance is, with its box: the refe
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.batch import make_batch, sample_record
-from pipeline.shard_format import open_shard_set, read_manifest, read_sample, sample_refs
+from pipeline.shard_format import open_shard_set, orientation, read_manifest, read_sample, sample_refs
 from pipeline.sharding import shard_coco
 from reference_oracle import reference, requires_reference
 
@@ -111,3 +112,11 @@ def test_ground_truth_equals_the_reference_datasets(odd_set, flip):
                 assert torch.equal(got, want), (image_id, instance)
             compared_parts += len(mine)
     assert compared_parts > 20
+
+
+def test_images_are_grouped_by_orientation_as_the_reference_groups_them():
+    """The reference's aspect-ratio grouping (data/build.py, ASPECT_RATIO_GROUPING): group
+    bisect_right([1], h / w), so squares go with the portraits. (Its module imports torch._six,
+    which today's torch lacks, so its rule is restated here.)"""
+    for h, w in [(480, 640), (640, 480), (500, 500), (799, 800), (801, 800)]:
+        assert orientation(h, w) == ("portrait" if bisect.bisect_right([1], h / w) else "landscape")
