@@ -49,8 +49,8 @@ CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 23}
 def polygon_edges(verts: Tensor, polys: Tensor, num_polys: Tensor) -> Tensor:
     """Per image, where each vertex's edge ends: next_vertex [B, V].
 
-    The edge from vertex k goes to k + 1, or back to its polygon's first vertex from its last
-    (padding vertices point at their own polygon-less selves' neighbours and are never read).
+    The edge from vertex k goes to k + 1, or back to its polygon's first vertex from its last.
+    Padding vertices (in no polygon) get some index in range; no window reads them.
     """
     num_verts = verts.shape[1]
     k = torch.arange(num_verts, device=verts.device)[None, :, None]
@@ -92,7 +92,10 @@ def polygon_mask_targets(
     mine = real[:, None, :] & (polys[..., 0][:, None, :].long() == instance[:, :, None].long())  # [B, M, P]
     start = torch.where(mine, first[:, None, :], torch.full_like(mine, num_verts, dtype=torch.int64)).amin(dim=2)
     stop = torch.where(mine, end[:, None, :], torch.zeros_like(mine, dtype=torch.int64)).amax(dim=2)
-    window = num_verts if sync_free else int((stop - start).max().clamp(min=1)) if num_rois else 1
+    if sync_free:
+        window = num_verts
+    else:  # the longest instance of the batch (an instance without a polygon has stop < start)
+        window = int((stop - start).max().clamp(min=1)) if num_rois else 1
     chunk = CHUNK_ELEMENTS["cuda" if boxes.is_cuda else "cpu"]
     per_chunk = max(1, chunk // max(1, batch * window * resolution))
     words = []
