@@ -110,3 +110,21 @@ def test_rectangles_match_pycocotools_exactly(sync_free):
     ours, theirs = ours_vs_reference(instances, np.array(boxes), owner, sync_free)
     assert np.array_equal(ours, theirs)
     assert theirs.sum() > 0
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["own-instance", "every-edge"])
+def test_an_instance_without_a_polygon_has_an_empty_target(sync_free):
+    """Shard format 3 keeps an instance whose polygons were all unusable, as the reference keeps it
+    (pycocotools, which the reference would call on its empty polygon list, raises instead)."""
+    square = np.array([[10.0, 10.0], [30.0, 10.0], [30.0, 30.0], [10.0, 30.0]])
+    instances = [[square], [], [square + 5]]
+    boxes = np.array([[8.0, 8.0, 40.0, 40.0]] * 3)
+    batch = batch_from(torch.zeros(1, 3, 64, 64), [[[0.0, 0.0, 1.0, 1.0]] * 3], [[1] * 3],
+                       [[[p.tolist() for p in parts] for parts in instances]])
+    ours = polygon_mask_targets(torch.tensor(boxes, dtype=torch.float32)[None], torch.arange(3)[None], batch.verts,
+                                batch.polys, batch.num_polys, R, sync_free)[0].numpy()
+    assert not ours[1].any()
+    for g in (0, 2):
+        assert np.array_equal(ours[g], pycocotools_target(instances[g], boxes[g])) and ours[g].any()
+    with pytest.raises(IndexError):
+        pycocotools_target([], boxes[1])
