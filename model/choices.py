@@ -2,7 +2,7 @@
 
 The config is validated once when it is loaded (train/config_schema.py reads these), so a bad
 value stops a tool in one sentence before it pays seconds for importing torch; the modules that
-build the model (model/backbone.py, model/normalization.py, model/rpn.py) read them from here.
+build the model (model/backbone.py, model/normalization.py, model/box_ops.py, model/rpn.py) read them from here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 # Bottleneck blocks per stage (res2..res5); depth = 3 * sum(blocks) + 2.
 BLOCKS_PER_STAGE = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 NORMS = ("frozen_bn", "bn", "gn")  # what model/backbone.py's norm_layer_factory builds
-ANCHOR_GENERATORS = ("reference", "torchvision")  # model/rpn.py: maskrcnn-benchmark's, or torchvision's
+# Whose box conventions a model follows (model.convention): the reference's inclusive pixel boxes and
+# anchors (model/box_ops.py, model/rpn.py), or torchvision's continuous boxes and anchors.
+CONVENTIONS = ("reference", "torchvision")
 
 
 @dataclass(frozen=True)

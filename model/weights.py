@@ -76,8 +76,9 @@ _TRAINED_WITH = {
     TORCHVISION_MASKRCNN: {"backbone.stride_in_1x1": False, "normalization": "rgb"},
 }
 # What a config for the file should also set, though other values load and train: torchvision's
-# RPN head learned its own anchors (reproducing its AP needs them; fine-tuning may change them).
-_SUGGESTED = {TORCHVISION_MASKRCNN: {"rpn.anchor_generator": "torchvision"}}
+# RPN head learned its own anchors and its heads its continuous boxes (reproducing its AP needs
+# them; fine-tuning may change them).
+_SUGGESTED = {TORCHVISION_MASKRCNN: {"convention": "torchvision"}}
 
 
 class WeightsError(ValueError):

@@ -12,13 +12,15 @@ Reference rules (maskrcnn-benchmark's COCODataset, which the MLPerf reference tr
   every annotation's bbox has width <= 1 or height <= 1 (117,266 of COCO 2017 train);
 - before the filter, annotations whose bbox has a NaN or infinite coordinate are dropped (not in
   the reference, which has none: see `finite_annotations`);
-- per image, in order: crowd annotations removed; bbox xywh -> xyxy (continuous, no "- 1")
-  clipped to the image, and removed when it has no positive width or height; an RLE mask (as
-  labeling tools export instance masks) becomes one polygon whose fill is exactly the mask
-  (pipeline/coco_masks.py; the manifest's `rle_masks` records each conversion's IoU against
-  pycocotools' decode); polygons with
-  fewer than 3 points or a NaN or infinite coordinate removed; an instance left without a polygon removed. A kept image may
-  end with no instance (only crowd annotations); it stays, as in the reference.
+- per image, in order: crowd annotations removed; bbox xywh -> xyxy clipped to the image and
+  removed when its width or height is <= 1 pixel (the reference's `clip_to_image(remove_empty=True)`
+  on its inclusive boxes, x2 = x + w - 1 clamped to [0, W - 1], kept when x2 > x1); stored
+  continuous (x + w, no "- 1"); an RLE mask (as labeling tools export instance masks) becomes one
+  polygon whose fill is exactly the mask (pipeline/coco_masks.py; the manifest's `rle_masks`
+  records each conversion's IoU against pycocotools' decode); polygons with fewer than 3 points or
+  a NaN or infinite coordinate removed; an instance left without a polygon kept, for its box (its
+  mask target is empty: the reference keeps it too, and would rasterize what it has). A kept
+  image may end with no instance (only crowd annotations); it stays, as in the reference.
 - `--mode eval` keeps every image. Its shards hold the same cleaned non-crowd instances;
   crowd annotations are counted, not stored, because evaluation reads the original JSON, so a
   file with an annotation that COCO's evaluation cannot score (pipeline/coco_masks.py) is refused.
@@ -82,11 +84,11 @@ UNDECODABLE = "image: does not decode"
 TOO_LARGE = "image: more pixels than PIL decodes safely (Image.MAX_IMAGE_PIXELS)"
 SIZE_MISMATCH = "image: decoded size differs from the annotation file"
 CROWD = "instance: crowd (not used for training; evaluation reads the original annotation file)"
-EMPTY_BOX = "instance: no positive width or height after clipping"
+EMPTY_BOX = "instance: bbox width or height <= 1 pixel after clipping (the reference's remove_empty)"
 NON_FINITE_BOX = "instance: bbox has a NaN or infinite coordinate"
 SHORT_POLYGON = "polygon: fewer than 3 points"
 NON_FINITE_POLYGON = "polygon: NaN or infinite coordinate (in float32)"
-NO_POLYGON = "instance: no polygon left"
+NO_POLYGON = "instance: no polygon left (kept for its box, with an empty mask)"
 BOX_CLIPPED = "instance: bbox clipped to the image"
 RLE_CONVERTED = "instance: RLE mask converted to an exact polygon (manifest: rle_masks)"
 REENCODED = "image: re-encoded as JPEG (source was not an RGB or grayscale JPEG)"
@@ -221,6 +223,20 @@ def keep_image_for_training(anns: list[dict[str, Any]], dropped: Counter) -> boo
     return True
 
 
+def reference_keeps_box(x: float, y: float, w: float, h: float, width: int, height: int) -> bool:
+    """Whether the reference keeps a COCO bbox (xywh) of a `width` x `height` image.
+
+    Its COCODataset makes the float32 inclusive box (x, y, x + max(w - 1, 0), ...), clamps every
+    coordinate to [0, W - 1] or [0, H - 1] and keeps the box when x2 > x1 and y2 > y1: a box of
+    width or height <= 1 pixel, or one that ends up so after the clamp, is dropped.
+    """
+    x, y, w, h = np.float32(x), np.float32(y), np.float32(w), np.float32(h)
+    one = np.float32(1)
+    x1, y1 = np.clip(x, 0, width - 1), np.clip(y, 0, height - 1)
+    x2, y2 = np.clip(x + max(w - one, 0), 0, width - 1), np.clip(y + max(h - one, 0), 0, height - 1)
+    return bool(x2 > x1 and y2 > y1)
+
+
 def clean_instances(
     anns: list[dict[str, Any]],
     height: int,
@@ -241,10 +257,10 @@ def clean_instances(
             dropped[CROWD] += 1
             continue
         x, y, w, h = (float(v) for v in ann["bbox"])
-        box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-        if box[2] <= box[0] or box[3] <= box[1]:
+        if not reference_keeps_box(x, y, w, h, width, height):
             dropped[EMPTY_BOX] += 1
             continue
+        box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
         if box != [x, y, x + w, y + h]:
             repaired[BOX_CLIPPED] += 1
         segmentation = ann["segmentation"]
@@ -258,8 +274,7 @@ def clean_instances(
         finite = [p for p in polygons if np.isfinite(p).all()]
         dropped[NON_FINITE_POLYGON] += len(polygons) - len(finite)
         if not finite:
-            dropped[NO_POLYGON] += 1
-            continue
+            repaired[NO_POLYGON] += 1
         instance = len(labels)
         for polygon in finite:
             polys.append((instance, num_verts, num_verts + len(polygon)))

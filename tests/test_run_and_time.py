@@ -94,6 +94,15 @@ def test_missing_inputs_end_in_one_sentence_naming_the_option(train_shards, tmp_
     assert result.returncode == 2 and "the same on every node" in _one_sentence(result.stderr)
 
 
+def _logged(log: Path, key: str):
+    """The value of the first `key` event of an MLPerf log."""
+    for line in log.read_text().splitlines():
+        event = json.loads(line.split(" ", 1)[1])
+        if event["key"] == key:
+            return event["value"]
+    raise AssertionError(f"{log} has no {key}")
+
+
 def _run_interval_s(log: Path) -> float:
     stamps = {}
     for line in log.read_text().splitlines():
@@ -112,17 +121,20 @@ def test_the_demo_recipe_end_to_end_prints_the_time_to_train_and_the_result_line
     common = ["demo", "--shards", shards, "--val-annotations", synthetic_coco.val_json, "--weights", "none", *TINY,
               "solver.max_iter=2"]
 
-    def recipe_run(name: str, *extra: str) -> tuple[Path, str, float, str, str]:
-        """The run's folder, its output, the log's run_start..run_stop seconds, that span and the AP as printed."""
+    def recipe_run(name: str, *extra: str, **env: str) -> tuple[Path, str, str, float, str, str]:
+        """The run's folder, its stdout and stderr, the log's run_start..run_stop seconds, that span and the AP as printed."""
         out = tmp_path / name
-        result = _run(*common, "--output-dir", out, *extra, NPROC="1")
+        result = _run(*common, "--output-dir", out, *extra, NPROC="1", **env)
         assert result.returncode == 0, result.stderr
         seconds = _run_interval_s(out / "mlperf.log")
         summary = json.loads((out / "summary.json").read_text())
         span = f"{seconds:.1f} s ({seconds / 60:.2f} min) from run_start to run_stop in {out}/mlperf.log"
-        return out, result.stdout, seconds, span, f"box AP {summary['box_ap']:.4f}, mask AP {summary['mask_ap']:.4f}"
+        ap = f"box AP {summary['box_ap']:.4f}, mask AP {summary['mask_ap']:.4f}"
+        return out, result.stdout, result.stderr, seconds, span, ap
 
-    out, stdout, seconds, span, ap = recipe_run("reached", *REACH_AT_ONCE)
+    drop_caches = tmp_path / "drop_caches"  # stands in for /proc/sys/vm/drop_caches, which only root may write
+    out, stdout, _, seconds, span, ap = recipe_run("reached", *REACH_AT_ONCE, DROP_CACHES=str(drop_caches))
+    assert drop_caches.read_text() == "3\n" and _logged(out / "mlperf.log", "cache_clear") is True
     assert f"time to train: {span}; status success; epoch 1: {ap}" in stdout.splitlines()
     assert "STARTING TIMING RUN AT " in stdout and "ENDING TIMING RUN AT " in stdout
     (line,) = [line for line in stdout.splitlines() if line.startswith("RESULT,")]
@@ -130,11 +142,12 @@ def test_the_demo_recipe_end_to_end_prints_the_time_to_train_and_the_result_line
     assert match, line
     assert int(match[1]) >= int(seconds)  # the command's wall-clock span holds run_start..run_stop
 
-    # no quality target (1.0): training its schedule is the whole job, not MLPerf's abort
-    out, stdout, _, span, ap = recipe_run("fine-tune", "eval.box_ap_target=1.0")
+    # no quality target (1.0): training its schedule is the whole job, not MLPerf's abort; the cache kept
+    out, stdout, stderr, _, span, ap = recipe_run("fine-tune", "eval.box_ap_target=1.0", DROP_CACHES="none")
     assert (f"training time: {span}; the run trained its whole schedule (it has no quality target); "
             f"last result epoch 1: {ap}") in stdout.splitlines()
     assert "aborted" not in stdout and "RESULT," not in stdout
+    assert _logged(out / "mlperf.log", "cache_clear") is False and "the page cache was not dropped" in stderr
 
     cut = tmp_path / "cut.log"  # an attempt stopped before run_stop
     lines = (out / "mlperf.log").read_text().splitlines(keepends=True)

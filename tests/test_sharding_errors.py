@@ -403,7 +403,7 @@ def _edit_first_shard(change):
         (lambda m: m.update(samples=m["samples"] + 1), "but the shards hold"),
         (lambda m: m.pop("categories"), "'categories' is missing or empty"),
         (lambda m: m.update(max_instances=-1), "'max_instances' is missing or not a count"),
-        (lambda m: m.update(format="coco-wds/1"), "has format 'coco-wds/1', this code reads 'coco-wds/2'; re-shard"),
+        (lambda m: m.update(format="coco-wds/1"), "has format 'coco-wds/1', this code reads 'coco-wds/3'; re-shard"),
     ],
 )
 def test_verify_on_a_hand_edited_manifest(shard_copy, change, message):

@@ -117,7 +117,7 @@ def test_training_from_torchvisions_coco_file_sets_what_the_file_needs(coco80, t
     result = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), *argv], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (f"torchvision Mask R-CNN {weights} was trained with model.backbone.stride_in_1x1=false, model.normalization=rgb, "
-            "model.rpn.anchor_generator=torchvision: set for this run") in result.stdout
+            "model.convention=torchvision: set for this run") in result.stdout
     saved = load_config(out / "config.yaml")
-    assert (saved.model.backbone.stride_in_1x1, saved.model.normalization, saved.model.rpn.anchor_generator) == (
+    assert (saved.model.backbone.stride_in_1x1, saved.model.normalization, saved.model.convention) == (
         False, "rgb", "torchvision")

@@ -61,7 +61,7 @@ def published(name: str) -> Published:
 
     url = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url
     prefix = re.search(torch.hub.HASH_REGEX, url.rsplit("/", 1)[1])
-    overrides = ("model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.rpn.anchor_generator=torchvision")
+    overrides = ("model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.convention=torchvision")
     return Published(name, url, prefix.group(1) if prefix else None, overrides)
 
 

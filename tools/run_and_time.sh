@@ -14,6 +14,9 @@
 #   --output-dir DIR       OUTPUT_DIR  a new folder (default runs/RECIPE-DATE; several nodes: the same on each)
 #   TORCHRUN_ARGS  torchrun's options for several nodes, e.g. "--nnodes=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500"
 #   PYTHON         the interpreter (default: the environment `make` builds, .venv/bin/python, else python3)
+#   DROP_CACHES    the kernel's file for dropping the page cache before the run, as the reference's scripts do
+#                  (default /proc/sys/vm/drop_caches, writable by root); none: keep it. The MLPerf log's
+#                  cache_clear says whether it was dropped.
 # KEY=VALUE pairs are config overrides for train/main.py. --dry prints the command and exits; it
 # warns when the recipe is meant for more GPUs (its name's _<N>gpu) than the command starts.
 #
@@ -135,6 +138,15 @@ done
 if [ "$weights" != none ] && [ ! -f "$weights" ]; then
   die "$weights does not exist; pass --weights FILE (or WEIGHTS) with the provided R-50.pkl (tools/download_coco.sh), or --weights none"
 fi
+
+drop_caches=${DROP_CACHES:-/proc/sys/vm/drop_caches}
+cache_clear=false
+if [ "$drop_caches" != none ] && sync && { echo 3 >"$drop_caches"; } 2>/dev/null; then
+  cache_clear=true
+else
+  echo "note: the page cache was not dropped (DROP_CACHES=$drop_caches); the MLPerf log says cache_clear: false" >&2
+fi
+cmd+=("train.mlperf.cache_clear=$cache_clear")
 
 start=$(date +%s)
 start_fmt=$(date '+%Y-%m-%d %r')

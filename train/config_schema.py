@@ -16,12 +16,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from model.choices import ANCHOR_GENERATORS, BLOCKS_PER_STAGE, NORMALIZATIONS, NORMS
+from model.choices import BLOCKS_PER_STAGE, CONVENTIONS, NORMALIZATIONS, NORMS
 from pipeline import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES, bucket_problem
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("auto", "apex", "fused", "foreach", "plain")
+WARMUP_METHODS = ("linear", "mlperf_linear")  # the reference scheduler's: relative, and absolute (NVIDIA's, the RCPs')
 EVAL_BACKENDS = ("pycocotools", "faster")
 MLPERF_DIVISIONS = ("closed", "open")
 MLPERF_STATUSES = ("cloud", "onprem", "preview", "research")
@@ -156,6 +157,8 @@ POSITIVE = Number(low=0.0, open_low=True)
 RETIRED: dict[str, str] = {
     "data.num_threads": "set data.dali_threads (DALI's CPU threads) and data.torch_workers "
     "(the torch backend's DataLoader worker processes) instead",
+    "model.rpn.anchor_generator": "set model.convention instead (reference, or torchvision: its anchors and "
+    "continuous boxes together, for its COCO checkpoint)",
 }
 
 SCHEMA: dict[str, Rule] = {
@@ -176,6 +179,7 @@ SCHEMA: dict[str, Rule] = {
     "data.static_shapes": Flag(),
     "data.buckets": ListOf(ListOf(COUNT, length=2), min_length=1),
     "data.flip_prob": FRACTION,
+    "model.convention": Choice(CONVENTIONS),
     "model.normalization": Choice(tuple(NORMALIZATIONS)),
     "model.backbone.depth": Choice(tuple(sorted(BLOCKS_PER_STAGE))),
     "model.backbone.width": COUNT,
@@ -186,7 +190,6 @@ SCHEMA: dict[str, Rule] = {
     "model.rpn.anchor_sizes": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.anchor_strides": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.aspect_ratios": ListOf(POSITIVE, min_length=1),
-    "model.rpn.anchor_generator": Choice(tuple(ANCHOR_GENERATORS)),
     "model.rpn.fg_iou": FRACTION,
     "model.rpn.bg_iou": FRACTION,
     "model.rpn.batch_size_per_image": COUNT,
@@ -228,6 +231,7 @@ SCHEMA: dict[str, Rule] = {
     "solver.max_iter": COUNT,
     "solver.warmup_factor": FRACTION,
     "solver.warmup_iters": NON_NEGATIVE_INT,
+    "solver.warmup_method": Choice(WARMUP_METHODS),
     "solver.optimizer": Choice(OPTIMIZERS),
     "train.weights": Text(),
     "train.device": Choice(DEVICES),
@@ -248,6 +252,7 @@ SCHEMA: dict[str, Rule] = {
     "train.mlperf.platform": Text(non_empty=True),
     "train.mlperf.division": Choice(MLPERF_DIVISIONS),
     "train.mlperf.status": Choice(MLPERF_STATUSES),
+    "train.mlperf.cache_clear": Flag(),
     "eval.ims_per_batch": COUNT,
     "eval.every_epochs": NON_NEGATIVE_INT,  # 0: no evaluation
     "eval.asynchronous": Flag(),

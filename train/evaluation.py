@@ -31,6 +31,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from model.box_ops import inclusive_boxes
 from model.detections import Detections
 from pipeline.batch import Batch, flip_boxes
 from pipeline.coco_masks import scoring_refusal
@@ -71,21 +72,30 @@ def check_annotations_match(annotations_file: str | Path, manifest: Mapping[str,
         )
 
 
-def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes [B, D, 4] in original image pixels and mask probabilities [B, D, M, M] in unflipped boxes.
+def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes [B, D, 4] in original image pixels, the boxes to paste the masks into, and mask
+    probabilities [B, D, M, M] in unflipped boxes.
 
     Undoes the flip in the network-input frame (x -> W - x, W the resized width), then the resize.
+    With `detections.inclusive` as the reference does (its `BoxList.resize` to the image's size,
+    then `Masker`): the inclusive boxes (x2 - 1, y2 - 1) scaled by original / resized, and the
+    masks pasted into those; otherwise the continuous boxes, and the masks pasted into them.
     """
     boxes = detections.boxes.float()
     width = batch.image_sizes[:, 1].to(boxes)[:, None]
     flipped = batch.flipped.to(boxes.device)
     boxes = torch.where(flipped[:, None, None], flip_boxes(boxes, width), boxes)
-    sy, sx = batch.scales.to(boxes).unbind(-1)
-    boxes = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
+    if detections.inclusive:
+        ratio = (batch.original_sizes.double() / batch.image_sizes.double()).float().to(boxes.device)
+        paste = inclusive_boxes(boxes) * ratio[:, None, [1, 0, 1, 0]]
+        boxes = paste + paste.new_tensor([0.0, 0.0, 1.0, 1.0])
+    else:
+        sy, sx = batch.scales.to(boxes).unbind(-1)
+        boxes = paste = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
     # A flipped image's masks are mirrored inside their boxes.
     masks = detections.mask_probs.float()
     masks = torch.where(flipped[:, None, None, None], masks.flip(-1), masks)
-    return boxes, masks
+    return boxes, paste, masks
 
 
 class COCOEvaluator:
@@ -135,9 +145,9 @@ class COCOEvaluator:
     def process(self, batch: Batch, detections: Detections) -> None:
         """Record one batch's detections (network-input frame) in original-image COCO terms."""
         counts = detections.num_detections.tolist()
-        boxes, masks = to_original_frame(batch, detections)
+        boxes, paste, masks = to_original_frame(batch, detections)
         # One copy of each tensor to the host for the whole batch.
-        boxes = boxes.cpu().numpy()
+        boxes, paste = boxes.cpu().numpy(), paste.cpu().numpy()
         masks = masks.cpu().numpy()
         scores = detections.scores.float().cpu().numpy()
         category_ids = self._label_to_category[detections.labels.cpu().numpy()]
@@ -148,7 +158,7 @@ class COCOEvaluator:
                 continue
             n = counts[i]
             xyxy = boxes[i, :n]
-            rles = self._encode(masks[i, :n], xyxy, heights[i], widths[i])
+            rles = self._encode(masks[i, :n], paste[i, :n], heights[i], widths[i])
             self._images[image_id] = ImageResult(xyxy_to_xywh(xyxy), scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
 
     def results(self) -> dict[int, ImageResult]:

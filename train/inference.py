@@ -151,8 +151,8 @@ def in_image_pixels(
 ) -> list[ImageDetections]:
     """The model's padded `detections` of `batch`, each image's mapped back to its own pixels."""
     counts = detections.num_detections.tolist()
-    boxes, masks = to_original_frame(batch, detections)
-    boxes, masks = boxes.cpu().numpy(), masks.cpu().numpy()
+    boxes, paste, masks = to_original_frame(batch, detections)
+    boxes, paste, masks = boxes.cpu().numpy(), paste.cpu().numpy(), masks.cpu().numpy()
     scores, labels = detections.scores.float().cpu().numpy(), detections.labels.cpu().numpy()
     by_label = {int(c["id"]): c for c in categories}
     results = []
@@ -162,7 +162,7 @@ def in_image_pixels(
         results.append(ImageDetections(
             boxes[i, :n], scores[i, :n], labels[i, :n].astype(np.int64),
             np.array([int(c["coco_id"]) for c in found], dtype=np.int64), [str(c["name"]) for c in found],
-            encode_masks(masks[i, :n], boxes[i, :n], height, width, mask_threshold),
+            encode_masks(masks[i, :n], paste[i, :n], height, width, mask_threshold),
         ))
     return results
 
