@@ -94,6 +94,7 @@ def export(args: argparse.Namespace) -> dict:
         "inputs": {"images": "uint8 [1, 3, H, W] RGB, resized then zero-padded",
                    "image_sizes": "int32 [1, 2]: the resized image's height and width"},
         "outputs": {name: _OUTPUT_DOCS[name] for name in OUTPUTS},
+        "convention": detector.config.model.convention,  # reference: inclusive pixel boxes (train/export.py)
         "categories": detector.categories,
         "tolerance": TOLERANCE,
     }

@@ -15,6 +15,8 @@ bucket: each file serves the images of one orientation):
 - outputs (model/detections.py): `boxes` float32 [1, D, 4] (xyxy in the resized image's pixels),
   `scores` [1, D], `labels` int64 [1, D] (the classes 1..K of export.json's categories, 0 past
   the count), `mask_probs` [1, D, 28, 28] (each box's mask probabilities), `num_detections` int32 [1].
+  With model.convention=reference (export.json's `convention`) the boxes are the reference's
+  inclusive pixel boxes (x2 - x1 + 1 pixels wide), mapped back and pasted as such.
 
 `pipeline.images.batch_from_images` prepares the inputs, `run_onnx` runs the file on them, and
 `train.inference.in_image_pixels` maps the outputs back to each image's pixels and pastes the
@@ -79,14 +81,18 @@ def input_shape(session: Any) -> tuple[int, int]:
     return tuple(session.get_inputs()[0].shape[2:])
 
 
-def run_onnx(session: Any, batch: Batch) -> Detections:
-    """The exported graph on a batch padded to its input shape, one image at a time, as Detections."""
+def run_onnx(session: Any, batch: Batch, inclusive: bool) -> Detections:
+    """The exported graph on a batch padded to its input shape, one image at a time, as Detections.
+
+    `inclusive`: the exported model follows the reference's box conventions (model.convention,
+    export.json's `convention`), so its boxes are mapped back and pasted as inclusive pixel boxes.
+    """
     per_image = []
     for i in range(batch.images.shape[0]):
         feed = {"images": batch.images[i : i + 1].contiguous().cpu().numpy(),
                 "image_sizes": batch.image_sizes[i : i + 1].to(torch.int32).cpu().numpy()}
         per_image.append([torch.from_numpy(np.asarray(value)) for value in session.run(list(OUTPUTS), feed)])
-    return Detections(*(torch.cat(parts) for parts in zip(*per_image)))
+    return Detections(*(torch.cat(parts) for parts in zip(*per_image)), inclusive=inclusive)
 
 
 def largest_differences(model: nn.Module, session: Any, height: int, width: int) -> dict[str, float]:
@@ -98,7 +104,7 @@ def largest_differences(model: nn.Module, session: Any, height: int, width: int)
     batch = unlabelled_batch(images, sizes, sizes)
     with torch.no_grad():
         ours = model(batch)
-    theirs = run_onnx(session, batch)
+    theirs = run_onnx(session, batch, ours.inclusive)
     return {
         name: float((getattr(ours, name).float() - getattr(theirs, name).float()).abs().max()) for name in OUTPUTS
     }
