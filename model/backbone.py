@@ -11,6 +11,7 @@ convolution (`conv_norm`), which computes the same map with fewer passes over th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -21,20 +22,23 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-# Bottleneck blocks per stage (res2..res5); depth = 3 * sum(blocks) + 2.
-BLOCKS_PER_STAGE = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+from model.choices import BLOCKS_PER_STAGE, NORMS
+
 GROUP_NORM_GROUPS = 32
-NORMS = ("frozen_bn", "bn", "gn")  # what norm_layer_factory builds
 
 
 class BackboneError(ValueError):
     """A backbone setting the user can fix in the config."""
 
 
-def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
-    """`frozen_bn` (the reference: fixed affine), `bn` or `gn` (trainable, for from-scratch demos)."""
+def norm_layer_factory(norm: str, frozen_bn_eps: float) -> Callable[[int], nn.Module]:
+    """`frozen_bn` (the reference: fixed affine), `bn` or `gn` (trainable, for from-scratch demos).
+
+    frozen_bn_eps: added to the running variance; the reference's FrozenBatchNorm2d adds nothing
+    (0: with the R-50.pkl's unit variances its scale is the weight itself), torchvision's 1e-5.
+    """
     if norm == "frozen_bn":
-        return FrozenBatchNorm2d
+        return functools.partial(FrozenBatchNorm2d, eps=frozen_bn_eps)
     if norm == "bn":
         return nn.BatchNorm2d
     if norm == "gn":
@@ -132,10 +136,10 @@ def freeze_stages(body: ResNetBody, freeze_at: int) -> None:
 
 
 def build_backbone(
-    depth: int, width: int, stride_in_1x1: bool, norm: str, freeze_at: int, fpn_channels: int
+    depth: int, width: int, stride_in_1x1: bool, norm: str, freeze_at: int, fpn_channels: int, frozen_bn_eps: float
 ) -> BackboneWithFPN:
     """ResNet body with FPN outputs P2-P5 ('0'..'3') and P6 ('pool', a stride-2 max pool of P5)."""
-    body = ResNetBody(depth, width, stride_in_1x1, norm_layer_factory(norm))
+    body = ResNetBody(depth, width, stride_in_1x1, norm_layer_factory(norm, frozen_bn_eps))
     freeze_stages(body, freeze_at)
     return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
     return BackboneWithFPN(

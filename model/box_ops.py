@@ -7,7 +7,10 @@ arithmetic follows torchvision's operation by operation so results agree to the 
 
 Boxes are continuous (x2 - x1 is the width). maskrcnn-benchmark's are inclusive pixel ranges
 with "+1" widths (TO_REMOVE = 1) in its coder, IoU and NMS; with x2 + 1, y2 + 1 its formulas
-become these exactly (docs/MLPERF.md lists where the conventions do not map one to one).
+become these exactly. Where its operators take its inclusive x2, y2 as they are (RoIAlign, the
+mask crop, clipping), the model's `convention` decides: "reference" hands them the reference's
+coordinates (`inclusive_boxes`, `clip_boxes(..., inclusive=True)`), "torchvision" keeps
+torchvision's continuous ones, which its COCO checkpoint was trained with (docs/MLPERF.md).
 """
 
 from __future__ import annotations
@@ -62,14 +65,31 @@ def decode_boxes(deltas: Tensor, references: Tensor, weights: tuple[float, float
     )
 
 
-def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clip boxes [B, ..., 4] to each image's (h, w) in `image_sizes` [B, 2]."""
+def inclusive_boxes(boxes: Tensor) -> Tensor:
+    """The reference's inclusive pixel boxes [..., 4] of continuous `boxes`: x2 - 1, y2 - 1."""
+    return boxes - boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+
+
+def clip_boxes(boxes: Tensor, image_sizes: Tensor, inclusive: bool) -> Tensor:
+    """Clip boxes [B, ..., 4] to each image's (h, w) in `image_sizes` [B, 2].
+
+    inclusive: the reference's `clip_to_image`, which clamps its inclusive x1 and x2 to
+    [0, W - 1]: continuous x1 to [0, W - 1] and x2 to [1, W]. A box wholly outside the image
+    becomes the 1-pixel strip along its edge, which NMS merges with its neighbours (zero-width
+    boxes, torchvision's [0, W] clamp, overlap nothing and all survive NMS).
+    """
     shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
     h = image_sizes[:, 0].to(boxes.dtype).view(shape)
     w = image_sizes[:, 1].to(boxes.dtype).view(shape)
     x1, y1, x2, y2 = boxes.unbind(-1)
+    pixel = 1 if inclusive else 0  # the inclusive clamp keeps x1 a pixel before the end, x2 a pixel after the start
     return torch.stack(
-        (x1.clamp(min=0).minimum(w), y1.clamp(min=0).minimum(h), x2.clamp(min=0).minimum(w), y2.clamp(min=0).minimum(h)),
+        (
+            x1.clamp(min=0).minimum(w - pixel),
+            y1.clamp(min=0).minimum(h - pixel),
+            x2.clamp(min=pixel).minimum(w),
+            y2.clamp(min=pixel).minimum(h),
+        ),
         dim=-1,
     )
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # train/config.py imports model/ (through its schema)
 # The class count (categories + background) is the data's: the trainer takes it from the shards'
 # manifest, the tools from the checkpoint. COCO's when nothing says otherwise.
 DEFAULT_NUM_CLASSES = len(COCO_CATEGORY_IDS) + 1
+TORCHVISION_FROZEN_BN_EPS = 1e-5  # torchvision's FrozenBatchNorm2d default (the reference's has none)
 
 
 def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> MaskRCNN:
@@ -33,10 +34,12 @@ def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> Ma
     cfg = {**model_cfg.to_dict(), "num_classes": num_classes}
     bb, rpn, roi = cfg["backbone"], cfg["rpn"], cfg["roi_heads"]
     backbone = build_backbone(
-        bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"]
+        bb["depth"], bb["width"], bb["stride_in_1x1"], bb["norm"], bb["freeze_at"], cfg["fpn_channels"],
+        frozen_bn_eps=0.0 if cfg["convention"] == "reference" else TORCHVISION_FROZEN_BN_EPS,
     )
     strides = tuple(rpn["anchor_strides"])
-    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides, rpn["anchor_generator"])
+    anchors = Anchors(tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"]), strides, cfg["convention"])
+    inclusive = cfg["convention"] == "reference"  # the reference's inclusive pixel boxes where its operators take them
     normalize = InputNormalization(normalization(cfg["normalization"]))
     static_part = StaticPart(normalize, backbone, RPNHead(cfg["fpn_channels"], anchors.num_per_location()))
     proposals = RegionProposals(
@@ -52,9 +55,10 @@ def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> Ma
         post_nms_per_batch=rpn["post_nms_per_batch"],
         min_size=rpn["min_size"],
         straddle_thresh=rpn["straddle_thresh"],
+        inclusive=inclusive,
     )
     box_strides = strides[:-1]  # RoIs pool from P2-P5
-    pool_args = dict(canonical_scale=roi["canonical_scale"], canonical_level=roi["canonical_level"])
+    pool_args = dict(canonical_scale=roi["canonical_scale"], canonical_level=roi["canonical_level"], inclusive=inclusive)
     resolution = roi["pooler_resolution"]
     box_head = TwoMLPHead(cfg["fpn_channels"] * resolution**2, roi["box_head_dim"])
     box_predictor = FastRCNNPredictor(roi["box_head_dim"], cfg["num_classes"])
@@ -80,6 +84,7 @@ def build_model(model_cfg: Config, num_classes: int = DEFAULT_NUM_CLASSES) -> Ma
         score_thresh=roi["score_thresh"],
         nms_thresh=roi["nms_thresh"],
         detections_per_img=roi["detections_per_img"],
+        inclusive=inclusive,
     )
     return MaskRCNN(static_part, proposals, roi_heads, cfg)
 

@@ -12,7 +12,9 @@ class Detections:
     """Up to D detections per image, valid rows first and sorted by descending score.
 
     Boxes are xyxy in the network-input frame (the resized image of `Batch.image_sizes`);
-    the evaluator maps them back to original pixels with `Batch.scales`.
+    the evaluator maps them back to original pixels with `Batch.scales`. `inclusive`: the model
+    follows the reference's conventions (model.convention=reference), so the evaluator scales
+    and pastes them as the reference's inclusive pixel boxes (train/evaluation.py).
     """
 
     boxes: torch.Tensor  # [B, D, 4] float32
@@ -20,3 +22,4 @@ class Detections:
     labels: torch.Tensor  # [B, D] int64 contiguous 1..K; 0 past num_detections
     mask_probs: torch.Tensor  # [B, D, M, M] float32 probabilities of the predicted class (M = 28)
     num_detections: torch.Tensor  # [B] int32
+    inclusive: bool = False

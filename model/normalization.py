@@ -11,31 +11,10 @@ The result equals the reference's input (maskrcnn-benchmark: `to_bgr255`, `Norma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel (x - mean) / std on 0-255 pixels, in the channel order the weights expect."""
-
-    channel_order: str  # "BGR" or "RGB"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-NORMALIZATIONS = {
-    # Detectron's MSRA R-50.pkl (the reference's provided weights): BGR 0-255, mean subtraction only.
-    "bgr255": Normalization("BGR", (102.9801, 115.9465, 122.7717), (1.0, 1.0, 1.0)),
-    # torchvision ImageNet weights: RGB mean/std on 0-1 pixels, rescaled here to 0-255.
-    "rgb": Normalization(
-        "RGB",
-        (0.485 * 255, 0.456 * 255, 0.406 * 255),
-        (0.229 * 255, 0.224 * 255, 0.225 * 255),
-    ),
-}
+from model.choices import NORMALIZATIONS, Normalization
 
 
 def normalization(name: str) -> Normalization:

@@ -1,8 +1,12 @@
 """Multi-level RoIAlign over FPN levels P2-P5 that never needs the host.
 
 torchvision's `MultiScaleRoIAlign` picks each level's RoIs with `torch.where` (a host
-synchronization on CUDA). Ours keeps its level rule (`LevelMapper`: canonical level 4 at
-224 pixels) and `roi_align`. Off the sync-free path it pools only the RoIs of each level, as
+synchronization on CUDA). Ours keeps `roi_align` (aligned=False, the reference's ROIAlign) and
+the FPN level rule (canonical level 4 at 224 pixels) in the convention's coordinates: with
+`inclusive`, RoIs arrive as the reference's inclusive pixel boxes (x2, y2 one pixel in: its
+Pooler hands them to ROIAlign as they are) and take the reference's `LevelMapper`, sqrt of
+the +1 area, log2(s / 224 + 1e-6); otherwise continuous boxes and torchvision's `LevelMapper`
+(log2(s / 224) + 1e-6: the two differ only within 1e-6 of a level boundary). Off the sync-free path it pools only the RoIs of each level, as
 torchvision does. On the sync-free path every level's `roi_align` gets every RoI, with the
 RoIs of the other levels moved far outside the feature map: roi_align returns zero for a
 sample outside the map without reading it, and its backward adds nothing for it (the CUDA
@@ -26,22 +30,41 @@ from torchvision.ops.poolers import LevelMapper
 # An RoI corner further outside than any feature map reaches (at the coarsest stride, 32,
 # it lies 300 cells outside): every sample of such an RoI is out of range.
 OUTSIDE = -1e4
+LEVEL_EPS = 1e-6  # the reference LevelMapper's epsilon
 
 
 class MultiLevelRoIAlign(nn.Module):
     def __init__(
-        self, output_size: int, sampling_ratio: int, strides: tuple[int, ...], canonical_scale: int, canonical_level: int
+        self,
+        output_size: int,
+        sampling_ratio: int,
+        strides: tuple[int, ...],
+        canonical_scale: int,
+        canonical_level: int,
+        inclusive: bool,
     ):
         super().__init__()
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.scales = [1.0 / s for s in strides]
         levels = [round(math.log2(s)) for s in strides]
+        self.k_min, self.k_max = levels[0], levels[-1]
+        self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
+        self.inclusive = inclusive
         self.mapper = LevelMapper(levels[0], levels[-1], canonical_scale=canonical_scale, canonical_level=canonical_level)
 
+    def levels(self, boxes: Tensor) -> Tensor:
+        """The pyramid level index [R] (0 for P2) of boxes [R, 4] in the convention's coordinates."""
+        if not self.inclusive:
+            return self.mapper([boxes])
+        x1, y1, x2, y2 = boxes.unbind(-1)
+        size = torch.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale + LEVEL_EPS))
+        return level.clamp(self.k_min, self.k_max).to(torch.int64) - self.k_min
+
     def forward(self, features: list[Tensor], rois: Tensor, sync_free: bool) -> Tensor:
-        """Pool rois [R, 5] (image index, x1, y1, x2, y2 in input pixels) -> [R, C, S, S]."""
-        levels = self.mapper([rois[:, 1:]])
+        """Pool rois [R, 5] (image index, x1, y1, x2, y2 in input pixels, in the convention's coordinates) -> [R, C, S, S]."""
+        levels = self.levels(rois[:, 1:])
         size = self.output_size
         result = None
         for level, (feature, scale) in enumerate(zip(features, self.scales)):

@@ -6,6 +6,10 @@ targets are written for fixed-size tensors so the training step never waits for 
 On CUDA the mask head runs on every positive slot (batch_size_per_image x positive_fraction
 per image) and padding rows are masked out of the loss: the same loss as the reference's
 mean over the positive RoIs, at a fixed cost (docs/MLPERF.md).
+
+Boxes are continuous throughout; with `inclusive` (model.convention=reference) RoIAlign and the
+mask crop get the reference's inclusive pixel boxes (`roi_boxes`), and detections are clipped
+as the reference clips them (model/box_ops.py).
 """
 
 from __future__ import annotations
@@ -15,16 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import nms
 
-from model.box_ops import batched_box_iou, clip_boxes, decode_boxes, encode_boxes
+from model.box_ops import batched_box_iou, clip_boxes, decode_boxes, encode_boxes, inclusive_boxes
 from model.detections import Detections
 from model.losses import box_head_losses, mask_loss
 from model.mask_targets import polygon_mask_targets
 from model.pooler import MultiLevelRoIAlign, boxes_to_rois
 from model.matching import IGNORED, match_to_ground_truth, sample_balanced
 
-MIN_DETECTION_SIZE = 1e-2  # torchvision drops detections thinner than this before NMS
+MIN_DETECTION_SIZE = 1e-2  # torchvision drops detections thinner than this before NMS (the reference does not)
 
 
 class RoIHeads(nn.Module):
@@ -46,6 +50,7 @@ class RoIHeads(nn.Module):
         score_thresh: float,
         nms_thresh: float,
         detections_per_img: int,
+        inclusive: bool,
     ):
         super().__init__()
         self.box_pool, self.box_head, self.box_predictor = box_pool, box_head, box_predictor
@@ -57,15 +62,20 @@ class RoIHeads(nn.Module):
         self.mask_resolution = mask_resolution
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img = detections_per_img
+        self.inclusive = inclusive
+
+    def roi_boxes(self, boxes: Tensor) -> Tensor:
+        """What RoIAlign and the mask crop take for continuous `boxes`: the convention's coordinates."""
+        return inclusive_boxes(boxes) if self.inclusive else boxes
 
     def box_logits(self, features: list[Tensor], boxes: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
         """Class logits [B, N, K] and class-specific deltas [B, N, 4K] for boxes [B, N, 4]."""
-        pooled = self.box_pool(features, boxes_to_rois(boxes), sync_free)
+        pooled = self.box_pool(features, boxes_to_rois(self.roi_boxes(boxes)), sync_free)
         class_logits, deltas = self.box_predictor(self.box_head(pooled))
         return class_logits.unflatten(0, boxes.shape[:2]), deltas.unflatten(0, boxes.shape[:2])
 
     def mask_logits(self, features: list[Tensor], rois: Tensor, labels: Tensor, sync_free: bool) -> Tensor:
-        """Mask logits [R, S, S] of class `labels` [R] for rois [R, 5] (image index + box)."""
+        """Mask logits [R, S, S] of class `labels` [R] for rois [R, 5] (image index + box in the convention's coordinates)."""
         logits = self.mask_predictor(self.mask_head(self.mask_pool(features, rois, sync_free)))
         index = labels.reshape(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
         return logits.gather(1, index).squeeze(1)
@@ -104,10 +114,11 @@ class RoIHeads(nn.Module):
 
         # Positives come first among the samples, so the first max-positive slots hold them all.
         num_mask = min(int(self.batch_size_per_image * self.positive_fraction), boxes.shape[1])
+        mask_boxes = self.roi_boxes(boxes[:, :num_mask])
         mask_targets = polygon_mask_targets(
-            boxes[:, :num_mask], gt_index[:, :num_mask], verts, polys, num_polys, self.mask_resolution
+            mask_boxes, gt_index[:, :num_mask], verts, polys, num_polys, self.mask_resolution, sync_free
         ).flatten(0, 1)
-        rois, mask_labels = boxes_to_rois(boxes[:, :num_mask]), labels[:, :num_mask].flatten()
+        rois, mask_labels = boxes_to_rois(mask_boxes), labels[:, :num_mask].flatten()
         mask_positive = is_positive[:, :num_mask].flatten()
         if not sync_free:
             # Off the sync-free path, run the (costly) mask head on real positives only.
@@ -123,36 +134,90 @@ class RoIHeads(nn.Module):
 
     @torch.no_grad()
     def detect(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor) -> Detections:
-        """Per image: torchvision's post-processing (score threshold, per-class NMS, top D), padded to D."""
+        """Per image: the top D detections after score threshold and per-class NMS, with their masks, padded to D."""
         class_logits, deltas = self.box_logits(features, proposals, sync_free=False)
-        scores = F.softmax(class_logits.float(), dim=-1)
-        boxes = clip_boxes(decode_boxes(deltas.float(), proposals, self.bbox_reg_weights), image_sizes)
-        batch, num_classes = scores.shape[0], scores.shape[-1]
-        d = self.detections_per_img
-        out_boxes = boxes.new_zeros((batch, d, 4))
-        out_scores = scores.new_zeros((batch, d))
-        out_labels = torch.zeros((batch, d), dtype=torch.int64, device=boxes.device)
-        num_detections = torch.zeros(batch, dtype=torch.int32, device=boxes.device)
-        for i in range(batch):
-            # Eval is not captured or timed per step, so variable-length selection is fine here.
-            image_boxes = boxes[i][proposal_valid[i]][:, 1:].reshape(-1, 4)
-            image_scores = scores[i][proposal_valid[i]][:, 1:].reshape(-1)
-            labels = torch.arange(1, num_classes, device=boxes.device)
-            image_labels = labels.repeat(image_boxes.shape[0] // (num_classes - 1))
-            keep = torch.where(image_scores > self.score_thresh)[0]
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = remove_small_boxes(image_boxes, MIN_DETECTION_SIZE)
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:d]
-            n = keep.numel()
-            out_boxes[i, :n], out_scores[i, :n] = image_boxes[keep], image_scores[keep]
-            out_labels[i, :n] = image_labels[keep]
-            num_detections[i] = n
-        mask_logits = self.mask_logits(features, boxes_to_rois(out_boxes), out_labels.flatten(), sync_free=False)
-        mask_probs = torch.sigmoid(mask_logits.float()).unflatten(0, (batch, d))
+        boxes, scores, labels, num_detections = postprocess_detections(
+            class_logits.float(),
+            deltas.float(),
+            proposals,
+            proposal_valid,
+            image_sizes,
+            bbox_reg_weights=self.bbox_reg_weights,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            detections_per_img=self.detections_per_img,
+            inclusive=self.inclusive,
+        )
+        batch, d = boxes.shape[:2]
+        rois = boxes_to_rois(self.roi_boxes(boxes))
+        mask_probs = torch.sigmoid(self.mask_logits(features, rois, labels.flatten(), sync_free=False).float())
         filled = torch.arange(d, device=boxes.device)[None, :] < num_detections[:, None]
-        mask_probs = mask_probs * filled[..., None, None]
-        return Detections(out_boxes, out_scores, out_labels, mask_probs, num_detections)
+        mask_probs = mask_probs.unflatten(0, (batch, d)) * filled[..., None, None]
+        return Detections(boxes, scores, labels, mask_probs, num_detections, inclusive=self.inclusive)
+
+
+@torch.no_grad()
+def postprocess_detections(
+    class_logits: Tensor,
+    deltas: Tensor,
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    image_sizes: Tensor,
+    *,
+    bbox_reg_weights: tuple[float, float, float, float],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    inclusive: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The box head's detections: boxes [B, D, 4], scores [B, D], labels [B, D], counts [B].
+
+    class_logits [B, N, K] and deltas [B, N, 4K] of proposals [B, N, 4] (valid [B, N]). As the
+    reference's `PostProcessor`: softmax, each class's box decoded and clipped (the convention's
+    clip), scores above `score_thresh`, NMS per class, the D best over all classes (rows sorted
+    by score, zero past each image's count). torchvision (inclusive=False) also drops boxes
+    thinner than MIN_DETECTION_SIZE before NMS.
+
+    Written without host-side counts (selections are index tensors, the top D a padded gather),
+    so that torch.export, and through it tools/export.py's ONNX file, follows it as it runs here.
+    """
+    scores = F.softmax(class_logits, dim=-1)
+    boxes = clip_boxes(decode_boxes(deltas, proposals, bbox_reg_weights), image_sizes, inclusive)
+    batch, num_proposals, num_classes = scores.shape
+    d = detections_per_img
+    # Every (proposal, class) pair of an image in proposal-major order, background left out.
+    class_boxes = boxes[:, :, 1:].reshape(batch, -1, 4)
+    class_scores = scores[:, :, 1:].reshape(batch, -1)
+    class_labels = torch.arange(1, num_classes, device=boxes.device).repeat(num_proposals)
+    candidate = proposal_valid.repeat_interleave(num_classes - 1, dim=1) & (class_scores > score_thresh)
+    if not inclusive:
+        widths, heights = (class_boxes[..., 2:] - class_boxes[..., :2]).unbind(-1)
+        candidate = candidate & (widths >= MIN_DETECTION_SIZE) & (heights >= MIN_DETECTION_SIZE)
+    slots = torch.arange(d, device=boxes.device)
+    out_boxes, out_scores, out_labels, num_detections = [], [], [], []
+    for i in range(batch):
+        index = torch.where(candidate[i])[0]
+        keep = index[class_nms(class_boxes[i, index], class_scores[i, index], class_labels[index], nms_thresh)]
+        count = torch.clamp((keep >= 0).sum(), max=d)  # NMS keeps by descending score: the top D come first
+        chosen = torch.cat([keep, keep.new_zeros(d)])[:d]
+        filled = slots < count
+        out_boxes.append(torch.where(filled[:, None], class_boxes[i, chosen], 0.0))
+        out_scores.append(torch.where(filled, class_scores[i, chosen], 0.0))
+        out_labels.append(torch.where(filled, class_labels[chosen], 0))
+        num_detections.append(count.to(torch.int32))
+    return torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels), torch.stack(num_detections)
+
+
+def class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's `batched_nms` (NMS within each class), by its coordinate trick at every size.
+
+    torchvision picks between this and a per-class loop by the input's size, a branch on a
+    data-dependent count that torch.export cannot follow; both keep the same boxes. The offset
+    parts the classes' boxes (each class's shifted past the largest coordinate), then one NMS.
+    """
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # an empty input has no max
+    offsets = labels.to(boxes.dtype) * (largest + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def init_reference_heads(box_head: TwoMLPHead, box_predictor: FastRCNNPredictor, mask_predictor: MaskRCNNPredictor) -> None:

@@ -6,8 +6,9 @@ top-N) and, in training, into the two RPN losses.
 
 Anchors are the reference's (maskrcnn-benchmark `generate_anchors`, see `reference_cell_anchors`),
 which closed division requires; torchvision's `AnchorGenerator` anchors (centred on multiples
-of the stride, its own rounding) remain selectable for torchvision's COCO checkpoint, which
-was trained with them.
+of the stride, its own rounding) come with `model.convention=torchvision`, for torchvision's
+COCO checkpoint, which was trained with them. The convention also decides the clipping of
+proposals (model/box_ops.py: `clip_boxes`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from torchvision.models.detection.rpn import permute_and_flatten
 from torchvision.ops import box_iou
 
 from model.box_ops import clip_boxes, decode_boxes, encode_boxes, padded_nms
+from model.choices import CONVENTIONS
 from model.losses import rpn_losses
 from model.matching import IGNORED, match_to_ground_truth, sample_balanced
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
-
-
-ANCHOR_GENERATORS = ("reference", "torchvision")
 
 
 def reference_cell_anchors(stride: int, size: float, aspect_ratios: tuple[float, ...]) -> Tensor:
@@ -63,15 +62,15 @@ class Anchors:
         sizes: tuple[int, ...],
         aspect_ratios: tuple[float, ...],
         strides: tuple[int, ...],
-        generator: str = "reference",
+        convention: str = "reference",
     ):
-        if generator == "reference":
+        if convention == "reference":
             self.cell_anchors = [reference_cell_anchors(st, size, aspect_ratios) for size, st in zip(sizes, strides)]
-        elif generator == "torchvision":
+        elif convention == "torchvision":
             torchvision_anchors = AnchorGenerator()
             self.cell_anchors = [torchvision_anchors.generate_anchors([size], list(aspect_ratios)) for size in sizes]
         else:
-            raise ValueError(f"model.rpn.anchor_generator must be one of {ANCHOR_GENERATORS}, got {generator!r}")
+            raise ValueError(f"model.convention must be one of {CONVENTIONS}, got {convention!r}")
         self.strides = strides
         self.cache: dict[tuple, list[Tensor]] = {}
 
@@ -118,6 +117,7 @@ class RegionProposals(nn.Module):
     its survivors (the reference's per-level post-NMS cap equals the pre-NMS count).
     straddle_thresh: the reference ignores, in the RPN loss, anchors that
     reach more than this many pixels outside the image (-1: keep all, as torchvision).
+    inclusive: clip proposals as the reference does (model/box_ops.py: `clip_boxes`).
     """
 
     def __init__(
@@ -134,6 +134,7 @@ class RegionProposals(nn.Module):
         post_nms_per_batch: bool,
         min_size: float,
         straddle_thresh: float,
+        inclusive: bool,
     ):
         super().__init__()
         self.anchors = anchors
@@ -145,6 +146,7 @@ class RegionProposals(nn.Module):
         self.post_nms_per_batch = post_nms_per_batch
         self.min_size = min_size
         self.straddle_thresh = straddle_thresh
+        self.inclusive = inclusive
 
     def _mode(self) -> str:
         return "training" if self.training else "testing"
@@ -160,7 +162,7 @@ class RegionProposals(nn.Module):
             top_obj, top_index = obj.topk(k, dim=1)
             top_deltas = delta.gather(1, top_index[..., None].expand(-1, -1, 4))
             boxes = decode_boxes(top_deltas, level_anchors[top_index], RPN_BOX_WEIGHTS).squeeze(-2)
-            boxes = clip_boxes(boxes, image_sizes)
+            boxes = clip_boxes(boxes, image_sizes, self.inclusive)
             wide = boxes[..., 2] - boxes[..., 0] >= self.min_size
             tall = boxes[..., 3] - boxes[..., 1] >= self.min_size
             level_obj.append(top_obj)

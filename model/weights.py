@@ -76,8 +76,9 @@ _TRAINED_WITH = {
     TORCHVISION_MASKRCNN: {"backbone.stride_in_1x1": False, "normalization": "rgb"},
 }
 # What a config for the file should also set, though other values load and train: torchvision's
-# RPN head learned its own anchors (reproducing its AP needs them; fine-tuning may change them).
-_SUGGESTED = {TORCHVISION_MASKRCNN: {"rpn.anchor_generator": "torchvision"}}
+# RPN head learned its own anchors and its heads its continuous boxes (reproducing its AP needs
+# them; fine-tuning may change them).
+_SUGGESTED = {TORCHVISION_MASKRCNN: {"convention": "torchvision"}}
 
 
 class WeightsError(ValueError):
@@ -158,8 +159,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
             raise WeightsError(
-                f"{self.path} asks to run {module}.{name} while unpickling; refusing it, since a weights "
-                "pickle should hold only numpy arrays (use the original Detectron R-50.pkl)"
+                f"{self.path} was not loaded: unpickling it would call {module}.{name}, so it could run code on "
+                "this machine, where a weights pickle holds only numpy arrays (use the original Detectron R-50.pkl)"
             )
         if module == "numpy.core.multiarray":
             module = "numpy._core.multiarray" if hasattr(np, "_core") else module
@@ -338,15 +339,23 @@ def _load_detector(model: MaskRCNN, values: Mapping[str, Tensor], source: str, k
     return report
 
 
-def _load_failure(error: Exception) -> str:
-    """What torch.load found wrong, without its advice to load with weights_only=False (that runs the file's code)."""
+def load_failure(error: Exception) -> str:
+    """What `torch.load(weights_only=True)` found wrong, in a few plain words.
+
+    Never torch's advice to load with weights_only=False: that would run whatever code the file
+    holds. A file that asks for a class or function while unpickling (os.system, or any object
+    that is not a tensor) is named as what it is, a file that could run code, which was not loaded.
+    """
     text = " ".join(str(error).split())
+    wanted = re.search(r"GLOBAL ([\w.]+)", text)
+    if wanted:
+        return f"unpickling it would call {wanted.group(1)}, so it could run code on this machine; it was not loaded"
+    if "failed finding central directory" in text:
+        return "its zip archive ends early: the file is truncated"
     _, unpickler, detail = text.partition("WeightsUnpickler error:")
-    if unpickler:  # not a pickle of tensors: text, or objects of other classes
-        text = detail.split(" Check the documentation")[0].split(". ")[0].strip()
-    elif "failed finding central directory" in text:
-        text = "its zip archive ends early: the file is truncated"
-    return text[:200]
+    sentences = (detail or text).split(" Check the documentation")[0].split(". ")
+    plain = [s for s in sentences if "weights_only" not in s and "torch.load" not in s]
+    return (plain[0] if plain else "it is not a pickle of tensors").strip().rstrip(".")[:200]
 
 
 def read_weights(path: str | Path) -> WeightsFile:
@@ -362,7 +371,7 @@ def read_weights(path: str | Path) -> WeightsFile:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
         raise WeightsError(
-            f"{path} is not a loadable torch weights file ({_load_failure(e)}); pass a state dict saved with torch.save"
+            f"{path} is not a loadable torch weights file ({load_failure(e)}); pass a state dict saved with torch.save"
         ) from e
     if not isinstance(saved, Mapping):
         raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")

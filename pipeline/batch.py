@@ -1,9 +1,13 @@
 """The `Batch` every input pipeline yields on the training device, and the host code that makes one.
 
 Coordinates: boxes and polygon vertices are continuous pixel coordinates (a pixel's left
-edge is x, its centre x + 0.5) in the resized image, after the flip. A horizontal flip maps
-x -> W - x for both (W is the resized image width, before padding), so a box (x1, y1, x2, y2)
-becomes (W - x2, y1, W - x1, y2) and stays the extent of its flipped polygons.
+edge is x, its centre x + 0.5) in the resized image, after the flip, transformed as the
+reference transforms its own (maskrcnn-benchmark `BoxList`, `Polygons`; tests/reference/):
+- resize: vertices x -> x sx; boxes are inclusive pixel boxes there (x2 = x + w - 1), scaled
+  as such, so a continuous box becomes (x1 sx, y1 sy, (x2 - 1) sx + 1, (y2 - 1) sy + 1);
+- horizontal flip (W the resized width, before padding): a box (x1, y1, x2, y2) becomes
+  (W - x2, y1, W - x1, y2), its mirror image; polygon vertices x -> W - x - 1, one pixel left
+  of the mirror image (the reference's `TO_REMOVE` applied to points).
 
 Images are what the device needs and nothing more: uint8 RGB pixels, resized and flipped,
 padded at the bottom and right with zeros. The model normalizes them on the device as the
@@ -25,7 +29,7 @@ original and resized sizes and flip coin; the backend decodes (`decode_image` he
 resizes and flips the pixels (`transform_image` here, or DALI); `make_batch` then
 - checks the counts against the manifest's maxima (more would be cut off: an error instead),
 - pads boxes, labels, polygons and vertices per batch to `padded_count` slots,
-- scales and flips them for the whole batch at once (x -> W - x),
+- scales and flips them for the whole batch at once (above),
 - copies the images into the padded uint8 batch (`pad_images`).
 So the two backends' ground truth comes out of the same code and agrees exactly; only the
 pixels come from different decoders and resize kernels.
@@ -34,8 +38,8 @@ Geometry: sizes follow the reference (maskrcnn-benchmark `Resize.get_size`): the
 `min_size` unless the longer side would then exceed `max_size`, in which case the shorter side
 becomes `round(max_size * short / long)` (Python's round, half to even); the longer side is then
 `int(short_new * long / short)` (truncated). Boxes and polygon vertices are scaled by the same
-per-axis factors as the image (sx = new_w / w, sy = new_h / h), and a horizontal flip maps
-x -> W - x on continuous coordinates (above).
+per-axis factors as the image (sx = new_w / w, sy = new_h / h), as the reference scales its
+inclusive boxes and its polygons (above).
 
 Padding: to a multiple of `size_divisibility` (dynamic shapes), or to a static bucket per
 orientation. Bucket rule: the tight bucket of an orientation holds its largest resized image,
@@ -43,14 +47,17 @@ orientation. Bucket rule: the tight bucket of an orientation holds its largest r
 bucket is kept when it holds the tight bucket and is at most one `size_divisibility` step larger
 in each dimension (the reference's 800x1344 / 1344x800 are exactly tight for 800/1333/32);
 otherwise the tight bucket replaces it, so demo sizes such as 160/267 get 160x288 and 288x160
-instead of images padded to 800x1344.
+instead of images padded to 800x1344. A bucket listed twice, or smaller than the largest resized
+image of both orientations (it could never be used), is refused when the config is built
+(`pipeline.bucket_problem`).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +67,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.shard_format import Sample, shard_error
 
 MIN_SLOTS = 16  # the smallest ground-truth padding: batches with few instances share one shape
+_UNTIMED = nullcontext()  # make_batch's `measure` when nobody times it (reusable: nothing allocated per part)
 
 @dataclass
 class Batch:
@@ -193,13 +201,22 @@ def flip_boxes(boxes: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
     """x -> W - x on both edges, so (x1, y1, x2, y2) becomes (W - x2, y1, W - x1, y2).
 
     Boxes are [..., 4]; `width` is a number or a tensor that broadcasts against boxes[..., 0].
+    The reference's flip of its inclusive boxes (x -> W - x - 1 on x1 and its x2) is this one.
     """
     return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], dim=-1)
 
 
 def flip_vertices(verts: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
-    """x -> W - x; vertices are [..., 2] (x, y), `width` broadcasts against verts[..., 0]."""
-    return torch.stack([width - verts[..., 0], verts[..., 1]], dim=-1)
+    """x -> W - x - 1, the reference's `Polygons.transpose`; vertices are [..., 2] (x, y), `width`
+    broadcasts against verts[..., 0]. In the order of its float32 operations: (W - x) - 1."""
+    return torch.stack([width - verts[..., 0] - 1, verts[..., 1]], dim=-1)
+
+
+def resize_boxes(boxes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Continuous boxes [B, N, 4] scaled by (sy, sx) `scales` [B, 2] as the reference scales its inclusive boxes."""
+    sx, sy = scales[:, None, 1], scales[:, None, 0]
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([x1 * sx, y1 * sy, (x2 - 1) * sx + 1, (y2 - 1) * sy + 1], dim=-1)
 
 
 def transform_image(image: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
@@ -272,10 +289,12 @@ def make_batch(
     bucket: tuple[int, int] | None,
     size_divisibility: int,
     device: torch.device,
+    measure: Callable[[str], AbstractContextManager] = lambda op: _UNTIMED,
 ) -> Batch:
     """The batch of `records` and their images (uint8 [h, w, 3], on `device` or the CPU), ground truth on the CPU.
 
     `maxima`: (instances, polygons, vertices) per image from the manifest, at least 1 each.
+    `measure(op)` times the `ground_truth` and `pad_images` parts (the loaders' `StageTimer.measure`).
     Raises ShardReadError for a sample past the maxima, ValueError for an image past the bucket.
     """
     max_instances, max_polygons, max_vertices = maxima
@@ -294,7 +313,21 @@ def make_batch(
     if bucket is not None:
         check_fits_bucket(resized, bucket, image_ids)
     shape = padded_shape(resized, bucket, size_divisibility)
+    with measure("ground_truth"):
+        ground_truth = _padded_ground_truth(records, maxima, resized, original, flipped)
+    with measure("pad_images"):
+        padded = pad_images(images, shape, device)
+    return Batch(
+        images=padded, image_sizes=resized, original_sizes=original, flipped=flipped, image_ids=image_ids, **ground_truth
+    )
 
+
+def _padded_ground_truth(
+    records: Sequence[SampleRecord], maxima: tuple[int, int, int], resized: torch.Tensor, original: torch.Tensor,
+    flipped: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The `Batch` fields of the ground truth: padded per batch, scaled to the resized images and flipped."""
+    max_instances, max_polygons, max_vertices = maxima
     num_boxes = torch.tensor([len(r.labels) for r in records], dtype=torch.int32)
     num_polys = torch.tensor([len(r.polys) for r in records], dtype=torch.int32)
     num_verts = torch.tensor([len(r.verts) for r in records], dtype=torch.int32)
@@ -305,27 +338,16 @@ def make_batch(
     polys[..., 0][torch.arange(polys.shape[1]) >= num_polys[:, None]] = -1  # padding rows are (-1, 0, 0)
 
     # Scale (sy, sx) and flip on the whole batch; padding rows stay zero.
-    scales = resized.float() / original.float()
+    scales = (resized.double() / original.double()).float()  # the reference's Python-float ratios, applied in float32
     width = resized[:, 1].float()
     box_rows = torch.arange(boxes.shape[1]) < num_boxes[:, None]
     vert_rows = torch.arange(verts.shape[1]) < num_verts[:, None]
-    boxes = boxes * scales[:, None, [1, 0, 1, 0]]
+    boxes = torch.where(box_rows[..., None], resize_boxes(boxes, scales), boxes)
     verts = verts * scales[:, None, [1, 0]]
     boxes = torch.where((flipped[:, None] & box_rows)[..., None], flip_boxes(boxes, width[:, None]), boxes)
     verts = torch.where((flipped[:, None] & vert_rows)[..., None], flip_vertices(verts, width[:, None]), verts)
-    return Batch(
-        images=pad_images(images, shape, device),
-        image_sizes=resized,
-        original_sizes=original,
-        scales=scales,
-        flipped=flipped,
-        image_ids=image_ids,
-        boxes=boxes,
-        labels=labels.long(),
-        num_boxes=num_boxes,
-        verts=verts,
-        polys=polys,
-        num_polys=num_polys,
+    return dict(
+        scales=scales, boxes=boxes, labels=labels.long(), num_boxes=num_boxes, verts=verts, polys=polys, num_polys=num_polys
     )
 
 

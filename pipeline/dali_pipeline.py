@@ -22,6 +22,7 @@ the size arithmetic, `fn.flip`, `bb_flip`/`coord_flip` and `fn.pad` to the manif
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Iterator, Sequence
 
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.batch import Batch, SampleRecord, decode_image, make_batch, sample_record
-from pipeline.loader import LoaderBase, LoaderSettings, StageTimer
-from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, read_sample, sample_refs, shard_error
+from pipeline.batch import Batch, SampleRecord, decode_image
+from pipeline.loader import LoaderBase, LoaderSettings, StageTimer, read_record
+from pipeline.shard_format import SampleRef, ShardReadError, ShardSet, sample_refs, shard_error
 
 
 @pipeline_def
@@ -73,21 +74,26 @@ class PlanFeeder:
         self.settings = settings
         self.timer = timer
         self.fed: deque[list[tuple[SampleRecord, np.ndarray]]] = deque()
+        self.fed_ns: deque[int] = deque()  # when each batch in `fed` was handed to DALI (perf_counter_ns)
 
     def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         entries = next(self._batches)  # StopIteration past the plan's end: DALI's end of data
-        with self.timer.measure("read"):
+        with self.timer.measure("feed"):
             samples = [self._sample(group, position, flip) for group, position, flip in entries]
         self.fed.append(samples)
+        self.fed_ns.append(time.perf_counter_ns())
         rois = [np.array([0, 1, 1, 0] if r.flipped else [0, 0, 1, 1], np.float32) for r, _ in samples]
         sizes = [np.array(r.resized, np.float32) for r, _ in samples]
         return [jpeg for _, jpeg in samples], rois, sizes
 
+    def take(self) -> tuple[list[tuple[SampleRecord, np.ndarray]], int]:
+        """The oldest batch fed and not taken yet (DALI returns them in that order), and when it was fed."""
+        return self.fed.popleft(), self.fed_ns.popleft()
+
     def _sample(self, group: str, position: int, flip: bool) -> tuple[SampleRecord, np.ndarray]:
-        ref = self.refs[group][position]
-        sample = read_sample(ref)
-        record = sample_record(sample, ref.tar, flip, self.settings.min_size, self.settings.max_size)
-        return record, np.frombuffer(sample.jpeg, dtype=np.uint8)
+        with self.timer.measure("sample"):
+            record, jpeg = read_record(self.refs[group][position], flip, self.settings, self.timer)
+        return record, np.frombuffer(jpeg, dtype=np.uint8)
 
 
 class DaliLoader(LoaderBase):
@@ -124,22 +130,16 @@ class DaliLoader(LoaderBase):
         for group in groups:
             with self.timer.measure("wait"):
                 images = _run(pipe, feeder)
-            with self.timer.measure("collate"):
-                batch = self._to_batch(images, [record for record, _ in feeder.fed.popleft()], group)
-            yield batch
+            samples, fed_ns = feeder.take()
+            if self.timer.tracing:  # the batch inside DALI: from its feed to its outputs (decode, resize, flip)
+                self.timer.record_flight("dali_graph", fed_ns, time.perf_counter_ns())
+            yield self._to_batch(images, [record for record, _ in samples], group)
 
     def _to_batch(self, images, records: list[SampleRecord], group: str) -> Batch:
+        """The copy out of DALI's buffers (`pad_images`, inside `collate`) and the ground truth's copy to the device."""
         with self._on_copy_stream():
             # DLPack views of DALI's buffers (valid until the next run), copied once into the batch.
-            batch = make_batch(
-                records,
-                [torch.from_dlpack(images[i]) for i in range(len(images))],
-                maxima=self.maxima,
-                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
-                size_divisibility=self.settings.size_divisibility,
-                device=self.device,
-            ).to(self.device, non_blocking=True)
-        copies_done = self._copies_done()
+            batch, copies_done = self._collate(records, [torch.from_dlpack(images[i]) for i in range(len(images))], group)
         if copies_done is not None:
             # DALI reuses its output buffers once run() is called again, on its own stream, which
             # nothing orders after this copy: the copy out must be over before then (a

@@ -27,23 +27,35 @@ def batch_from_images(
     sizes = [resized_size(h, w, settings.min_size, settings.max_size) for h, w in originals]
     resized = [transform_image(image.to(device), size, flip=False) for image, size in zip(images, sizes)]
     image_sizes = torch.tensor(sizes, dtype=torch.int32)
-    original_sizes = torch.tensor(originals, dtype=torch.int32)
     shape = padded_shape(image_sizes, _bucket(sizes, settings), settings.size_divisibility)
-    b = len(images)
+    ids = torch.tensor(list(image_ids) if image_ids is not None else range(len(images)), dtype=torch.int64)
+    return unlabelled_batch(
+        pad_images(resized, shape, device), image_sizes.to(device), torch.tensor(originals, dtype=torch.int32).to(device),
+        ids.to(device),
+    )
+
+
+def unlabelled_batch(
+    images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor, image_ids: torch.Tensor | None = None
+) -> Batch:
+    """Padded images [B, 3, H, W] with their resized and original sizes [B, 2] as a Batch without ground
+    truth (zero instances per image), never flipped; image ids 0..B-1 unless given."""
+    b, device = images.shape[0], images.device
     empty = dict(dtype=torch.float32, device=device)
+    counts = dict(dtype=torch.int32, device=device)
     return Batch(
-        images=pad_images(resized, shape, device),
-        image_sizes=image_sizes.to(device),
-        original_sizes=original_sizes.to(device),
-        scales=(image_sizes.float() / original_sizes.float()).to(device),
+        images=images,
+        image_sizes=image_sizes,
+        original_sizes=original_sizes,
+        scales=image_sizes.float() / original_sizes.float(),
         flipped=torch.zeros(b, dtype=torch.bool, device=device),
-        image_ids=torch.tensor(list(image_ids) if image_ids is not None else range(b), dtype=torch.int64, device=device),
+        image_ids=image_ids if image_ids is not None else torch.arange(b, device=device),
         boxes=torch.zeros(b, 0, 4, **empty),
         labels=torch.zeros(b, 0, dtype=torch.int64, device=device),
-        num_boxes=torch.zeros(b, dtype=torch.int32, device=device),
+        num_boxes=torch.zeros(b, **counts),
         verts=torch.zeros(b, 0, 2, **empty),
         polys=torch.zeros(b, 0, 3, dtype=torch.int32, device=device),
-        num_polys=torch.zeros(b, dtype=torch.int32, device=device),
+        num_polys=torch.zeros(b, **counts),
     )
 
 

@@ -29,31 +29,41 @@ stream to the consumer's. A backend only says how an epoch's batches are made fr
 position (`_epoch_batches`): both replay the epoch plan (pipeline/epoch_plan.py) from there, so
 the epoch and the position are the whole mid-epoch state.
 
-Timing (`StageTimer`, cheap enough to leave on: a few perf_counter calls per batch), by stage:
-`read` (bytes from the shards), `decode` (JPEG -> pixels), `augment` (flip, resize, pad),
-`collate` (batch assembly and the copy to the device) and `wait` (time the consumer spent
-blocked waiting for the next batch). Stages that run inside DALI's own threads (decode, augment)
-are not visible to Python: for the DALI backend they are reported as None, and `wait` holds what
-they cost the consumer after prefetching (with the reads of the batches fed meanwhile, which
-happen on the consumer's thread); `tools/bench_pipeline.py --stages` measures them separately.
+Timing (`StageTimer`, cheap enough to leave on: two clock reads and a dict update per span, nothing
+kept per span), by stage: `read` (bytes from the shards, the per-sample check, the sample's record),
+`decode` (JPEG -> pixels), `augment` (flip and resize), `collate` (batch assembly, padding and
+the copy to the device) and `wait` (time the consumer spent blocked waiting for the next batch).
+The stages are sums of named spans (`STAGE_OPS`), the same spans that a trace keeps when the
+timer is `tracing` (train/trace.py): one measurement for both. Stages that run inside DALI's
+own threads (decode, augment) are not visible to Python: for the DALI backend they are reported
+as None, and `wait` holds what they cost the consumer after prefetching (with the reads of the
+batches fed meanwhile, which happen on the consumer's thread); `tools/bench_pipeline.py
+--stages` measures them separately.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from array import array
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 
-from pipeline.batch import Batch, bucket_shapes
+from pipeline.batch import Batch, SampleRecord, bucket_shapes, make_batch, sample_record
 from pipeline.epoch_plan import epoch_plan, group_batches
-from pipeline.shard_format import ShardSet, open_shard_set
+from pipeline import BACKENDS, DECODE_DEVICES
+from pipeline.shard_format import SampleRef, ShardSet, checked_sample, open_shard_set, read_members
 
-BACKENDS = ("dali", "torch")
-DECODE_DEVICES = ("auto", "gpu", "cpu")
+
+class LoaderWorkerLost(RuntimeError):
+    """A worker process of the loader died (the kernel's OOM killer sends SIGKILL): raised when the
+    consumer asks for the next batch, so the batches handed over so far, and the loader's position
+    after them, are consistent; the message says what died and what to lower."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ def settings_from_config(data_cfg: Any, training: bool) -> LoaderSettings:
 
 class Loader(Protocol):
     manifest: dict[str, Any]
+    timer: "StageTimer"
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -172,39 +183,199 @@ def build_loader(
 
 
 STAGES = ("read", "decode", "augment", "collate", "wait")
+# The ops (named spans) whose totals make each stage. Only these count towards a stage: the
+# spans that group others (`sample`, `feed`, the children of `collate`) are in the trace only.
+STAGE_OPS = {
+    "read": ("read", "check", "record"),
+    "decode": ("decode",),
+    "augment": ("resize_flip",),
+    "collate": ("collate", "to_device"),
+    "wait": ("wait",),
+}
+
+
+class ThreadSpans:
+    """One thread's (or one worker's) share of a `StageTimer`: op totals and, while tracing, its spans.
+
+    `spans` holds (op id, start ns, end ns) triples flat in an int64 array, so keeping a span
+    allocates no Python object; `flights` the same for intervals that overlap one another
+    (DALI's batches in flight), which a trace shows as async slices instead of nested ones.
+    """
+
+    __slots__ = ("pid", "tid", "process", "thread", "totals", "spans", "flights", "open")
+
+    def __init__(self, pid: int, tid: int, process: str, thread: str):
+        self.pid, self.tid, self.process, self.thread = pid, tid, process, thread
+        self.totals: dict[int, int] = {}  # op id -> ns
+        self.spans = array("q")
+        self.flights = array("q")
+        self.open: list[int] = []  # start times of the spans this thread is inside
+
+    def add(self, op: int, start: int, end: int, tracing: bool) -> None:
+        self.totals[op] = self.totals.get(op, 0) + end - start
+        if tracing:
+            spans = self.spans
+            spans.append(op)
+            spans.append(start)
+            spans.append(end)
+
+
+class _Span:
+    """The context manager `StageTimer.measure(op)` returns: one per op, reused (no object made per span)."""
+
+    __slots__ = ("timer", "op")
+
+    def __init__(self, timer: "StageTimer", op: int):
+        self.timer, self.op = timer, op
+
+    def __enter__(self) -> None:
+        self.timer.this_thread().open.append(time.perf_counter_ns())
+
+    def __exit__(self, *exc: object) -> None:
+        end = time.perf_counter_ns()
+        log = self.timer.this_thread()
+        log.add(self.op, log.open.pop(), end, self.timer.tracing)
+
+
+@dataclass
+class TakenSpans:
+    """What a DataLoader worker's timer hands back with each sample (`StageTimer.take`), for `merge`."""
+
+    pid: int
+    tid: int
+    process: str
+    thread: str
+    ops: list[str]  # op id -> name in the worker's timer
+    totals: dict[int, int]
+    spans: array
 
 
 class StageTimer:
+    """Where a loader's time goes, measured once: named spans (`measure(op)`) on every thread.
+
+    Each span adds its nanoseconds (time.perf_counter_ns: CLOCK_MONOTONIC, one clock for every
+    process on the machine) to its op's total; `report()` sums the ops of each stage
+    (`STAGE_OPS`). That is always on: two clock reads and a dict update per span, nothing kept.
+    With `tracing` on, every span is also kept with its start and end, per thread, for a Chrome
+    trace and the per-op table (train/trace.py); the trace's op totals are then exactly these
+    totals over the same spans. DataLoader workers time into their own timer and send its
+    `take()` back with each sample, which the loader's timer `merge`s under the worker's track.
+    """
+
     def __init__(self, hidden: tuple[str, ...] = ()):
         self.hidden = hidden  # stages measured elsewhere (inside DALI), reported as None
-        self.reset()
-
-    def reset(self) -> None:
-        self.totals = {stage: 0.0 for stage in STAGES}
+        self.tracing = False
+        self.ops: list[str] = []  # op id -> name
+        self._spans: dict[str, _Span] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # .log: this thread's ThreadSpans
+        self._threads: dict[tuple[int, int], ThreadSpans] = {}  # (pid, native thread id) -> its spans
         self.images = 0
+        self.traced_images = 0  # images counted while tracing: what a trace's per-image figures divide by
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.totals[stage] += seconds
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hidden": self.hidden}  # a copy for another process starts empty
 
-    @contextmanager
-    def measure(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[stage] += time.perf_counter() - start
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["hidden"])
+
+    def measure(self, op: str) -> AbstractContextManager:
+        """`with timer.measure(op):` times the block as one span of `op` on this thread."""
+        span = self._spans.get(op)
+        return span if span is not None else self._register(op)
+
+    def record(self, op: str, start_ns: int, end_ns: int) -> None:
+        """A span of `op` measured by the caller (perf_counter_ns values), on this thread."""
+        self.this_thread().add(self.measure(op).op, start_ns, end_ns, self.tracing)
+
+    def record_flight(self, op: str, start_ns: int, end_ns: int) -> None:
+        """An interval that may overlap others of its kind (a DALI batch in flight); kept only while tracing."""
+        if self.tracing:
+            self.this_thread().flights.extend((self.measure(op).op, start_ns, end_ns))
 
     def count(self, images: int) -> None:
         self.images += images
+        if self.tracing:
+            self.traced_images += images
+
+    def this_thread(self) -> ThreadSpans:
+        log = getattr(self._local, "log", None)
+        if log is None:
+            log = self._local.log = self._track(os.getpid(), threading.get_native_id(), PROCESS, thread_name())
+        return log
+
+    def take(self, process: str, thread: str) -> TakenSpans:
+        """This thread's totals and spans since the last take, handed over and cleared (a worker, per sample)."""
+        log = self.this_thread()
+        taken = TakenSpans(log.pid, log.tid, process, thread, list(self.ops), log.totals, log.spans)
+        log.totals, log.spans = {}, array("q")
+        return taken
+
+    def merge(self, taken: TakenSpans) -> None:
+        """Add a worker's `take()` under its own track: its totals count in `report()`, its spans in the trace."""
+        log = self._track(taken.pid, taken.tid, taken.process, taken.thread)
+        ids = [self.measure(name).op for name in taken.ops]
+        for op, ns in taken.totals.items():
+            log.totals[ids[op]] = log.totals.get(ids[op], 0) + ns
+        spans = taken.spans
+        for i in range(0, len(spans), 3):
+            log.spans.extend((ids[spans[i]], spans[i + 1], spans[i + 2]))
+
+    def threads(self) -> list[ThreadSpans]:
+        with self._lock:
+            return list(self._threads.values())
+
+    def op_totals_ns(self) -> dict[str, int]:
+        """Every op's total over all threads and workers, in ns."""
+        totals: dict[str, int] = {}
+        for log in self.threads():
+            for op, ns in list(log.totals.items()):
+                totals[self.ops[op]] = totals.get(self.ops[op], 0) + ns
+        return totals
 
     def report(self) -> dict[str, object]:
         """{'images': n, 'total_s': {stage: s}, 'per_image_ms': {stage: ms}}; hidden stages are None."""
+        ops = self.op_totals_ns()
+        totals = {stage: sum(ops.get(op, 0) for op in STAGE_OPS[stage]) / 1e9 for stage in STAGES}
         per_image = 1000.0 / self.images if self.images else 0.0
         return {
             "images": self.images,
-            "total_s": {s: None if s in self.hidden else t for s, t in self.totals.items()},
-            "per_image_ms": {s: None if s in self.hidden else t * per_image for s, t in self.totals.items()},
+            "total_s": {s: None if s in self.hidden else t for s, t in totals.items()},
+            "per_image_ms": {s: None if s in self.hidden else t * per_image for s, t in totals.items()},
         }
+
+    def _register(self, op: str) -> _Span:
+        with self._lock:
+            if op not in self._spans:
+                self._spans[op] = _Span(self, len(self.ops))
+                self.ops.append(op)
+            return self._spans[op]
+
+    def _track(self, pid: int, tid: int, process: str, thread: str) -> ThreadSpans:
+        with self._lock:
+            log = self._threads.get((pid, tid))
+            if log is None:
+                log = self._threads[(pid, tid)] = ThreadSpans(pid, tid, process, thread)
+            return log
+
+
+PROCESS = "main process"  # the track name of the loader's own process (workers: "loader worker N")
+
+
+def thread_name() -> str:
+    name = threading.current_thread().name
+    return "main thread" if name == "MainThread" else name
+
+
+def read_record(ref: SampleRef, flip: bool, settings: LoaderSettings, timer: StageTimer) -> tuple[SampleRecord, bytes]:
+    """One sample's record and JPEG bytes, as both backends read it: `read`, `check` and `record` spans."""
+    with timer.measure("read"):
+        members = read_members(ref)
+    with timer.measure("check"):
+        sample = checked_sample(ref, members)
+    with timer.measure("record"):
+        record = sample_record(sample, ref.tar, flip, settings.min_size, settings.max_size)
+    return record, sample.jpeg
 
 
 class LoaderBase:
@@ -291,6 +462,24 @@ class LoaderBase:
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """Batches `start`, `start + 1`, ... of `epoch` (a resume starts past 0)."""
         raise NotImplementedError
+
+    def _collate(
+        self, records: list[SampleRecord], images: list[torch.Tensor], group: str
+    ) -> tuple[Batch, torch.cuda.Event | None]:
+        """The batch on the device (`collate` and `to_device` spans), and the event after its copies (`_copies_done`)."""
+        with self.timer.measure("collate"):
+            batch = make_batch(
+                records,
+                images,
+                maxima=self.maxima,
+                bucket=None if self.settings.buckets is None else self.settings.buckets[group],
+                size_divisibility=self.settings.size_divisibility,
+                device=self.device,
+                measure=self.timer.measure,
+            )
+        with self.timer.measure("to_device"):
+            batch = batch.to(self.device, non_blocking=True)
+        return batch, self._copies_done()
 
     def _on_copy_stream(self) -> AbstractContextManager:
         """Where a batch's device work runs: the side stream on CUDA (on any thread), so it overlaps compute."""

@@ -21,10 +21,14 @@ that still parses stops the run instead of training on it, and the check exists 
 - the json decodes, and its image id is the sample's key;
 - one label per box, each in 1..K (K = the manifest's categories);
 - boxes finite, inside the image (up to BOX_TOLERANCE) and of positive width and height;
-- vertices finite; `polys` rows in instance order, every instance with at least one polygon,
-  each polygon at least 3 vertices, and together covering `verts` in order.
-Format 2 added the crc32 component; a folder of another format is refused with a request to
-re-shard.
+- vertices finite; `polys` rows in instance order (an instance may have none: the reference keeps
+  an instance whose polygons were all unusable), each polygon at least 3 vertices, and together
+  covering `verts` in order.
+Format 2 added the crc32 component; format 3 applies the reference's ground-truth rules (boxes of
+width or height <= 1 pixel dropped, instances without a valid polygon kept) and its grouping
+(square images with the portraits), so a format 2 set holds other instances than the reference
+trains on. A folder of another format is refused with
+a request to re-shard.
 
 Reading (both loaders): `open_shard_set` opens a folder as a `ShardSet` (shards per orientation
 group, sample counts, maxima, every index read once) after the cheap checks that catch a broken
@@ -56,7 +60,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
-FORMAT = "coco-wds/2"
+FORMAT = "coco-wds/3"
 MANIFEST_NAME = "manifest.json"
 GROUPS = ("landscape", "portrait")
 KEY_DIGITS = 12  # COCO file names use 12-digit zero-padded image ids
@@ -86,8 +90,12 @@ class ShardFormatError(ValueError):
 
 
 def orientation(height: int, width: int) -> str:
-    """The shard group of an image: `landscape` when h <= w, else `portrait`."""
-    return "landscape" if height <= width else "portrait"
+    """The shard group of an image: `portrait` when h >= w, else `landscape`.
+
+    As the reference's aspect-ratio grouping (`bisect_right([1], h / w)`), which puts squares
+    with the portraits; either bucket holds a square after the resize.
+    """
+    return "portrait" if height >= width else "landscape"
 
 
 def shard_name(split: str, group: str, index: int) -> str:
@@ -245,13 +253,13 @@ def check_ground_truth(sample: Sample, num_categories: int) -> None:
 
 
 def _polygon_rows_are_consistent(polys: np.ndarray, num_instances: int, num_verts: int) -> bool:
-    """Rows in instance order, every instance with a polygon of >= 3 vertices, covering `verts` in order."""
+    """Rows in instance order (instances without a row allowed), polygons of >= 3 vertices, covering `verts` in order."""
     previous, cursor = -1, 0
     for instance, first, end in polys.tolist():
-        if instance < 0 or instance - previous not in (0, 1) or first != cursor or end - first < 3:
+        if instance < max(previous, 0) or instance >= num_instances or first != cursor or end - first < 3:
             return False
         previous, cursor = instance, end
-    return previous == num_instances - 1 and cursor == num_verts
+    return cursor == num_verts
 
 
 def _tar_member(name: str, data: bytes) -> tarfile.TarInfo:
@@ -441,7 +449,7 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_bytes())
     except OSError as e:
         raise ShardFormatError(f"cannot read {path} ({e.strerror}); make it readable") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/shard_coco.py") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
@@ -675,6 +683,11 @@ def sample_refs(shard_set: ShardSet) -> dict[str, SampleRefs]:
 
 def read_sample(ref: SampleRef) -> Sample:
     """The sample at `ref`, checked; raises ShardReadError naming the tar and key when it cannot be read or is damaged."""
+    return checked_sample(ref, read_members(ref))
+
+
+def read_members(ref: SampleRef) -> dict[str, bytes]:
+    """The bytes of each component of the sample at `ref` (the file reads of `read_sample`, unchecked)."""
     try:
         with open(ref.tar, "rb") as f:
             members = {}
@@ -685,6 +698,11 @@ def read_sample(ref: SampleRef) -> Sample:
             raise ShardFormatError("the tar ends before a member the index lists")
     except (OSError, ShardFormatError) as e:
         raise shard_error(ref.tar, f"cannot read this sample ({e})", ref.key) from None
+    return members
+
+
+def checked_sample(ref: SampleRef, members: Mapping[str, Buffer]) -> Sample:
+    """`read_members(ref)`'s bytes as a Sample, after `decode_sample`'s check (the check of `read_sample`)."""
     try:
         return decode_sample(members, ref.key, ref.num_categories)
     except ShardFormatError as e:

@@ -12,12 +12,18 @@ Reference rules (maskrcnn-benchmark's COCODataset, which the MLPerf reference tr
   every annotation's bbox has width <= 1 or height <= 1 (117,266 of COCO 2017 train);
 - before the filter, annotations whose bbox has a NaN or infinite coordinate are dropped (not in
   the reference, which has none: see `finite_annotations`);
-- per image, in order: crowd annotations removed; bbox xywh -> xyxy (continuous, no "- 1")
-  clipped to the image, and removed when it has no positive width or height; polygons with
-  fewer than 3 points or a NaN or infinite coordinate removed; an instance left without a polygon removed. A kept image may
-  end with no instance (only crowd annotations); it stays, as in the reference.
+- per image, in order: crowd annotations removed; bbox xywh -> xyxy clipped to the image and
+  removed when its width or height is <= 1 pixel (the reference's `clip_to_image(remove_empty=True)`
+  on its inclusive boxes, x2 = x + w - 1 clamped to [0, W - 1], kept when x2 > x1); stored
+  continuous (x + w, no "- 1"); an RLE mask (as labeling tools export instance masks) becomes one
+  polygon whose fill is exactly the mask (pipeline/coco_masks.py; the manifest's `rle_masks`
+  records each conversion's IoU against pycocotools' decode); polygons with fewer than 3 points or
+  a NaN or infinite coordinate removed; an instance left without a polygon kept, for its box (its
+  mask target is empty: the reference keeps it too, and would rasterize what it has). A kept
+  image may end with no instance (only crowd annotations); it stays, as in the reference.
 - `--mode eval` keeps every image. Its shards hold the same cleaned non-crowd instances;
-  crowd annotations are counted, not stored, because evaluation reads the original JSON.
+  crowd annotations are counted, not stored, because evaluation reads the original JSON, so a
+  file with an annotation that COCO's evaluation cannot score (pipeline/coco_masks.py) is refused.
 Every image is decoded once: one that is missing, does not decode (or would take more memory
 than PIL's decompression-bomb limit allows), or whose size differs from the JSON is left out and listed in the manifest by file name. A run that stores no image at all
 (a wrong --images folder) is an error, not an empty set.
@@ -39,6 +45,8 @@ import signal
 import stat
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +55,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.coco_masks import RleConversions, SegmentationError, scoring_refusal
 from pipeline.shard_format import (
     GROUPS,
     MANIFEST_NAME,
@@ -75,12 +84,13 @@ UNDECODABLE = "image: does not decode"
 TOO_LARGE = "image: more pixels than PIL decodes safely (Image.MAX_IMAGE_PIXELS)"
 SIZE_MISMATCH = "image: decoded size differs from the annotation file"
 CROWD = "instance: crowd (not used for training; evaluation reads the original annotation file)"
-EMPTY_BOX = "instance: no positive width or height after clipping"
+EMPTY_BOX = "instance: bbox width or height <= 1 pixel after clipping (the reference's remove_empty)"
 NON_FINITE_BOX = "instance: bbox has a NaN or infinite coordinate"
 SHORT_POLYGON = "polygon: fewer than 3 points"
 NON_FINITE_POLYGON = "polygon: NaN or infinite coordinate (in float32)"
-NO_POLYGON = "instance: no polygon left"
+NO_POLYGON = "instance: no polygon left (kept for its box, with an empty mask)"
 BOX_CLIPPED = "instance: bbox clipped to the image"
+RLE_CONVERTED = "instance: RLE mask converted to an exact polygon (manifest: rle_masks)"
 REENCODED = "image: re-encoded as JPEG (source was not an RGB or grayscale JPEG)"
 
 INSTANCES_NOTE = {
@@ -127,6 +137,10 @@ def load_coco_instances(annotations_file: Path) -> dict[str, Any]:
         raise CocoInputError(f"cannot read {path} ({e.strerror}); make it readable or pass another --annotations") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoInputError(f"{path} is not valid JSON ({e}); pass a COCO instances JSON") from None
+    except RecursionError:  # Python's json reader recurses once per level of nesting
+        raise CocoInputError(
+            f"{path} nests arrays or objects too deeply to be COCO instances; pass a COCO instances JSON"
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise CocoInputError(
             f"{path} is not in COCO instances format (needs lists 'images', 'annotations' and 'categories')"
@@ -209,6 +223,20 @@ def keep_image_for_training(anns: list[dict[str, Any]], dropped: Counter) -> boo
     return True
 
 
+def reference_keeps_box(x: float, y: float, w: float, h: float, width: int, height: int) -> bool:
+    """Whether the reference keeps a COCO bbox (xywh) of a `width` x `height` image.
+
+    Its COCODataset makes the float32 inclusive box (x, y, x + max(w - 1, 0), ...), clamps every
+    coordinate to [0, W - 1] or [0, H - 1] and keeps the box when x2 > x1 and y2 > y1: a box of
+    width or height <= 1 pixel, or one that ends up so after the clamp, is dropped.
+    """
+    x, y, w, h = np.float32(x), np.float32(y), np.float32(w), np.float32(h)
+    one = np.float32(1)
+    x1, y1 = np.clip(x, 0, width - 1), np.clip(y, 0, height - 1)
+    x2, y2 = np.clip(x + max(w - one, 0), 0, width - 1), np.clip(y + max(h - one, 0), 0, height - 1)
+    return bool(x2 > x1 and y2 > y1)
+
+
 def clean_instances(
     anns: list[dict[str, Any]],
     height: int,
@@ -216,8 +244,12 @@ def clean_instances(
     contiguous_id: dict[int, int],
     dropped: Counter,
     repaired: Counter,
+    rle_masks: RleConversions,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The reference per-image rules: returns (boxes xyxy, labels, polys, verts) in shard layout."""
+    """The reference per-image rules: returns (boxes xyxy, labels, polys, verts) in shard layout.
+
+    An RLE mask (as labeling tools export instance masks) becomes one exact polygon (`rle_masks`).
+    """
     boxes, labels, polys, verts = [], [], [], []
     num_verts = 0
     for ann in anns:
@@ -225,13 +257,16 @@ def clean_instances(
             dropped[CROWD] += 1
             continue
         x, y, w, h = (float(v) for v in ann["bbox"])
-        box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-        if box[2] <= box[0] or box[3] <= box[1]:
+        if not reference_keeps_box(x, y, w, h, width, height):
             dropped[EMPTY_BOX] += 1
             continue
+        box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
         if box != [x, y, x + w, y + h]:
             repaired[BOX_CLIPPED] += 1
-        segmentation = ann["segmentation"] if isinstance(ann["segmentation"], list) else []
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, dict):
+            segmentation = rle_masks.polygons(ann, height, width)
+            repaired[RLE_CONVERTED] += bool(segmentation)
         polygons = [p for p in segmentation if len(p) >= 6]
         dropped[SHORT_POLYGON] += len(segmentation) - len(polygons)
         with np.errstate(over="ignore"):  # a coordinate beyond float32 becomes infinite, and is dropped
@@ -239,8 +274,7 @@ def clean_instances(
         finite = [p for p in polygons if np.isfinite(p).all()]
         dropped[NON_FINITE_POLYGON] += len(polygons) - len(finite)
         if not finite:
-            dropped[NO_POLYGON] += 1
-            continue
+            repaired[NO_POLYGON] += 1
         instance = len(labels)
         for polygon in finite:
             polys.append((instance, num_verts, num_verts + len(polygon)))
@@ -318,7 +352,7 @@ def _write_one_shard(task: tuple[Path, list[ImageJob]]) -> dict[str, Any]:
 
 
 def plan_jobs(
-    data: dict[str, Any], images_dir: Path, mode: str, dropped: Counter, repaired: Counter
+    data: dict[str, Any], images_dir: Path, mode: str, dropped: Counter, repaired: Counter, rle_masks: RleConversions
 ) -> list[ImageJob]:
     """Apply the mode's image filter and the per-image rules; returns jobs in image-id order."""
     contiguous_id = {c["coco_id"]: c["id"] for c in category_map(data["categories"])}
@@ -330,7 +364,7 @@ def plan_jobs(
         anns = finite_annotations(anns_by_image[image["id"]], dropped)
         if mode == "train" and not keep_image_for_training(anns, dropped):
             continue
-        arrays = clean_instances(anns, image["height"], image["width"], contiguous_id, dropped, repaired)
+        arrays = clean_instances(anns, image["height"], image["width"], contiguous_id, dropped, repaired, rle_masks)
         jobs.append(
             ImageJob(image["id"], image["file_name"], image["height"], image["width"],
                      images_dir / image["file_name"], *arrays)
@@ -378,6 +412,8 @@ def shard_coco(
         raise CocoInputError(f"mode must be one of {MODES}, got {mode!r}")
     if samples_per_shard < 1 or workers < 1:
         raise CocoInputError("--samples-per-shard and --workers must be at least 1")
+    if seed < 0:
+        raise CocoInputError(f"--seed must be a non-negative integer, got {seed}")
     if not images_dir.is_dir():
         raise CocoInputError(f"{images_dir}: no such images folder; pass the folder of JPEGs with --images")
     split = split or default_split(annotations_file)
@@ -388,16 +424,24 @@ def shard_coco(
 
     dropped: Counter = Counter()
     repaired: Counter = Counter()
-    jobs = plan_jobs(data, images_dir, mode, dropped, repaired)
+    rle_masks = RleConversions()
+    if mode == "eval":  # evaluation will score this file: what it cannot score stops here
+        refusal = scoring_refusal(data, str(annotations_file), "fix or remove it in the file, then shard it again")
+        if refusal:
+            raise CocoInputError(refusal)
+    try:
+        jobs = plan_jobs(data, images_dir, mode, dropped, repaired, rle_masks)
+    except SegmentationError as e:
+        raise CocoInputError(f"{annotations_file}: {e}; fix the file") from None
     try:
         with replacing_folder(out_dir) as staging:
             tasks = assign_shards(jobs, staging, split, samples_per_shard, seed)
             results = []
             # Workers start before the progress bar's monitor thread exists, so nothing is forked mid-update.
-            with _worker_map(workers, len(tasks)) as run, tqdm(
+            with _completed(_write_one_shard, tasks, workers) as finished, tqdm(
                 total=len(jobs), unit="img", desc=f"sharding {split}", disable=not progress
             ) as bar:
-                for result in run(_write_one_shard, tasks):
+                for result in finished:
                     results.append(result)
                     bar.update(result["images"])
 
@@ -425,10 +469,17 @@ def shard_coco(
                 "max_vertices": max((len(j.verts) for j in stored), default=0),
                 "dropped": dict(sorted((k, v) for k, v in dropped.items() if v)),
                 "repaired": dict(sorted((k, v) for k, v in repaired.items() if v)),
+                "rle_masks": rle_masks.summary(),
                 "undecodable": [name for name, _ in excluded],
             })
     except OSError as e:
         raise _write_error(e, out_dir) from None
+    except BrokenProcessPool:
+        kept = "the shard set there is unchanged" if (out_dir / MANIFEST_NAME).is_file() else "nothing was left behind"
+        raise ShardWriteError(
+            f"a worker process died while sharding into {out_dir} (when memory runs out, the kernel's OOM killer "
+            f"ends one so); run again with fewer --workers; {kept}"
+        ) from None
     return read_manifest(out_dir)
 
 
@@ -444,18 +495,43 @@ def _nothing_stored(images_dir: Path, annotations_file: Path, planned: int, excl
 
 
 @contextlib.contextmanager
-def _worker_map(workers: int, num_tasks: int) -> Iterator[Callable]:
-    """A `map` over worker processes, results in completion order; in-process for one worker."""
-    if workers == 1 or num_tasks <= 1:
-        yield map
+def _completed(work: Callable[[Any], Any], tasks: list, workers: int) -> Iterator[Iterator[Any]]:
+    """`work(task)` for every task, in worker processes (in this one for one worker), results in completion order.
+
+    A ProcessPoolExecutor rather than a multiprocessing.Pool: a worker that dies (the OOM killer, a
+    SIGTERM sent to the whole process group) leaves a Pool waiting for ever, on the lost task or on
+    a queue lock the dead worker held, where the executor reports it (BrokenProcessPool). When the
+    block fails or is interrupted, the workers are killed at once: their shards are no longer wanted,
+    and one may be stuck (a hung network file system) where waiting would never end.
+    """
+    if workers == 1 or len(tasks) <= 1:
+        yield map(work, tasks)
         return
     # "fork" where the OS has it: workers start at once and work when the caller is an
     # interactive session or a `python -` script, which "spawn" would have to re-import.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    # Workers leave Ctrl-C to the parent, which stops the pool and cleans up in one place.
-    with context.Pool(min(workers, num_tasks), initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        yield pool.imap_unordered
+    before = set(multiprocessing.active_children())
+    executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_leave_signals_to_parent)
+    try:
+        futures = [executor.submit(work, task) for task in tasks]
+        yield (future.result() for future in as_completed(futures))
+    except BaseException:
+        for process in set(multiprocessing.active_children()) - before:  # this executor's workers
+            process.kill()
+        raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _leave_signals_to_parent() -> None:
+    """A worker's signals: Ctrl-C and a hang-up, which reach the terminal's whole process group, are
+    the parent's to handle (it stops the workers and removes the staging folder in one place);
+    SIGTERM ends a worker quietly instead of running the handler a fork copied from the parent
+    (tools/shard_coco.py raises there, which would print a traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- replacing a shard folder

@@ -44,6 +44,8 @@ PATTERNS = {
 }
 PATTERN_NAMES = tuple(PATTERNS)
 PORTRAIT_FRACTION = 0.25
+MASK_FORMATS = ("polygons", "rle", "rle-list")  # how instance masks are written (`rle_segmentation`)
+MAX_SIDE = 8192  # 8192^2 pixels stay under PIL's decompression-bomb limit, which the sharder applies
 TINY_FRACTION = 0.1  # share of ordinary objects drawn a few pixels wide
 
 
@@ -58,6 +60,7 @@ class SyntheticOptions:
     empty_fraction: float = 0.1
     crowd_fraction: float = 0.15
     jpeg_quality: int = 90
+    masks: str = "polygons"  # how non-crowd instance masks are written: one of MASK_FORMATS
 
 
 def make_synthetic_coco(
@@ -73,12 +76,15 @@ def make_synthetic_coco(
     empty_fraction: float = 0.1,
     crowd_fraction: float = 0.15,
     jpeg_quality: int = 90,
+    masks: str = "polygons",
 ) -> Path:
     """Write a synthetic COCO split under `out_dir`; returns the path of `instances_<split>.json`.
 
     Fractions are shares of `num_images`, rounded up whenever non-zero, so a small set still
     holds at least one grayscale, one empty and one crowd image. The same arguments always
-    produce the same bytes; different splits get different image ids.
+    produce the same bytes; different splits get different image ids. `masks` "rle" or
+    "rle-list" writes each non-crowd instance as the RLE of its polygons' pycocotools mask, as
+    labeling tools export brush masks (`rle_segmentation`); the images are the same.
     """
     options = SyntheticOptions(
         image_size=tuple(image_size),
@@ -88,6 +94,7 @@ def make_synthetic_coco(
         empty_fraction=empty_fraction,
         crowd_fraction=crowd_fraction,
         jpeg_quality=jpeg_quality,
+        masks=masks,
     )
     _check_options(num_images, options)
     out_dir = Path(out_dir)
@@ -110,11 +117,27 @@ def make_synthetic_coco(
             {"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width, "license": 1}
         )
         for instance in scene.instances:
+            if options.masks != "polygons" and not instance["iscrowd"]:
+                segmentation = rle_segmentation(instance["segmentation"], scene.height, scene.width, options.masks)
+                instance = {**instance, "segmentation": segmentation}
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **instance})
 
     return write_instances_json(
         out_dir, split, f"synthetic COCO-format set, split {split}, seed {seed}", images, annotations, categories
     )
+
+
+def rle_segmentation(polygons: list[list[float]], height: int, width: int, form: str) -> dict[str, Any]:
+    """The RLE of `polygons`' pycocotools mask: `rle` pycocotools' compressed string, `rle-list` the
+    uncompressed column-major run lengths (starting with background) that tools such as pycococreator
+    and CVAT write."""
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if form == "rle":
+        return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    flat = mask_utils.decode(rle).ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], changes, [flat.size]]))
+    return {"size": [height, width], "counts": ([0] if flat[0] else []) + counts.tolist()}
 
 
 def write_instances_json(
@@ -152,8 +175,11 @@ def _check_options(num_images: int, options: SyntheticOptions) -> None:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if not 1 <= options.num_classes <= len(COCO_CATEGORIES):
         raise ValueError(f"num_classes must be within 1..{len(COCO_CATEGORIES)}, got {options.num_classes}")
-    if min(options.image_size) < 32:
-        raise ValueError(f"image_size must be at least 32x32, got {options.image_size}")
+    if min(options.image_size) < 32 or max(options.image_size) > MAX_SIDE:
+        raise ValueError(
+            f"image_size must be within 32..{MAX_SIDE} on each side, got {tuple(options.image_size)} "
+            "(larger images exceed what the sharder decodes safely)"
+        )
     if options.max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {options.max_objects}")
     for name in ("grayscale_fraction", "empty_fraction", "crowd_fraction"):
@@ -161,6 +187,8 @@ def _check_options(num_images: int, options: SyntheticOptions) -> None:
             raise ValueError(f"{name} must be within 0..1, got {getattr(options, name)}")
     if options.empty_fraction + options.crowd_fraction > 1.0:
         raise ValueError("empty_fraction + crowd_fraction must not exceed 1")
+    if options.masks not in MASK_FORMATS:
+        raise ValueError(f"masks must be one of {', '.join(MASK_FORMATS)}, got {options.masks!r}")
 
 
 def _share(fraction: float, total: int) -> int:

@@ -60,7 +60,7 @@ def test_bad_overrides_say_what_to_fix(override, message):
 def test_a_section_overridden_by_a_scalar_is_one_short_sentence():
     with pytest.raises(ConfigError) as error:
         load_config(REFERENCE, ["model=3"])
-    assert str(error.value) == "model is a section, not a value (from override model=3); set one of its keys, e.g. model.normalization=..."
+    assert str(error.value) == "model is a section, not a value (from override model=3); set one of its keys, e.g. model.convention=..."
 
 
 def test_no_evaluation_is_a_valid_setting():

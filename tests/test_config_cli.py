@@ -71,7 +71,7 @@ def test_every_tool_validates_its_config(tool, args, tmp_path, val_shards, synth
     weights = tmp_path / "w.pt"
     torch.save({"static_part.x": torch.zeros(1)}, weights)
     replaced = {"w.pt": str(weights), "shards": str(val_shards), "a.json": str(synthetic_coco.val_json),
-                "out": str(tmp_path / "out"), ".": str(tmp_path)}
+                "out": str(tmp_path / "out"), ".": str(tmp_path / "photos")}
     argv = [replaced.get(a, a) for a in args] + ["solver.momentum=1.5"]
     module = importlib.import_module(f"tools.{tool}")
     assert module.main(module.get_args_parser().parse_intermixed_args(argv)) == 2  # what the script exits with

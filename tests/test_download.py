@@ -65,3 +65,76 @@ def test_download_resumes_and_stops_at_a_bad_checksum(tmp_path):
     args = log.read_text()
     assert "--continue-at -" in args
     assert "http://images.cocodataset.org/annotations/annotations_trainval2017.zip" in args
+
+
+# --- tools/download_weights.py: the public weights, checked, from local files (no network here) ---------
+
+def _weights(*argv) -> int:
+    from tools.download_weights import get_args_parser, main
+
+    return main(get_args_parser().parse_intermixed_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def detectron_pickle(tmp_path_factory):
+    """A file made as Detectron's R-50.pkl is (a protocol-2 pickle of named numpy blobs), with random values."""
+    import pickle
+
+    import numpy as np
+
+    from tests.test_model_weights import msra_r50_blobs
+
+    blobs, _ = msra_r50_blobs(np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("mirror") / "R-50.pkl"
+    path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))
+    return path
+
+
+def test_weights_come_from_a_mirror_checked_and_are_checked_again_when_there(detectron_pickle, tmp_path, capsys):
+    out = tmp_path / "weights"
+    assert _weights("r50-msra", "--out", out, "--mirror", detectron_pickle.parent.as_uri()) == 0
+    said = capsys.readouterr().out
+    assert (out / "R-50.pkl").read_bytes() == detectron_pickle.read_bytes() and not list(out.glob("*.part.*"))
+    digest = hashlib.sha256(detectron_pickle.read_bytes()).hexdigest()
+    assert f"downloading {detectron_pickle.parent.as_uri()}/R-50.pkl" in said
+    assert f"{out / 'R-50.pkl'}: checked; sha256 {digest}" in said
+    assert _weights("r50-msra", "--out", out) == 0  # there already: checked, not fetched (no network needed)
+    said = capsys.readouterr().out
+    assert "downloading" not in said and f"{out / 'R-50.pkl'}: checked; sha256 {digest}" in said
+
+
+@pytest.mark.slow  # torch.hub's own check, on a 150 MB file
+def test_a_published_sha256_prefix_is_checked(detectron_pickle, tmp_path):
+    from tools.download_weights import DownloadError, Published, fetch
+
+    prefix = hashlib.sha256(detectron_pickle.read_bytes()).hexdigest()[:8]
+    url = detectron_pickle.as_uri()
+    assert fetch(Published("r50-msra", url, prefix, ()), url, tmp_path).read_bytes() == detectron_pickle.read_bytes()
+    wrong = "0" * 8 if prefix != "0" * 8 else "1" * 8
+    (tmp_path / "again").mkdir()
+    with pytest.raises(DownloadError, match=f"has another SHA-256 than the published file's, which begins with {wrong}"):
+        fetch(Published("r50-msra", url, wrong, ()), url, tmp_path / "again")
+    assert not any((tmp_path / "again").iterdir())
+
+
+@pytest.mark.parametrize("case", ["torchvision bytes", "damaged pickle", "unreachable"])
+def test_a_file_that_fails_its_check_is_not_kept_and_is_one_sentence(case, tmp_path, capsys):
+    import pickle
+
+    mirror, out = tmp_path / "mirror", tmp_path / "out"
+    mirror.mkdir()
+    if case == "torchvision bytes":  # its published name carries the SHA-256 prefix torch.hub checks
+        name, expected = "maskrcnn-coco", "has another SHA-256 than the published file's, which begins with bf2d0c1e"
+        (mirror / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth").write_bytes(b"not the published file")
+    elif case == "damaged pickle":  # no checksum is published: the content must load (here a blob of 2 is all)
+        import numpy as np
+
+        (mirror / "R-50.pkl").write_bytes(pickle.dumps({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, protocol=2))
+        name, expected = "r50-msra", "does not load as R-50.pkl (Detectron R-50.pkl "
+    else:
+        mirror = tmp_path / "nowhere"
+        name, expected = "r50-msra", f"cannot download {mirror.as_uri()}/R-50.pkl ("
+    assert _weights(name, "--out", out, "--mirror", mirror.as_uri()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert not any(out.iterdir())  # neither the file nor its .part

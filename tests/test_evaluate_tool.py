@@ -24,11 +24,14 @@ from train.evaluation import STAT_NAMES
 CONFIG = "configs/demo.yaml"
 
 
-def _official_ap(annotations, results, iou_type):
-    """AP of a COCO results file, computed by pycocotools alone (segm without the boxes, as detectron2 does)."""
+def _official_ap(annotations, results, iou_type, category_id=None):
+    """AP of a COCO results file, computed by pycocotools alone (segm without the boxes, as detectron2 does);
+    with `category_id`, of that category alone (COCOeval restricted to it)."""
     entries = [{k: v for k, v in r.items() if not (iou_type == "segm" and k == "bbox")} for r in results]
     gt = COCO(str(annotations))
     evaluator = COCOeval(gt, gt.loadRes(entries), iou_type)
+    if category_id is not None:
+        evaluator.params.catIds = [category_id]
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
@@ -50,7 +53,7 @@ def _run(*argv):
     return main(get_args_parser().parse_intermixed_args([str(a) for a in argv]))
 
 
-def test_evaluate_writes_metrics_that_pycocotools_reproduces(synthetic_coco, val_shards, weights, tmp_path):
+def test_evaluate_writes_metrics_that_pycocotools_reproduces(synthetic_coco, val_shards, weights, tmp_path, capsys):
     metrics_file, results_file = tmp_path / "metrics.json", tmp_path / "results.json"
     code = _run(
         "--config", CONFIG, "--weights", weights, "--data", val_shards, "--annotations", synthetic_coco.val_json,
@@ -64,6 +67,18 @@ def test_evaluate_writes_metrics_that_pycocotools_reproduces(synthetic_coco, val
     for iou_type in ("bbox", "segm"):
         assert list(metrics[iou_type]) == list(STAT_NAMES)
         assert metrics[iou_type]["AP"] == pytest.approx(_official_ap(synthetic_coco.val_json, results, iou_type), abs=1e-12)
+    # per class, printed and in the JSON: each equals COCOeval run on that category alone
+    gt = COCO(str(synthetic_coco.val_json))
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    assert [row["category_id"] for row in metrics["per_class"]] == sorted(names)
+    for row in metrics["per_class"]:
+        assert row["name"] == names[row["category_id"]]
+        for key, iou_type in (("box_AP", "bbox"), ("mask_AP", "segm")):
+            official = _official_ap(synthetic_coco.val_json, results, iou_type, row["category_id"])
+            assert row[key] == pytest.approx(official, abs=1e-12) if official >= 0 else row[key] is None
+    printed = capsys.readouterr().out
+    first = metrics["per_class"][0]
+    assert re.search(rf"^  {re.escape(first['name'])} +{100 * first['box_AP']:.1f} +{100 * first['mask_AP']:.1f}$", printed, re.M)
 
 
 def _one_sentence_error(capsys, *argv) -> tuple[str, str]:

@@ -107,5 +107,5 @@ def test_anchors_are_cached_per_shape_and_the_generator_is_checked():
     first = anchors(GRIDS, torch.device("cpu"))
     assert anchors(GRIDS, torch.device("cpu")) is first
     assert anchors(GRIDS[::-1], torch.device("cpu")) is not first
-    with pytest.raises(ValueError, match="model.rpn.anchor_generator must be one of"):
+    with pytest.raises(ValueError, match="model.convention must be one of"):
         Anchors((32,), (1.0,), (4,), "detectron2")

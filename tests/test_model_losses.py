@@ -144,8 +144,11 @@ def test_rpn_losses_equal_torchvision_on_the_same_samples(monkeypatch):
 
 
 def test_box_and_mask_losses_equal_the_reference_formulas_on_the_same_samples(monkeypatch):
+    # torchvision's continuous RoIs, so that its MultiScaleRoIAlign pools what ours does; the
+    # reference's inclusive ones are checked against its own Pooler in tests/reference/.
     torch.manual_seed(0)
-    net = build_model(model_config(*TINY, "model.roi_heads.batch_size_per_image=32"), num_classes=5).train()
+    config = model_config(*TINY, "model.roi_heads.batch_size_per_image=32", "model.convention=torchvision")
+    net = build_model(config, num_classes=5).train()
     heads = net.roi_heads
     generator = torch.Generator().manual_seed(1)
     def triangles(boxes):  # one triangle inside each box, so a mask is not just its box

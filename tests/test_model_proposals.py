@@ -45,6 +45,12 @@ def rpn_outputs(anchors: list[torch.Tensor], objects: list[torch.Tensor], genera
     return objectness, deltas
 
 
+def inclusive_clip(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The reference's clip_to_image on its inclusive boxes (every coordinate to [0, W - 1]), in continuous terms."""
+    inclusive = clip_boxes_to_image(boxes - torch.tensor([0.0, 0.0, 1.0, 1.0]), (h - 1, w - 1))
+    return inclusive + torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+
 @pytest.fixture(scope="module")
 def reference_rpn():
     return build_model(model_config()).proposals.train()
@@ -73,7 +79,8 @@ def test_training_proposals_at_reference_scale_equal_the_reference_postprocessor
     """2000 per level before NMS, NMS 0.7 per level, then the top 1000 x B over the whole batch.
 
     Independent computation, as maskrcnn-benchmark's RPNPostProcessor in training: per image
-    and level the top 2000 by objectness, decoded (torchvision's BoxCoder), clipped, NMS per
+    and level the top 2000 by objectness, decoded (torchvision's BoxCoder), clipped as its
+    inclusive boxes are (`inclusive_clip`), NMS per
     level (torchvision's batched_nms with the level as the class) keeping every survivor;
     then `select_over_all_levels`: the top fpn_post_nms_top_n over the concatenated
     objectness of all images (1000 x 2 here: images per GPU x 1000).
@@ -94,7 +101,7 @@ def test_training_proposals_at_reference_scale_equal_the_reference_postprocessor
             top_obj, top = obj[i].topk(min(2000, obj.shape[1]))
             decoded = CODER.decode_single(delta[i][top], level_anchors[top])
             scores.append(top_obj.sigmoid())
-            boxes.append(clip_boxes_to_image(decoded, tuple(sizes[i].tolist())))
+            boxes.append(inclusive_clip(decoded, *sizes[i].tolist()))
             levels.append(torch.full((top.numel(),), level))
         scores, boxes, levels = torch.cat(scores), torch.cat(boxes), torch.cat(levels)
         keep = batched_nms(boxes, scores, levels, 0.7)

@@ -4,7 +4,7 @@ torchvision is built with random weights (weights=None, weights_backbone=None) a
 BatchNorms turned into FrozenBatchNorm2d with random statistics, as in its published COCO
 model (built on a pretrained, frozen backbone). Our model takes its state dict through
 `load_torchvision_maskrcnn` with the identity category map (91 classes), torchvision's anchors
-(`model.rpn.anchor_generator=torchvision`; the reference's differ, tests/test_model_anchors.py)
+(`model.convention=torchvision`: its anchors and continuous boxes; the reference's differ, tests/reference/)
 and its proposal `min_size` (1e-3; the reference's is 0). Both keep 300 proposals and 20 detections
 per image instead of 1000 and 100, to keep the test fast.
 """
@@ -55,7 +55,7 @@ def models():
         model_config(
             "model.backbone.stride_in_1x1=false",
             "model.normalization=rgb",
-            "model.rpn.anchor_generator=torchvision",
+            "model.convention=torchvision",
             "model.rpn.min_size=0.001",
             "model.rpn.post_nms_top_n_test=300",
             "model.roi_heads.detections_per_img=20",

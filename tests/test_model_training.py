@@ -74,7 +74,7 @@ def test_proposals_of_all_levels_in_one_nms_equal_per_level_torchvision_nms():
         for obj, delta, level_anchors in zip(objectness, deltas, anchors):
             top, index = obj[i].topk(min(100, obj.shape[1]))
             level_boxes = decode_boxes(delta[i, index], level_anchors[index], (1.0, 1.0, 1.0, 1.0)).squeeze(-2)
-            level_boxes = clip_boxes(level_boxes[None], sizes[i : i + 1])[0]
+            level_boxes = clip_boxes(level_boxes[None], sizes[i : i + 1], inclusive=True)[0]
             kept = nms(level_boxes, top, 0.7)
             expected.append((torch.sigmoid(top[kept]), level_boxes[kept]))
         scores = torch.cat([s for s, _ in expected])
@@ -93,7 +93,7 @@ def test_sync_free_pooling_equals_torchvision_multiscale_roi_align():
     boxes = torch.cat([xy, xy + wh], dim=1).minimum(torch.tensor([w, h, w, h])).view(2, 40, 4)
     boxes[0, :4] = torch.tensor([[w, h, w, h], [10.0, h - 2.0, 40.0, h], [w - 1.0, 5.0, w, 300.0], [20.0, 0.0, w, h]])
     grad = torch.randn(80, 4, 7, 7, generator=g)
-    ours = MultiLevelRoIAlign(7, 2, (4, 8, 16, 32), canonical_scale=224, canonical_level=4)
+    ours = MultiLevelRoIAlign(7, 2, (4, 8, 16, 32), canonical_scale=224, canonical_level=4, inclusive=False)
     pooled = ours(features, boxes_to_rois(boxes), sync_free=True)
     ours_grads = torch.autograd.grad(pooled, features, grad)
     theirs = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)

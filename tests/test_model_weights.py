@@ -112,7 +112,9 @@ def test_torchvision_resnet50_loads_and_computes_the_same(tmp_path):
     resnet = torchvision.models.resnet50(weights=None).eval()
     path = tmp_path / "resnet50.pth"
     torch.save(resnet.state_dict(), path)
-    model = build_model(model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb")).eval()
+    # torchvision's BN epsilon (1e-5) comes with its convention; the reference's frozen BN has none.
+    config = model_config("model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.convention=torchvision")
+    model = build_model(config).eval()
     report = load_weights(model, path, for_training=True)
     assert BODY + "layer4.2.conv3.weight" in report.loaded and report.unexpected == []
     x = torch.randn(1, 3, 64, 64)
@@ -196,7 +198,7 @@ def test_every_format_is_told_apart_by_its_content(tmp_path):
     (tmp_path / "R-50.pkl").write_bytes(pickle.dumps({"blobs": {}}, protocol=2))
     assert read_weights(tmp_path / "R-50.pkl").kind == MSRA
     assert read_weights(tmp_path / "tv.pth").model_overrides() == [
-        "model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.rpn.anchor_generator=torchvision"]
+        "model.backbone.stride_in_1x1=false", "model.normalization=rgb", "model.convention=torchvision"]
 
 
 def test_fine_tuning_onto_a_subset_of_the_categories_keeps_their_rows(tmp_path):

@@ -42,11 +42,12 @@ def test_batch_is_padded_to_its_fullest_image_and_scaled_and_flipped_per_image()
     batch = make_batch(records, images, maxima=(93, 100, 500), bucket=None, size_divisibility=32, device=CPU)
     assert batch.boxes.shape == (2, 32, 4) and batch.labels.shape == (2, 32)
     assert batch.num_boxes.tolist() == [20, 1]
-    # Image 1: scale (sx, sy) = (2, 2), then x -> 40 - x; image 2: scale 3, not flipped.
-    assert batch.boxes[0, 0].tolist() == [40 - 12, 2, 40 - 4, 10]
-    assert batch.boxes[1, 0].tolist() == [0, 0, 30, 30]
+    # Image 1: scale (sx, sy) = (2, 2) as the reference scales its inclusive boxes (x2 - 1 scaled, + 1),
+    # then boxes x -> 40 - x (mirrored), vertices x -> 40 - x - 1 (the reference's); image 2: scale 3.
+    assert batch.boxes[0, 0].tolist() == [40 - 11, 2, 40 - 4, 9]
+    assert batch.boxes[1, 0].tolist() == [0, 0, 28, 28]
     assert not batch.boxes[1, 1:].any() and not batch.boxes[0, 20:].any()  # padding stays zero after the flip
-    assert batch.verts[0, 0].tolist() == [40 - 4, 2] and not batch.verts[1, 3:].any()
+    assert batch.verts[0, 0].tolist() == [40 - 4 - 1, 2] and not batch.verts[1, 3:].any()
     assert batch.polys[1, 0].tolist() == [0, 0, 3] and batch.polys[1, 1].tolist() == [-1, 0, 0]
     assert batch.labels.dtype == torch.int64 and batch.polys.dtype == torch.int32
     assert batch.scales.tolist() == [[2.0, 2.0], [3.0, 3.0]]
@@ -65,7 +66,7 @@ def test_a_sample_past_the_maxima_is_an_error_naming_the_sample():
 def test_loaders_pad_each_batch_to_its_own_count(tmp_path, backend):
     # Six drawn images with 1-3 instances; the first gets 20 boxes, so only its batch needs more than 16 slots.
     samples = write_drawn_shards(tmp_path / "drawn", [(60, 80)] * 6, samples_per_shard=6)
-    # Each of the 20 instances keeps a polygon of its own (the shard format requires one per instance).
+    # Each of the 20 instances keeps a polygon of its own.
     first = samples[0].verts[samples[0].polys[0, 1] : samples[0].polys[0, 2]]
     crowded = dataclasses.replace(
         samples[0], boxes=np.tile(samples[0].boxes[:1], (20, 1)), labels=np.ones(20, np.int32),

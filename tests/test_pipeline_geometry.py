@@ -40,7 +40,7 @@ def polygon_mask(batch: Batch, i: int, flip_back: bool = False) -> np.ndarray:
     h, w = batch.image_sizes[i].tolist()
     verts = batch.verts[i].clone()
     if flip_back:
-        verts[:, 0] = w - verts[:, 0]
+        verts[:, 0] = w - verts[:, 0] - 1
     polygons = [verts[first:end].flatten().tolist() for _, first, end in batch.polys[i][: batch.num_polys[i]].tolist()]
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))).astype(bool)
 
@@ -61,22 +61,28 @@ def test_flipped_polygons_cover_the_flipped_objects(drawn, backend):
     assert set(images) == set(samples)
     for image_id, (batch, i) in images.items():
         assert bool(batch.flipped[i])
-        objects = object_pixels(batch, i)
+        # The reference flips vertices to W - x - 1: its polygons sit one pixel left of the flipped pixels.
+        objects = np.zeros_like(object_pixels(batch, i))
+        objects[:, :-1] = object_pixels(batch, i)[:, 1:]
         assert iou(polygon_mask(batch, i), objects) > 0.8, image_id
         # The test can tell: the same polygons left unflipped miss the objects.
         assert iou(polygon_mask(batch, i, flip_back=True), objects) < 0.3, image_id
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_boxes_are_the_extents_of_the_flipped_polygons(drawn, backend):
+def test_flipped_boxes_sit_where_the_reference_puts_them_beside_their_polygons(drawn, backend):
+    """The drawn boxes are their polygons' extents; scaled and flipped as the reference does, the box
+    moves by (sx, 0, 1, 1 - sy) from the transformed polygons' extent: its inclusive-box scaling
+    ((x2 - 1) s + 1) and its flips (boxes mirrored, vertices to W - x - 1)."""
     folder, _ = drawn
     for batch in load_epoch(folder, backend, "data.flip_prob=1.0"):
         for i in range(len(batch)):
             verts, polys = batch.verts[i], batch.polys[i][: batch.num_polys[i]]
+            sy, sx = batch.scales[i].tolist()
             for k, box in enumerate(batch.boxes[i][: batch.num_boxes[i]]):
                 points = torch.cat([verts[first:end] for inst, first, end in polys.tolist() if inst == k])
                 extent = torch.cat([points.min(0).values, points.max(0).values])
-                assert torch.allclose(box, extent, atol=1e-3)
+                assert torch.allclose(box, extent + torch.tensor([sx, 0.0, 1.0, 1.0 - sy]), atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,7 +97,9 @@ def test_boxes_and_vertices_scale_exactly_with_the_image(drawn, backend):
         assert sx == pytest.approx(batch.image_sizes[i, 1].item() / source.width)
         n, v = len(source.boxes), len(source.verts)
         assert int(batch.num_boxes[i]) == n and int(batch.num_polys[i]) == len(source.polys)
-        assert torch.allclose(batch.boxes[i, :n], torch.from_numpy(source.boxes) * torch.tensor([sx, sy, sx, sy]), rtol=1e-5)
+        inclusive = torch.from_numpy(source.boxes) - torch.tensor([0.0, 0.0, 1.0, 1.0])  # scaled as the reference's boxes
+        expected = inclusive * torch.tensor([sx, sy, sx, sy]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        assert torch.allclose(batch.boxes[i, :n], expected, rtol=1e-5)
         assert torch.allclose(batch.verts[i, :v], torch.from_numpy(source.verts) * torch.tensor([sx, sy]), rtol=1e-5)
         assert batch.polys[i, : len(source.polys)].tolist() == source.polys.tolist()
         assert batch.labels[i, :n].tolist() == source.labels.tolist()

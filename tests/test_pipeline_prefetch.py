@@ -1,11 +1,15 @@
-"""The producer thread the torch fallback finishes batches on: order, errors, stopping, resume."""
+"""The producer thread the torch fallback finishes batches on: order, errors, stopping, resume, and
+its GPU decode ordered after the work already queued on its stream."""
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from pipeline.loader import build_loader
+from pipeline import torch_loader
+from pipeline.loader import StageTimer, build_loader
 from pipeline.torch_loader import prefetched
 from pipeline_shards import data_config
 
@@ -67,6 +71,31 @@ def test_the_context_is_entered_on_the_producer_thread():
 
     assert list(prefetched(lambda: iter([1, 2]), depth=1, context=Recording)) == [1, 2]
     assert entered == ["batch-producer"]
+
+
+def test_the_gpu_decode_waits_for_the_work_queued_on_its_stream_before_it_starts(monkeypatch):
+    # torchvision decodes on a private stream into blocks allocated on the caller's stream, which
+    # may still be read by the previous batch's queued resize (pytorch/vision PR #9606).
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("wait for the producer's stream")
+
+    def decode(jpegs, mode, device):
+        calls.append(f"decode {len(jpegs)} on {device}")
+        return [torch.full((3, 4, 6), 7, dtype=torch.uint8) for _ in jpegs]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch_loader, "decode_jpeg", decode)
+    record = SimpleNamespace(original=(4, 6), resized=(8, 12), flipped=True, source=("shard.tar", "key"))
+    samples = [{"jpeg": torch.zeros(8, dtype=torch.uint8), "record": record} for _ in range(2)]
+    torch_loader.decode_and_transform(samples, torch.device("cuda"), StageTimer())
+    assert calls == ["wait for the producer's stream", "decode 2 on cuda"]
+    assert samples[0]["image"].shape == (8, 12, 3) and "jpeg" not in samples[0]
+    calls.clear()
+    torch_loader.decode_jpegs([torch.zeros(8, dtype=torch.uint8)], torch.device("cpu"))
+    assert calls == ["decode 1 on cpu"]  # nothing to wait for on the CPU
 
 
 def test_torch_loader_resumes_exactly_although_batches_were_prefetched(train_shards):

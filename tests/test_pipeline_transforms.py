@@ -65,8 +65,8 @@ def test_every_resized_image_fits_its_bucket():
         assert new_h <= bucket[0] and new_w <= bucket[1]
 
 
-def test_flip_maps_x_to_width_minus_x():
+def test_flip_mirrors_boxes_and_moves_vertices_as_the_reference():
     boxes = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
-    assert flip_boxes(boxes, 100).tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    assert flip_boxes(boxes, 100).tolist() == [[70.0, 5.0, 90.0, 25.0]]  # x -> W - x: the mirror image
     verts = torch.tensor([[10.0, 5.0], [30.0, 25.0]])
-    assert flip_vertices(verts, 100).tolist() == [[90.0, 5.0], [70.0, 25.0]]
+    assert flip_vertices(verts, 100).tolist() == [[89.0, 5.0], [69.0, 25.0]]  # x -> W - x - 1: maskrcnn-benchmark's

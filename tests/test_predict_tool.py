@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image
 
@@ -31,7 +32,7 @@ from tools.evaluate import get_args_parser as evaluate_parser
 from tools.evaluate import main as evaluate_main
 from tools.predict import get_args_parser, main
 from train.config import load_config
-from train.inference import config_for_weights, detect, result_entries
+from train.inference import Detector, config_for_weights, detect, image_id, predict, result_entries
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -123,7 +124,7 @@ def test_an_exif_rotated_photo_is_detected_upright(photos, predicted, checkpoint
     categories = weights.class_categories()
     model = build_model_with_weights(cfg.model, categories, weights, torch.device("cpu"))
     batch = batch_from_images([pixels], settings_from_config(cfg.data, training=False), torch.device("cpu"))
-    expected = result_entries(detect(model, batch)[0], ids["exif"], path.name, categories, 0.0)
+    expected = result_entries(detect(model, batch, categories)[0], ids["exif"], path.name)
     _assert_same_detections(_by_image(entries)[ids["exif"]], expected)
     for entry in _by_image(entries)[ids["exif"]]:
         assert entry["segmentation"]["size"] == [info["height"], info["width"]]
@@ -164,7 +165,9 @@ def test_the_threshold_and_the_command_line(photos, checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     entries = json.loads((out / "detections.json").read_text())
     assert all(e["score"] >= 0.2 for e in entries)
-    assert "warning: skipped" in result.stdout and "000000000001.jpg" in result.stdout
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warning == (f"warning: skipped {folder / '000000000001.jpg'} does not decode as a JPEG or PNG image "
+                       "(unsupported image file); check or remove the file")
     assert not list((out / "pictures").glob("*.png"))
 
 
@@ -192,3 +195,56 @@ def test_bad_inputs_are_one_sentence(case, photos, checkpoint, tmp_path, capsys)
                 "unwritable out": "cannot be written"}[case]
     assert expected in err
     assert not out.exists()  # nothing written
+
+
+def test_a_name_that_is_no_number_gets_its_own_id_and_leaves_the_others_theirs(photos, predicted, checkpoint, tmp_path):
+    folder, ids = photos
+    _, entries = predicted
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copy(mixed / f"{ids['jpeg']:012d}.jpg", mixed / "holiday photo.jpg")
+    out = tmp_path / "out"
+    assert _predict("--weights", checkpoint, "--images", mixed, "--out", out, "--score-threshold", "0", "--batch-size", "1",
+                    "--device", "cpu", "--no-pictures", *ALL_DETECTIONS) == 0
+    found = _by_image(json.loads((out / "detections.json").read_text()))
+    before = _by_image(entries)
+    for number, kept in before.items():  # the numbered files keep their ids (and detections)
+        _assert_same_detections(found[number], kept)
+    (extra,) = set(found) - set(before)
+    assert extra == image_id("holiday photo.jpg") < 2**52 and {e["file_name"] for e in found[extra]} == {"holiday photo.jpg"}
+    _assert_same_detections(found[extra], before[ids["jpeg"]])  # the same pixels
+
+
+def test_two_files_with_one_id_are_one_sentence_before_anything_is_written(photos, checkpoint, tmp_path, capsys):
+    folder, ids = photos
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    shutil.copy(folder / f"{ids['jpeg']:012d}.jpg", clash / "7.jpg")
+    shutil.copy(folder / f"{ids['jpeg']:012d}.jpg", clash / "007.jpg")
+    out = tmp_path / "out"
+    assert _predict("--weights", checkpoint, "--images", clash, "--out", out, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: 007.jpg and 7.jpg both get image_id 7 (from their names); rename one of them"
+    assert not out.exists()
+
+
+def test_the_python_api_takes_paths_pil_images_and_arrays_and_equals_the_tool(photos, predicted, checkpoint):
+    folder, ids = photos
+    _, entries = predicted
+    path = folder / f"{ids['portrait']:012d}.jpg"
+    pil = Image.open(path)
+    array = np.array(pil.convert("RGB"))
+    results = predict(checkpoint, [path, pil, array], score_threshold=0.0, overrides=ALL_DETECTIONS, device="cpu")
+    expected = _by_image(entries)[ids["portrait"]]
+    for found in results:  # each kind of input: the tool's detections, with names and masks
+        assert len(found) == len(expected) > 0
+        _assert_same_detections(result_entries(found, ids["portrait"], path.name), expected)
+        assert found.names == [e["category_name"] for e in expected]
+        masks = found.masks
+        assert masks.shape == (len(found), *array.shape[:2]) and masks.dtype == bool
+        assert np.array_equal(masks[0], mask_utils.decode(expected[0]["segmentation"]).astype(bool))
+    detector = Detector(checkpoint, score_threshold=0.2, overrides=ALL_DETECTIONS, device="cpu")
+    (kept,) = detector(str(path))
+    assert len(kept) == sum(e["score"] >= 0.2 for e in expected) and (kept.scores >= 0.2).all()
+    with pytest.raises(ValueError, match=r"image 0 is an array of float64 \(4, 4\); pass uint8"):
+        detector([np.zeros((4, 4))])

@@ -136,7 +136,7 @@ def test_predict_stopped_by_a_signal_keeps_the_finished_images(signum, many_phot
     stdout, stderr = process.communicate(timeout=300)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     last = _one_sentence(result, 128 + signum, f"stopped by {signal.Signals(signum).name}; the ",
-                         f"are in {out / 'detections.json'}: run the same command again for every image")
+                         f"are in {out / 'detections.json'}: run the same command again with --overwrite for every image")
     finished = int(re.search(r"detections of the (\d+) images finished", last).group(1))
     entries = json.loads((out / "detections.json").read_text())
     assert 1 <= finished < 60 and len({e["image_id"] for e in entries}) == finished and len(entries) == 10 * finished
@@ -186,7 +186,7 @@ def test_evaluate_stopped_by_a_signal_is_one_sentence(signum, moment, checkpoint
     [
         ("truncated", "(its zip archive ends early: the file is truncated)"),
         ("text", "(Unsupported operand"),
-        ("foreign class", "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default)"),
+        ("foreign class", "(unpickling it would call argparse.Namespace, so it could run code on this machine; it was not loaded)"),
     ],
 )
 def test_a_damaged_weights_file_is_one_sentence_without_unsafe_advice(case, message, checkpoint, synthetic_coco, tmp_path):

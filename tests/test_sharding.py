@@ -71,9 +71,14 @@ def expected_instances(coco: COCO, image_id: int) -> tuple[np.ndarray, np.ndarra
         if not finite_bbox(ann):
             continue
         x, y, w, h = ann["bbox"]
-        box = np.clip([x, y, x + w, y + h], 0, [image["width"], image["height"]] * 2)
+        size = np.array([image["width"], image["height"]])
+        # The reference's float32 inclusive box, clamped to [0, size - 1], kept when x2 > x1 and y2 > y1.
+        low = np.float32([x, y])
+        high = low + np.maximum(np.float32([w, h]) - np.float32(1), 0)
+        keep = (np.clip(high, 0, size - 1) > np.clip(low, 0, size - 1)).all()
+        box = np.clip([x, y, x + w, y + h], 0, [*size, *size])
         parts = [np.reshape(p, (-1, 2)) for p in ann["segmentation"] if len(p) >= 6 and finite_polygon(p)]
-        if box[2] > box[0] and box[3] > box[1] and parts:
+        if keep:  # an instance without a usable polygon is kept for its box, as the reference keeps it
             boxes.append(box)
             labels.append(contiguous[ann["category_id"]])
             polygons.append(parts)
@@ -149,7 +154,7 @@ def odd_coco(synthetic_coco, tmp_path_factory) -> tuple[Path, Path, dict[str, st
     Image.open(images / png_image["file_name"]).save(images / png_image["file_name"], format="PNG")
 
     # Annotation oddities on one image: a box past the border, a part with 2 points, a box
-    # of zero width after clipping, an instance whose only polygon has 2 points.
+    # of zero width after clipping, an instance whose only polygon has 2 points, boxes 1 and 1.5 wide.
     target = with_objects[4]
     h, w = target["height"], target["width"]
     next_id = max(a["id"] for a in data["annotations"]) + 1
@@ -164,6 +169,9 @@ def odd_coco(synthetic_coco, tmp_path_factory) -> tuple[Path, Path, dict[str, st
     add([w - 10, h - 10, 30, 30], [[w - 10, h - 10, w + 20, h - 10, w + 20, h + 20], [w - 5, h - 5, w - 4, h - 4]])
     add([w + 5, 10, 10, 10], [[w + 5, 10, w + 15, 10, w + 15, 20]])
     add([10, 10, 5, 5], [[10, 10, 15, 15]])
+    # At most 1 pixel wide: the reference drops the box (its inclusive x2 = x1); 1.5 wide it keeps.
+    add([20, 20, 1.0, 8], [[20, 20, 21, 20, 21, 28]])
+    add([30, 20, 1.5, 8], [[30, 20, 31.5, 20, 31.5, 28]])
     # An image whose only annotations are at most 1 pixel wide or high: the train filter drops it.
     sliver = with_objects[5]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != sliver["id"]]
@@ -262,9 +270,9 @@ def test_filter_and_rules_on_odd_input(odd_coco, odd_shards):
         1 for i in coco.getImgIds() if not coco.getAnnIds(imgIds=i, iscrowd=None)
     )
     assert dropped["image: every bbox has width or height <= 1 (train filter)"] == 1
-    assert dropped["instance: no positive width or height after clipping"] == 1
+    assert dropped["instance: bbox width or height <= 1 pixel after clipping (the reference's remove_empty)"] == 2
     assert dropped["polygon: fewer than 3 points"] == 2
-    assert dropped["instance: no polygon left"] == 1
+    assert repaired["instance: no polygon left (kept for its box, with an empty mask)"] == 1
     assert repaired["instance: bbox clipped to the image"] == 1
     assert repaired["image: re-encoded as JPEG (source was not an RGB or grayscale JPEG)"] == 1
 
@@ -283,7 +291,7 @@ def non_finite_coco(synthetic_coco, tmp_path_factory) -> Path:
     plain[0]["bbox"][0] = float("nan")
     plain[1]["bbox"][3] = float("inf")
     plain[2]["segmentation"] = [plain[2]["segmentation"][0], [1.0, 1.0, float("-inf"), 5.0, 9.0, 9.0]]
-    plain[3]["segmentation"] = [[1e39, 1.0, 5.0, 5.0, 9.0, 1.0]]  # infinite in float32: no polygon left
+    plain[3]["segmentation"] = [[1e39, 1.0, 5.0, 5.0, 9.0, 1.0]]  # infinite in float32: kept without a polygon
     # An image whose only annotation has a NaN box: the train filter sees no annotation.
     lonely = next(i["id"] for i in data["images"] if i["id"] not in {a["image_id"] for a in plain[:4]})
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != lonely]

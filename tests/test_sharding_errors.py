@@ -136,7 +136,7 @@ def test_ctrl_c_while_sharding_leaves_the_previous_set_as_it_was(synthetic_coco,
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == f"shard_coco: interrupted; {out} is as it was before this run"
+    assert stderr.strip().splitlines()[-1] == f"shard_coco: stopped by SIGINT; {out} is as it was before this run: run the same command again"
     assert snapshot(out) == before
 
 
@@ -403,7 +403,7 @@ def _edit_first_shard(change):
         (lambda m: m.update(samples=m["samples"] + 1), "but the shards hold"),
         (lambda m: m.pop("categories"), "'categories' is missing or empty"),
         (lambda m: m.update(max_instances=-1), "'max_instances' is missing or not a count"),
-        (lambda m: m.update(format="coco-wds/1"), "has format 'coco-wds/1', this code reads 'coco-wds/2'; re-shard"),
+        (lambda m: m.update(format="coco-wds/1"), "has format 'coco-wds/1', this code reads 'coco-wds/3'; re-shard"),
     ],
 )
 def test_verify_on_a_hand_edited_manifest(shard_copy, change, message):

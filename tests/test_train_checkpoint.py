@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, newest-readable resume, rotation of the run's own, RNG round trip, foreign configs."""
 
+import os
 import random
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import torch
 
 from train.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     newest_readable_checkpoint,
+    remove_abandoned_temporaries,
     restore_rng_states,
     save_checkpoint,
 )
@@ -20,6 +23,7 @@ from train.config import load_config
 from train.run_folder import RunFolder
 from train.solver import build_optimizer
 
+from faults import fill, small_disk
 from train_standins import TinyLossModel
 
 REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
@@ -52,22 +56,35 @@ def test_round_trip_restores_model_optimizer_and_position(tmp_path):
     )
 
 
-def test_a_failed_write_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_previous_checkpoint_newest(tmp_path):
+    """On a real full disk (a tmpfs filled up): torch's zip writer fails ("unexpected pos"), the
+    sentence names the checkpoint kept, and no temporary file is left."""
     cfg = load_config(REFERENCE)
     model = TinyLossModel()
     optimizer, _ = build_optimizer(model, cfg.solver, torch.device("cpu"))
-    good = _save(tmp_path, model, optimizer, cfg, 10)
+    with small_disk(tmp_path / "disk", 4) as disk:
+        good = _save(disk, model, optimizer, cfg, 10)
+        fill(disk)
+        with pytest.raises(CheckpointWriteError, match=rf"cannot write checkpoint .*ckpt-00000020.pt .*the newest "
+                                                       rf"checkpoint, {good}, is kept: free some space"):
+            _save(disk, model, optimizer, cfg, 20)
+        assert list_checkpoints(disk) == [good]
+        assert sorted(p.name for p in good.parent.iterdir()) == [good.name]  # no temporary file left
+        assert newest_readable_checkpoint(disk, cfg)[0] == good
 
-    def crash_halfway(obj, f):
-        f.write(b"partial bytes")
-        raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(OSError):
-        _save(tmp_path, model, optimizer, cfg, 20)
-    assert list_checkpoints(tmp_path) == [good]
-    assert sorted(p.name for p in good.parent.iterdir()) == [good.name]  # no temporary file left
-    assert newest_readable_checkpoint(tmp_path, cfg)[0] == good
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_trainer(tmp_path):
+    """A kill -9 during a write leaves `.ckpt-*.pt.tmp-PID` (a whole checkpoint's bytes); the next trainer
+    on the folder removes it, whatever its PID: holding the folder's lock, it is the only writer."""
+    folder = checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    stale = [folder / f".ckpt-00000004.pt.tmp-{pid}" for pid in (os.getpid(), 999999)]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    kept = folder / "ckpt-00000002.pt"
+    kept.write_bytes(b"a checkpoint")
+    assert remove_abandoned_temporaries(tmp_path) == sorted(stale)
+    assert sorted(folder.iterdir()) == [kept]
 
 
 def test_rotation_keeps_the_newest_and_deletes_only_this_runs_checkpoints(tmp_path):

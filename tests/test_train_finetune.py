@@ -81,6 +81,13 @@ def test_a_five_class_checkpoint_fine_tunes_on_80_classes(coco80, five_class_che
     for key in loaded:  # everything else came from the checkpoint (the LR is 1e-12)
         torch.testing.assert_close(tuned[key], source[key], atol=1e-6, rtol=0, msg=key)
 
+    # Resumed from its folder alone, the run continues from its checkpoint: train.weights is not loaded again.
+    resumed = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), "--resume", str(tmp_path), "solver.max_iter=3"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {list_checkpoints(tmp_path)[-2]} at iteration 2" in resumed.stdout
+    assert "start fresh" not in resumed.stdout and "loaded" not in resumed.stdout
+
 
 def test_a_shape_mismatch_outside_the_class_layers_is_one_sentence(coco80, five_class_checkpoint, tmp_path, capsys):
     argv = _command(coco80, tmp_path, f"train.weights={five_class_checkpoint}", "model.roi_heads.box_head_dim=128")[2:]
@@ -89,3 +96,28 @@ def test_a_shape_mismatch_outside_the_class_layers_is_one_sentence(coco80, five_
     assert "\n" not in err and err.startswith(f"error: trainer checkpoint {five_class_checkpoint}: roi_heads.box_head.")
     assert "set model.roi_heads.box_head_dim" in err
     assert not list_checkpoints(tmp_path)
+
+
+@pytest.mark.slow
+def test_training_from_torchvisions_coco_file_sets_what_the_file_needs(coco80, tmp_path):
+    """torchvision's COCO Mask R-CNN (a ResNet-50 with the stride in the 3x3 conv, RGB normalization, its anchors)
+    fine-tunes with the reference config as it is: the run sets the three keys and says so."""
+    import torchvision
+
+    weights = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), weights)
+    out = tmp_path / "run"
+    argv = [
+        "--data", str(coco80["train"]), f"output_dir={out}", f"train.weights={weights}", "eval.every_epochs=0",
+        "data.min_size=64", "data.max_size=80", "data.buckets=[[64, 80], [80, 64]]", "solver.ims_per_batch=2",
+        "solver.max_iter=1", "solver.warmup_iters=0", "solver.warmup_factor=1.0", "train.num_threads=1",
+        "data.dali_threads=1", "data.torch_workers=0",
+    ]
+    result = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), *argv], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"torchvision Mask R-CNN {weights} was trained with model.backbone.stride_in_1x1=false, model.normalization=rgb, "
+            "model.convention=torchvision: set for this run") in result.stdout
+    saved = load_config(out / "config.yaml")
+    assert (saved.model.backbone.stride_in_1x1, saved.model.normalization, saved.model.convention) == (
+        False, "rgb", "torchvision")

@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pipeline.sharding import shard_coco
+from pipeline.synthetic_coco import make_synthetic_coco
 from train.checkpoint import list_checkpoints
 from train.distributed import DistributedContext, LivenessWatch
 from train.interrupts import StopRequest
@@ -133,23 +135,56 @@ def test_extending_a_finished_run_trains_exactly_as_the_longer_run(reference_run
     out = tmp_path / "run"
     subprocess.run([*MAIN, *base(out, "solver.max_iter=4")], check=True, env=ENV, capture_output=True)
     assert json.loads((out / "summary.json").read_text())["iterations"] == 4
-    # `--resume KEY=VALUE`: the override is not taken for a checkpoint path
-    result = subprocess.run([*MAIN, *base(out), "--resume", "solver.max_iter=6"],
+    # The README's resume: the run folder alone (its config.yaml has the config and the data paths); what the
+    # command line changes is recorded. A `--resume RUN KEY=VALUE`: the override is not taken for a path.
+    result = subprocess.run([*MAIN, "--resume", str(out), "solver.max_iter=6", "data.prefetch=1"],
                             env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "the schedule's end moves on resume: solver.max_iter: 4 -> 6" in result.stdout
+    assert "changed on resume: data.prefetch: 2 -> 1" in result.stdout
     resumed, reference = losses(out), losses(reference_run)
     assert {i: resumed[i] for i in reference} == reference
     summaries = [json.loads((d / "summary.json").read_text()) for d in (out, reference_run)]
     assert summaries[0]["parameter_digests"] == summaries[1]["parameter_digests"]
     attempts = _run_state(out)["attempts"]
     assert [(a["attempt"], a["notes"], a["ended"]) for a in attempts] == [
-        (1, [], "finished"), (2, ["solver.max_iter: 4 -> 6"], "finished"),
+        (1, [], "finished"), (2, ["solver.max_iter: 4 -> 6", "data.prefetch: 2 -> 1"], "finished"),
     ]
     for log in ("mlperf.log", "mlperf-attempt-2.log"):  # each attempt's own, complete log
         code, output = check_compliance(out / log, tmp_path)
         assert code == 0, output
     assert '"key": "init_checkpoint_step", "value": 4' in (out / "mlperf-attempt-2.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def other_shards(synthetic_coco, tmp_path_factory):
+    """Training shards of other data: (other categories, the same data sharded otherwise)."""
+    root = tmp_path_factory.mktemp("other_shards")
+    annotations = make_synthetic_coco(root, "train", 4, seed=5, image_size=(64, 80), num_classes=2)
+    shard_coco(root / "train2017", annotations, root / "two-classes", mode="train", samples_per_shard=4, seed=0)
+    shard_coco(synthetic_coco.train_images, synthetic_coco.train_json, root / "resharded", mode="train",
+               samples_per_shard=8, seed=0)
+    return root / "two-classes", root / "resharded"
+
+
+@pytest.mark.parametrize("case", ["image size", "categories", "shard set"])
+def test_resume_refuses_what_changes_the_computation_naming_both_values(case, capsys, reference_run, other_shards, tmp_path):
+    out = _copy_run(reference_run, tmp_path)
+    before = _files(out)
+    two_classes, resharded = other_shards
+    checkpoint = out / "checkpoints" / "ckpt-00000006.pt"
+    if case == "image size":
+        argv, expected = ["data.min_size=56"], f"checkpoint {checkpoint} was written by another config (data.min_size: 64 -> 56)"
+    elif case == "categories":  # another class count: one sentence, not a load_state_dict traceback
+        argv, expected = ["--data", two_classes], (
+            f"checkpoint {checkpoint} was trained on 8 categories (person, stop sign, giraffe, baseball bat ...), but "
+            f"data.train_shards={two_classes} holds 2 categories (person, toothbrush); resume with the shards it was "
+            f"trained on, or fine-tune it on these in a new output_dir with train.weights={checkpoint}"
+        )
+    else:
+        argv, expected = ["--data", resharded], f"checkpoint {checkpoint} was trained on another shard set than data.train_shards={resharded}"
+    assert expected in _error(capsys, ["--resume", out, *argv])
+    assert _files(out) == before
 
 
 def test_overrides_mix_with_flags_and_resume_never_swallows_one():
@@ -161,7 +196,8 @@ def test_overrides_mix_with_flags_and_resume_never_swallows_one():
 
 @pytest.mark.parametrize(
     "case",
-    ["output_dir is a file", "output_dir under a file", "output_dir unwritable", "device cuda", "precision fp8", "backend"],
+    ["output_dir is a file", "output_dir under a file", "output_dir unwritable", "device cuda", "precision fp8", "backend",
+     "no val data"],
 )
 def test_bad_lifecycle_values_end_in_one_sentence_before_anything_is_written(case, capsys, base, tmp_path):
     a_file = tmp_path / "a-file"
@@ -179,6 +215,11 @@ def test_bad_lifecycle_values_end_in_one_sentence_before_anything_is_written(cas
         extra, expected = ["train.device=cuda"], "train.device=cuda but CUDA is not available"
     elif case == "precision fp8":  # the config's validation pass (train/config_schema.py) names the allowed values
         extra, expected = ["train.precision=fp8"], "train.precision must be one of auto, fp32, bf16, fp16"
+    elif case == "no val data":  # evaluation needs val shards, or none is asked for
+        extra, expected = ["data.val_shards="], (
+            "data.val_shards (--val-data) is empty; pass a shard folder written by tools/shard_coco.py, "
+            "or train without evaluation with eval.every_epochs=0"
+        )
     else:
         extra, expected = ["data.backend=tourch"], "data.backend must be one of dali, torch"
     assert expected in _error(capsys, [*base(out), *extra])
@@ -230,9 +271,14 @@ def test_a_second_trainer_is_refused_and_sigterm_saves_then_resume_is_exact(caps
     failures = [line for line in output.splitlines() if line.startswith(("WARNING", "ERROR")) and "FAILED" not in line]
     assert code == 1 and failures == ["WARNING -  Required AT_LEAST_ONE occurrence of 'eval_accuracy' but found 0"], output
     run_stop = json.loads((out / "mlperf.log").read_text().splitlines()[-1].split(" ", 1)[1])
-    assert (run_stop["key"], run_stop["metadata"]["status"]) == ("run_stop", "aborted")
+    assert (run_stop["key"], run_stop["metadata"]["status"], run_stop["metadata"]["ended"]) == ("run_stop", "aborted", "stopped")
     code, output = check_compliance(out / "mlperf-attempt-2.log", tmp_path)
     assert code == 0, output
+    # tools/time_to_train.py says how each ended: stopped early; then the schedule's end before the (demo's) target
+    for log, how in (("mlperf.log", "the attempt stopped early"), ("mlperf-attempt-2.log", "the schedule ended before the quality target")):
+        result = subprocess.run([PYTHON, str(REPO / "tools" / "time_to_train.py"), str(out / log)], env=ENV,
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and f"; status aborted; {how}; " in result.stdout, result.stdout + result.stderr
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_no_traceback(base, tmp_path):

@@ -12,8 +12,8 @@ from train.solver import (
     closed_division_violations,
     decay_step_multiple,
     decay_steps,
+    learning_rate,
     lr_multiple,
-    lr_multiplier,
     parameter_groups,
     set_learning_rate,
 )
@@ -53,8 +53,29 @@ def test_parameter_groups_follow_the_reference():
     ],
 )
 def test_schedule_by_hand(iteration, expected):
-    got = lr_multiplier(iteration, warmup_iters=500, warmup_factor=1 / 3, steps=(60000, 80000), gamma=0.1)
+    got = learning_rate(
+        1.0, iteration, warmup_method="linear", warmup_iters=500, warmup_factor=1 / 3, steps=(60000, 80000), gamma=0.1
+    )
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "base_lr, iteration, expected",
+    [
+        (0.12, 0, 0.0),  # NVIDIA's batch 96: the weights from 0 (0.12 - 625 x 0.000192 is -1e-17: held at 0)
+        (0.24, 0, 0.12),  # ... and the biases (LR x 2) from halfway
+        (0.12, 312, 0.12 - 313 * 0.000192),
+        (0.24, 624, 0.24 - 0.000192),
+        (0.12, 625, 0.12),
+        (0.24, 12000, 0.024),
+    ],
+)
+def test_mlperf_linear_subtracts_the_same_amount_from_every_group(base_lr, iteration, expected):
+    got = learning_rate(
+        base_lr, iteration, warmup_method="mlperf_linear", warmup_iters=625, warmup_factor=0.000192,
+        steps=(12000, 16000), gamma=0.1,
+    )  # fmt: skip
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_set_learning_rate_scales_each_group():
@@ -146,6 +167,10 @@ NVIDIA = ["train.weights=R-50.pkl", "solver.ims_per_batch=96", "solver.base_lr=0
         ),
         (["solver.steps=[12000]"], "solver.steps=[12000] must hold two decay steps"),
         (["solver.warmup_factor=0"], "solver.warmup_factor=0.0 must be > 0"),
+        (
+            ["solver.warmup_method=mlperf_linear", "solver.warmup_factor=0.001"],
+            "solver.warmup_factor=0.001 x solver.warmup_iters=625 exceeds solver.base_lr=0.12: mlperf_linear's warmup",
+        ),
     ],
 )
 def test_closed_division_rejects_off_rule_schedules(overrides, expected):
@@ -199,5 +224,9 @@ def test_fused_optimizer_steps_like_the_plain_one():
             opt.zero_grad()
             net.head(net.frozen(x)).square().sum().backward()
             opt.step()
+    # One fused kernel and three plain ones round differently (fused multiply-adds): over 50 seeds,
+    # torch's CPU fused SGD came within 0.73 of rtol=1e-6, atol=1e-7. Against this tolerance (on
+    # the CPU) an LR 5% off lands 2.5e4 times outside it, a bias LR factor of 1 or no momentum
+    # 7e4 times, no weight decay 6 times.
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

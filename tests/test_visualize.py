@@ -117,7 +117,8 @@ def _one_sentence_error(capsys, argv) -> str:
 
 
 def test_missing_images_get_one_sentence(synthetic_coco, tmp_path, capsys):
-    args = ["--annotations", synthetic_coco.val_json, "--images", tmp_path, "--out", tmp_path / "out"]
+    (tmp_path / "images").mkdir()  # a folder without the annotated images (and --out not inside it)
+    args = ["--annotations", synthetic_coco.val_json, "--images", tmp_path / "images", "--out", tmp_path / "out"]
     assert "does not exist; pass --images" in _one_sentence_error(capsys, args)
 
 

@@ -197,7 +197,7 @@ def reference_results(batches: Iterator[tuple[Batch, Detections]], categories: l
     coco_ids = {c["id"]: c["coco_id"] for c in categories}
     results: dict[int, ImageResult] = {}
     for batch, detections in batches:
-        boxes, masks = to_original_frame(batch, detections)
+        boxes, paste, masks = to_original_frame(batch, detections)
         for i, image_id in enumerate(batch.image_ids.tolist()):
             n = int(detections.num_detections[i])
             if image_id in results:
@@ -208,7 +208,7 @@ def reference_results(batches: Iterator[tuple[Batch, Detections]], categories: l
                 boxes_xywh=torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).numpy(),
                 scores=detections.scores[i, :n].numpy(),
                 category_ids=np.array([coco_ids[label] for label in detections.labels[i, :n].tolist()], dtype=np.int64),
-                rles=reference_encode_masks(masks[i, :n], xyxy, height, width),
+                rles=reference_encode_masks(masks[i, :n], paste[i, :n], height, width),
             )
     return results
 

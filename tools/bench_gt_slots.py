@@ -26,6 +26,7 @@ from model.synthetic_batch import VERTS_PER_POLYGON, synthetic_batch
 from pipeline.batch import Batch
 from tools.bench_model import NUM_CLASSES, timed_step, training_step
 from train.config import ConfigError, load_config
+from train.output_paths import exit_if_overlapping
 
 
 def padded_to(batch: Batch, slots: int) -> Batch:
@@ -56,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_if_overlapping("bench_gt_slots", {"--json": args.json}, {"--config": args.config})
     if args.iters < 1 or args.batch_size < 1 or min(args.slots) < args.instances:
         print("bench_gt_slots: --iters and --batch-size must be >= 1 and every --slots >= --instances", file=sys.stderr)
         return 2

@@ -37,9 +37,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -48,17 +51,22 @@ import torch
 from pipeline.loader import LoaderSettings, build_loader, dali_available, settings_from_config
 from pipeline.shard_format import ShardFormatError, open_shard_set
 from train.config import ConfigError, load_config
+from train.output_paths import exit_if_overlapping
 from train.throughput import endless, loader_rate, measure_rate
 
 ROWS = ("dali_loader", "dali_graph", "bare_dali", "torch_loader", "torchvision")
 STAGE_ROWS = ("bare_dali_read", "bare_dali_decode")
+TRACED_ROWS = ("dali_loader_traced", "torch_loader_traced")  # the loaders with their timer tracing (--trace-cost)
 RATIOS = (
     ("dali_loader", "dali_graph"),
     ("dali_graph", "bare_dali"),
     ("dali_loader", "bare_dali"),
     ("torch_loader", "torchvision"),
     ("dali_loader", "torchvision"),
+    ("dali_loader_traced", "dali_loader"),
+    ("torch_loader_traced", "torch_loader"),
 )
+SWEEP_KEYS = {"data.dali_threads": "dali", "data.torch_workers": "torch"}  # what --sweep varies, and whose loader
 
 
 class Bench:
@@ -82,9 +90,16 @@ class Bench:
         images_in = images_in or (lambda _: self.batch_size)
         return measure_rate(batches, images_in, warmup=self.warmup, iters=self.iters, device=self.device)
 
-    def loader(self, backend: str) -> dict[str, Any]:
-        """The loader's rate and its per-stage wall-clock breakdown, as the dry run measures it."""
-        return loader_rate(self._loader(backend), warmup=self.warmup, iters=self.iters, device=self.device)
+    def loader(self, backend: str, trace: bool = False) -> dict[str, Any]:
+        """The loader's rate and its per-stage wall-clock breakdown, as the dry run measures it; with
+        `trace`, its timer keeps every span of the measured batches (train/trace.py), and the row
+        says how many spans that was per image."""
+        loader = self._loader(backend)
+        result = loader_rate(loader, warmup=self.warmup, iters=self.iters, device=self.device, trace=trace)
+        if trace:
+            spans = sum(len(thread.spans) // 3 for thread in loader.timer.threads())
+            result["spans_per_image"] = spans / max(loader.timer.traced_images, 1)
+        return result
 
     def dali_graph(self) -> dict[str, Any]:
         """The DALI loader's pipeline alone, fed by its plan; outputs stay in DALI's buffers."""
@@ -94,7 +109,7 @@ class Bench:
             pipe, feeder, groups = loader.epoch_pipeline(e)
             for _ in groups:
                 yield pipe.run()
-                feeder.fed.popleft()  # the records the loader would batch
+                feeder.take()  # the records the loader would batch
 
         return self._rate(endless(epoch))
 
@@ -137,8 +152,8 @@ class Bench:
         return self._rate(endless(lambda _: loader), lambda batch: len(batch[0]))
 
     def run(self, row: str, baseline: tuple[Path, Path] | None) -> dict[str, Any]:
-        if row in ("dali_loader", "torch_loader"):
-            return self.loader(row.split("_")[0])
+        if row in ("dali_loader", "torch_loader", *TRACED_ROWS):
+            return self.loader(row.split("_")[0], trace=row in TRACED_ROWS)
         if row == "dali_graph":
             return self.dali_graph()
         if row == "torchvision":
@@ -177,6 +192,48 @@ def torchvision_reference_loader(
     )
 
 
+def span_cost_ns(spans: int = 20_000, repeat: int = 5) -> dict[str, float]:
+    """What one span costs (ns, best of `repeat`): `measure` with the timer off and tracing, and a
+    traced span's way back from a worker (`take` there, `merge` here)."""
+    from pipeline.loader import StageTimer
+
+    def per_span(timer: StageTimer) -> float:
+        best = math.inf
+        for _ in range(repeat):
+            start = time.perf_counter_ns()
+            for _ in range(spans):
+                with timer.measure("read"):
+                    pass
+            best = min(best, (time.perf_counter_ns() - start) / spans)
+        return best
+
+    off, on = StageTimer(), StageTimer()
+    on.tracing = True
+    cost = {"off": per_span(off), "on": per_span(on)}
+    taken = on.take("worker", "worker")
+    start = time.perf_counter_ns()
+    StageTimer().merge(taken)
+    cost["merge"] = (time.perf_counter_ns() - start) / (len(taken.spans) // 3)
+    return cost
+
+
+def tracing_cost(rows: dict[str, dict[str, Any]], span_ns: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per traced loader row: its spans per image times what tracing adds to a span (`span_cost_ns`),
+    as a share of the untraced loader's CPU time per image; beside the rows' own CPU ratio."""
+    out = {}
+    for traced in TRACED_ROWS:
+        plain = traced.removesuffix("_traced")
+        if traced in rows and plain in rows:
+            added_ms = rows[traced]["spans_per_image"] * (span_ns["on"] - span_ns["off"] + span_ns["merge"]) / 1e6
+            out[plain] = {
+                "spans_per_image": rows[traced]["spans_per_image"],
+                "added_cpu_ms_per_image": added_ms,
+                "share_of_cpu": added_ms / rows[plain]["cpu_ms_per_image"],
+                "measured_cpu_ratio": rows[traced]["cpu_ms_per_image"] / rows[plain]["cpu_ms_per_image"],
+            }
+    return out
+
+
 def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     median = dict(runs[len(runs) // 2])
     for key in ("images_per_s", "cpu_ms_per_image"):
@@ -212,6 +269,7 @@ def run_pipeline_benchmark(
     backend: str | None = None,
     rows: Iterable[str] | None = None,
     stages: bool = False,
+    trace_cost: bool = False,
     repeat: int = 1,
     baseline_images: str | Path | None = None,
     baseline_annotations: str | Path | None = None,
@@ -219,8 +277,9 @@ def run_pipeline_benchmark(
     """Every figure of `rows` (default: the loader of `backend`, and for DALI its graph and the bare pipeline).
 
     `images_per_s` and `stage_ms_per_image` at the top are the loader of `backend` (default:
-    `data.backend`), what train/dry_run.py reports; `stages` adds STAGE_ROWS. Raises ValueError
-    for a row that cannot run here.
+    `data.backend`), what train/dry_run.py reports; `stages` adds STAGE_ROWS; `trace_cost` adds
+    the traced twin of each loader row and what tracing costs (`tracing_cost`). Raises
+    ValueError for a row that cannot run here.
     """
     device = torch.device(device)
     backend = backend or data_cfg.backend
@@ -229,6 +288,8 @@ def run_pipeline_benchmark(
     rows += list(STAGE_ROWS) if stages else []
     if f"{backend}_loader" not in rows:
         rows.insert(0, f"{backend}_loader")
+    if trace_cost:
+        rows += [f"{row}_traced" for row in rows if f"{row}_traced" in TRACED_ROWS and f"{row}_traced" not in rows]
     if any("dali" in r for r in rows) and not dali_available():
         raise ValueError("the dali rows need nvidia-dali (pip install -e '.[dali]'); pass --rows torch_loader torchvision")
     if "torchvision" in rows and baseline is None:
@@ -241,6 +302,7 @@ def run_pipeline_benchmark(
             runs[row].append(bench.run(row, baseline))
             gc.collect()  # end this row's pipelines and worker processes before the next row
     figures = {row: _median_row(r) for row, r in runs.items()}
+    span_ns = span_cost_ns() if any(r in figures for r in TRACED_ROWS) else None
     ours = figures[f"{backend}_loader"]
     stages = dict(ours["stage_ms_per_image"])
     if backend == "dali" and all(r in figures for r in ("bare_dali", *STAGE_ROWS)):
@@ -268,8 +330,152 @@ def run_pipeline_benchmark(
         "rows": figures,
         "runs": runs,
         "ratios": ratios(figures),
+        "span_cost_ns": span_ns,
+        "tracing_cost": tracing_cost(figures, span_ns) if span_ns else {},
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
+
+
+def parse_sweep(sweep: str) -> tuple[str, list[int]]:
+    """`KEY=V1,V2,...` -> (KEY, [V1, V2, ...]); ValueError in one sentence for anything else."""
+    key, _, listed = sweep.partition("=")
+    if key not in SWEEP_KEYS:
+        raise ValueError(f"--sweep varies one of {', '.join(SWEEP_KEYS)}, got {sweep!r}")
+    try:
+        values = [int(v) for v in listed.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep {sweep!r}: give integer values, e.g. {key}=1,2,4") from None
+    return key, values
+
+
+def run_sweep(
+    config: Path,
+    overrides: list[str],
+    key: str,
+    values: list[int],
+    shard_dir: str | Path,
+    *,
+    batch_size: int,
+    iters: int,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    repeat: int = 1,
+    model_rate: float | None = None,
+) -> dict[str, Any]:
+    """The loader that `key` sets (SWEEP_KEYS) at each of `values`, interleaved over `repeat` rounds
+    (medians), with the cores it keeps busy and, for `model_rate` (images/s one GPU trains), how
+    many cores per GPU keep up with it (`cores_sentence`). Raises ValueError (ConfigError for a
+    value the config refuses) for a sweep that cannot run."""
+    backend = SWEEP_KEYS[key]
+    if backend == "dali" and not dali_available():
+        raise ValueError("a data.dali_threads sweep needs nvidia-dali (pip install -e '.[dali]'); sweep data.torch_workers")
+    configs = {v: load_config(config, [*overrides, f"{key}={v}"]) for v in values}  # every value checked before any run
+    load_before = os.getloadavg()
+    runs: dict[int, list[dict[str, Any]]] = {v: [] for v in values}
+    for _ in range(repeat):
+        for value in values:
+            bench = Bench(configs[value].data, Path(shard_dir), batch_size=batch_size, warmup=warmup, iters=iters,
+                          device=torch.device(device))
+            runs[value].append(bench.loader(backend))
+            gc.collect()
+    rows = []
+    for value in values:
+        median = _median_row(runs[value])
+        rows.append({
+            "value": value,
+            "images_per_s": median["images_per_s"],
+            "cpu_ms_per_image": median["cpu_ms_per_image"],
+            "cores_busy": median["images_per_s"] * median["cpu_ms_per_image"] / 1000.0,
+        })
+    result = {
+        "key": key,
+        "backend": backend,
+        "batch_size": batch_size,
+        "iters": iters,
+        "repeat": repeat,
+        "device": str(device),
+        "rows": rows,
+        "runs": {str(v): r for v, r in runs.items()},
+        "model_rate": model_rate,
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+    }
+    if model_rate:
+        result["cores_per_gpu"] = cores_per_gpu(rows, model_rate)
+        result["sentence"] = cores_sentence(result)
+    return result
+
+
+def cores_per_gpu(rows: list[dict[str, Any]], model_rate: float) -> float:
+    """Cores that keep up with `model_rate` images/s: the rate times the CPU seconds per image of the
+    fastest setting (its CPU time includes what contention for the cores costs)."""
+    fastest = max(rows, key=lambda row: row["images_per_s"])
+    return model_rate * fastest["cpu_ms_per_image"] / 1000.0
+
+
+def cores_sentence(result: dict[str, Any]) -> str:
+    """What a user asks of a sweep: how many cores per GPU keep up with the model's rate."""
+    rows, rate, key = result["rows"], result["model_rate"], result["key"]
+    fastest = max(rows, key=lambda row: row["images_per_s"])
+    keeping_up = [row for row in rows if row["images_per_s"] >= rate]
+    here = (
+        f"here {key}={keeping_up[0]['value']} already keeps up ({keeping_up[0]['images_per_s']:.0f} images/s)"
+        if keeping_up else
+        f"here the fastest setting, {key}={fastest['value']}, delivered {fastest['images_per_s']:.0f} images/s "
+        f"({fastest['images_per_s'] / rate:.0%} of it) on {result['machine']['cpus']} cores"
+    )
+    where = "decoding and resizing on the CPU" if result.get("device", "cpu") == "cpu" else f"delivering to {result['device']}"
+    return (
+        f"to keep up with {rate:g} images/s per GPU the {result['backend']} loader, {where}, needs about "
+        f"{result['cores_per_gpu']:.1f} cores per GPU ({fastest['cpu_ms_per_image']:.1f} CPU ms per image at "
+        f"{key}={fastest['value']}, its fastest setting here); {here}"
+    )
+
+
+def print_sweep(result: dict[str, Any]) -> None:
+    print(f"sweep of {result['key']} ({result['backend']} loader), batch {result['batch_size']}, "
+          f"medians of {result['repeat']} round(s) of {result['iters']} batches, device {result['device']}")
+    print(f"  {result['key']:>18s} {'images/s':>9s} {'CPU ms/image':>13s} {'cores busy':>11s}")
+    for row in result["rows"]:
+        print(f"  {row['value']:18d} {row['images_per_s']:9.1f} {row['cpu_ms_per_image']:13.2f} {row['cores_busy']:11.2f}")
+    if "sentence" in result:
+        print(result["sentence"])
+    machine = result["machine"]
+    print(f"machine: {machine['cpus']} CPUs, load average {machine['loadavg_before'][0]:.1f} -> {machine['loadavg_after'][0]:.1f}")
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """images/s and CPU ms per image at each setting, and the model's rate as a line. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [row["value"] for row in result["rows"]]
+    fig, rate_axis = plt.subplots(figsize=(7, 4.2))
+    rate_axis.plot(values, [row["images_per_s"] for row in result["rows"]], "o-", color="tab:blue", label="images/s")
+    if result["model_rate"]:
+        rate_axis.axhline(result["model_rate"], color="tab:red", linestyle="--",
+                          label=f"model: {result['model_rate']:g} images/s")
+    rate_axis.set_xlabel(result["key"])
+    rate_axis.set_ylabel("images/s")
+    rate_axis.set_xticks(values)
+    rate_axis.set_ylim(bottom=0)
+    cpu_axis = rate_axis.twinx()
+    cpu_axis.plot(values, [row["cpu_ms_per_image"] for row in result["rows"]], "s:", color="tab:gray", label="CPU ms/image")
+    cpu_axis.set_ylabel("CPU ms per image")
+    cpu_axis.set_ylim(bottom=0)
+    handles = rate_axis.get_legend_handles_labels()[0] + cpu_axis.get_legend_handles_labels()[0]
+    rate_axis.legend(handles=handles, loc="lower right", fontsize=8)
+    load = result["machine"]["loadavg_before"][0], result["machine"]["loadavg_after"][0]
+    rate_axis.set_title(f"{result['backend']} loader, batch {result['batch_size']}, {result['machine']['cpus']} cores, "
+                        f"load {load[0]:.1f} -> {load[1]:.1f}", fontsize=9)
+    if "sentence" in result:
+        fig.text(0.01, 0.01, textwrap.fill(result["sentence"], 120), fontsize=7, va="bottom")
+        fig.subplots_adjust(bottom=0.3)
+    fig.tight_layout(rect=(0, 0.12 if "sentence" in result else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -280,10 +486,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="batches pulled before measuring, per row")
     parser.add_argument("--repeat", type=int, default=1, help="run all rows this many times, interleaved; medians reported")
     parser.add_argument(
-        "--rows", nargs="+", choices=ROWS + STAGE_ROWS, default=None,
+        "--rows", nargs="+", choices=ROWS + STAGE_ROWS + TRACED_ROWS, default=None,
         help="rows to run (default: every row this machine can run with the arguments given)",
     )
     parser.add_argument("--stages", action="store_true", help="add the bare pipeline's prefixes (read, decode)")
+    parser.add_argument("--trace-cost", action="store_true",
+                        help="add each loader row again with its timer tracing, and what tracing costs per image")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                        help="instead of the rows: the loader at each value of data.dali_threads or data.torch_workers")
+    parser.add_argument("--model-rate", type=float, metavar="IMG_PER_S",
+                        help="with --sweep: the images/s one GPU trains; says how many cores per GPU keep up with it")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="with --sweep: draw it here (needs matplotlib: .[trace])")
     parser.add_argument("--backend", choices=["dali", "torch"], default=None, help="whose loader heads the report (default: data.backend; torch without DALI)")
     parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda")
     parser.add_argument("--config", type=Path, default=Path("configs/reference.yaml"), help="config file")
@@ -304,6 +517,13 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"  {stage:8s} {'inside DALI' if ms is None else f'{ms:8.2f}'}")
     for name, ratio in result["ratios"].items():
         print(f"ratio {name:26s} CPU {ratio['cpu']:.2f}x  rate {ratio['rate']:.2f}x")
+    if result["span_cost_ns"]:
+        cost = result["span_cost_ns"]
+        print(f"a span costs {cost['off']:.0f} ns with the timer not tracing, {cost['on']:.0f} ns tracing, "
+              f"and {cost['merge']:.0f} ns more from a worker")
+    for row, cost in result["tracing_cost"].items():
+        print(f"tracing {row}: {cost['spans_per_image']:.1f} spans per image add about {1000 * cost['added_cpu_ms_per_image']:.1f} "
+              f"CPU us per image, {cost['share_of_cpu']:.2%} of its CPU time (the traced row measured {cost['measured_cpu_ratio']:.3f}x)")
     if result["warmup"] + result["iters"] > result["batches_per_epoch"]:
         print(f"note: the measurement crossed an epoch start ({result['batches_per_epoch']} batches per epoch)")
     machine = result["machine"]
@@ -311,8 +531,17 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_if_overlapping("bench_pipeline", {"--json": args.json, "--plot": args.plot}, {
+        "--data": args.data, "--config": args.config, "--baseline-images": args.baseline_images,
+        "--baseline-annotations": args.baseline_annotations,
+    })
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0 or args.repeat < 1:
         print("bench_pipeline: --batch-size, --iters and --repeat must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.sweep:
+        return sweep_main(args)
+    if args.model_rate or args.plot:
+        print("bench_pipeline: --model-rate and --plot go with --sweep", file=sys.stderr)
         return 2
     if bool(args.baseline_images) != bool(args.baseline_annotations):
         print("bench_pipeline: pass both --baseline-images and --baseline-annotations, or neither", file=sys.stderr)
@@ -330,6 +559,7 @@ def main(args: argparse.Namespace) -> int:
             backend=args.backend or (None if dali_available() else "torch"),  # no DALI: the torch rows head
             rows=rows,
             stages=args.stages,
+            trace_cost=args.trace_cost,
             repeat=args.repeat,
             baseline_images=args.baseline_images,
             baseline_annotations=args.baseline_annotations,
@@ -341,9 +571,43 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench_pipeline: {e}", file=sys.stderr)
         return 1
     print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
+    return 0
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def sweep_main(args: argparse.Namespace) -> int:
+    if args.model_rate is not None and args.model_rate <= 0:
+        print("bench_pipeline: --model-rate must be a positive number of images/s", file=sys.stderr)
+        return 2
+    try:
+        key, values = parse_sweep(args.sweep)
+    except ValueError as e:
+        print(f"bench_pipeline: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_sweep(args.config, args.overrides, key, values, args.data, batch_size=args.batch_size, iters=args.iters,
+                           warmup=args.warmup, device=args.device, repeat=args.repeat, model_rate=args.model_rate)
+    except ConfigError as e:
+        print(f"bench_pipeline: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # ShardFormatError included
+        print(f"bench_pipeline: {e}", file=sys.stderr)
+        return 1
+    print_sweep(result)
+    write_json(args.json, result)
+    if args.plot:
+        try:
+            plot_sweep(result, args.plot)
+        except ImportError:
+            print("bench_pipeline: --plot needs matplotlib: pip install -e '.[trace]'", file=sys.stderr)
+            return 2
+        print(f"plot: {args.plot}")
     return 0
 
 

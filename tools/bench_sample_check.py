@@ -34,6 +34,7 @@ from pipeline.shard_format import (
     read_sample,
     sample_refs,
 )
+from train.output_paths import exit_if_overlapping
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,7 @@ def _unchecked_decode(members: dict[str, bytes]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_if_overlapping("bench_sample_check", {"--json": args.json}, {"--data": args.data})
     try:
         shard_set = open_shard_set(args.data)
     except ShardFormatError as e:

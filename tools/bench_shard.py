@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.sharding import shard_coco
 from pipeline.synthetic_coco import make_synthetic_coco
+from train.output_paths import exit_if_overlapping
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,8 @@ def decode_only_rate(paths: list[Path], workers: int) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    exit_if_overlapping("bench_shard", {"--json": args.json},
+                        {"--images": args.images, "--annotations": args.annotations, "--data": args.data})
     if args.images is None:
         args.annotations = args.data / "instances_train.json"
         args.images = args.data / "train2017"

@@ -26,7 +26,6 @@ from pipeline.sharding import shard_coco
 from pipeline.synthetic_coco import make_synthetic_coco
 from train import main as trainer
 from train.run_folder import RunFolder, RunFolderError, run_files
-from train.visualization import write_visualizations
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "demo.json"  # written first (the folder is the demo's), then replaced by the demo's summary
@@ -101,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
     ])
     if code:
         return code
+    from train.visualization import write_visualizations  # torch is imported by the training run by now
+
     summary = json.loads((args.out / "summary.json").read_text())
     pictures = write_visualizations(
         paths["val_annotations"], paths["val_images"], args.out / "pictures",

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Download COCO 2017 (train2017, val2017, annotations) and the reference's ResNet-50 weights
-# (Detectron's MSRA R-50.pkl) into DIR, resuming partial downloads, checking the published
-# MD5s and unpacking. Re-running skips what is already complete.
+# (Detectron's MSRA R-50.pkl, through tools/download_weights.py, which checks it) into DIR,
+# resuming partial downloads, checking the published MD5s and unpacking. Re-running skips what
+# is already complete. PYTHON: the interpreter (default: .venv/bin/python, which `make` builds).
 #
 #   tools/download_coco.sh DIR                  # DIR/{train2017,val2017,annotations,R-50.pkl}
 #   tools/download_coco.sh --check-md5 FILE MD5 # only the checksum step, on a local file
 set -euo pipefail
 
 readonly COCO_URL=http://images.cocodataset.org
-readonly R50_URL=https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/MSRA/R-50.pkl
+repo=$(cd "$(dirname "$0")/.." && pwd)
+readonly repo
 # archive path under COCO_URL, published MD5
 readonly ARCHIVES=(
   "annotations/annotations_trainval2017.zip f4bbac642086de4f52a3fdda2de5fa2c"
@@ -17,7 +19,7 @@ readonly ARCHIVES=(
 )
 
 usage() {
-  sed -n '2,7s/^# \{0,1\}//p' "$0"
+  sed -n '2,8s/^# \{0,1\}//p' "$0"
 }
 
 die() {
@@ -92,11 +94,13 @@ main() {
     # shellcheck disable=SC2086 # split "path md5" into two arguments
     download_archive "$dir" $entry
   done
-  # No MD5 is published for R-50.pkl: it takes its final name only once curl/wget finish.
-  if [[ ! -f $dir/R-50.pkl ]]; then
-    fetch "$R50_URL" "$dir/R-50.pkl.part"
-    mv "$dir/R-50.pkl.part" "$dir/R-50.pkl"
+  # R-50.pkl has no published checksum: download_weights.py checks that it loads, then names it.
+  local python=${PYTHON:-}
+  if [[ -z $python ]]; then
+    python=python3
+    [[ -x $repo/.venv/bin/python ]] && python=$repo/.venv/bin/python
   fi
+  "$python" "$repo/tools/download_weights.py" r50-msra --out "$dir"
   echo "COCO 2017 and R-50.pkl are in $dir"
 }
 

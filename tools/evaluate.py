@@ -16,7 +16,9 @@ runs in the training precision, `train.precision` (auto: bf16 autocast on CUDA, 
 --weights takes a trainer checkpoint, this model's state dict, or torchvision's COCO Mask R-CNN.
 The model config comes from the checkpoint (trainer checkpoints carry theirs); --config and
 KEY=VALUE overrides apply on top. Files without a config take configs/reference.yaml and what
-the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). The --json and
+the weights need (torchvision's: RGB normalization, stride in the 3x3 conv, its anchors). Besides
+COCO's tables it prints each category's box and mask AP (AP@[.5:.95]; "-" for a category without
+ground truth), and --json holds them too (`per_class`). The --json and
 --results paths are checked before the evaluation starts; if writing still fails at the end,
 the metrics have been printed first. Errors end in one sentence, exit code 2; Ctrl-C or SIGTERM
 ends in one sentence too (exit code 130 or 143; an evaluation is not resumed, it is run again).
@@ -31,16 +33,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model.build import build_model_with_weights
-from model.weights import WeightsError, read_weights
-from pipeline.loader import build_loader
-from pipeline.shard_format import ShardFormatError, read_manifest
+from typing import TYPE_CHECKING, Any
+
 from train.config import ConfigError
-from train.distributed import init_distributed, per_rank_batch, shutdown_distributed
-from train.engine import autocast_context, resolve_precision
-from train.evaluation import BACKENDS, COCOEvaluator, EvaluationError, coco_results, inference_on_dataset
-from train.inference import config_for_weights
-from train.interrupts import Interrupted, SignalStop, signals_interrupt
+from train.config_schema import EVAL_BACKENDS as BACKENDS
+from train.output_paths import OutputPathError, check_outputs_apart
+
+if TYPE_CHECKING:
+    from train.interrupts import SignalStop
 
 
 class OutputError(OSError):
@@ -62,10 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from model.weights import WeightsError  # the heavy imports, after the command line is parsed
+    from pipeline.shard_format import ShardFormatError
+    from train.evaluation import EvaluationError
+    from train.interrupts import Interrupted, signals_interrupt
+
     try:
         with signals_interrupt() as stop:
             evaluate(args, stop)
-    except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError) as e:
+    except (EvaluationError, ConfigError, WeightsError, ShardFormatError, OutputError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as stop:  # metrics of part of the set are not COCO's: nothing to keep
@@ -75,6 +80,19 @@ def main(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
+    check_outputs_apart(
+        {"--json": args.json, "--results": args.results},
+        {"--weights": args.weights, "--data": args.data, "--annotations": args.annotations, "--config": args.config},
+    )
+    from model.build import build_model_with_weights
+    from model.weights import read_weights
+    from pipeline.loader import build_loader
+    from pipeline.shard_format import read_manifest
+    from train.distributed import init_distributed, per_rank_batch, shutdown_distributed
+    from train.engine import autocast_context, resolve_precision
+    from train.evaluation import COCOEvaluator, coco_results, inference_on_dataset
+    from train.inference import config_for_weights
+
     weights = read_weights(args.weights)
     cfg = config_for_weights(weights, args.config, args.overrides)
     ctx = init_distributed(args.device)
@@ -106,6 +124,8 @@ def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
             metrics = inference_on_dataset(model, batches, evaluator, autocast=autocast)
             detections = coco_results(evaluator.gathered) if ctx.is_main and args.results else None
         if ctx.is_main:
+            metrics = {**metrics, "per_class": per_class(evaluator.per_category)}
+            print(per_class_table(metrics["per_class"]))
             print(f"box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}")
             for path, value in ((args.json, metrics), (args.results, detections)):
                 if path:
@@ -113,6 +133,26 @@ def evaluate(args: argparse.Namespace, stop: SignalStop | None = None) -> dict:
         return metrics
     finally:
         shutdown_distributed()
+
+
+def per_class(per_category: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per category: its id, name, box AP and mask AP (None without ground truth)."""
+    return [
+        {"category_id": box["category_id"], "name": box["name"], "box_AP": box["AP"], "mask_AP": mask["AP"]}
+        for box, mask in zip(per_category["bbox"], per_category["segm"])
+    ]
+
+
+def per_class_table(rows: list[dict[str, Any]]) -> str:
+    """The per-class rows as a plain table, AP@[.5:.95] in percent."""
+    width = max([len("category"), *(len(r["name"]) for r in rows)])
+    lines = ["per-class AP (AP@[.5:.95], %):", f"  {'category':<{width}}  {'box':>5}  {'mask':>5}"]
+    lines += [f"  {r['name']:<{width}}  {_percent(r['box_AP']):>5}  {_percent(r['mask_AP']):>5}" for r in rows]
+    return "\n".join(lines)
+
+
+def _percent(ap: float | None) -> str:
+    return "-" if ap is None else f"{100 * ap:.1f}"
 
 
 def check_writable(path: Path, flag: str) -> None:

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from pipeline.coco_categories import COCO_CATEGORIES
 from pipeline.photo_coco import make_photo_coco
-from pipeline.synthetic_coco import make_synthetic_coco
+from pipeline.synthetic_coco import MASK_FORMATS, make_synthetic_coco
 
-SCENE_ONLY = ("image_size", "num_classes", "max_objects", "grayscale_fraction", "empty_fraction", "crowd_fraction")
+SCENE_ONLY = (
+    "image_size", "num_classes", "max_objects", "grayscale_fraction", "empty_fraction", "crowd_fraction", "masks",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--jpeg-quality", type=int, default=None, help="JPEG quality, 1..95 (default: 90; 94 with --photos)"
+    )
+    parser.add_argument(
+        "--masks", choices=MASK_FORMATS, default="polygons",
+        help="instance masks as polygons, or as RLEs the way labeling tools export them: rle (compressed "
+        "string), rle-list (uncompressed counts) (default: polygons)",
     )
     parser.add_argument(
         "--photos", action="store_true",
@@ -85,6 +92,7 @@ def main(args: argparse.Namespace) -> None:
                 empty_fraction=args.empty_fraction,
                 crowd_fraction=args.crowd_fraction,
                 jpeg_quality=args.jpeg_quality or 90,
+                masks=args.masks,
             )
     except ValueError as e:
         raise SystemExit(f"make_synthetic_coco: {e}") from None

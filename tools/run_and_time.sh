@@ -13,13 +13,18 @@
 #   --nproc N              NPROC     processes on this node (default: its GPUs, else 1); above 1 through torchrun
 #   --output-dir DIR       OUTPUT_DIR  a new folder (default runs/RECIPE-DATE; several nodes: the same on each)
 #   TORCHRUN_ARGS  torchrun's options for several nodes, e.g. "--nnodes=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500"
-#   PYTHON         the interpreter (default python3)
-# KEY=VALUE pairs are config overrides for train/main.py. --dry prints the command and exits.
+#   PYTHON         the interpreter (default: the environment `make` builds, .venv/bin/python, else python3)
+#   DROP_CACHES    the kernel's file for dropping the page cache before the run, as the reference's scripts do
+#                  (default /proc/sys/vm/drop_caches, writable by root); none: keep it. The MLPerf log's
+#                  cache_clear says whether it was dropped.
+# KEY=VALUE pairs are config overrides for train/main.py. --dry prints the command and exits; it
+# warns when the recipe is meant for more GPUs (its name's _<N>gpu) than the command starts.
 #
 # Prints the time to train (run_start to run_stop in OUTPUT_DIR/mlperf.log, what MLPerf scores)
 # and the reference's result line RESULT,OBJECT_DETECTION,,SECONDS,ORG,START (the command's
-# wall-clock seconds). Exit code: the trainer's when it failed, else 0 when the run reached the
-# quality target and 1 when it did not; 2 for a missing input.
+# wall-clock seconds). Exit code: the trainer's when it failed, else tools/time_to_train.py's: 0
+# when the run reached its quality target or, having none (eval.box_ap_target=1.0, a fine-tune),
+# trained its whole schedule; 1 when it missed its target; 2 for a missing input.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -90,6 +95,9 @@ if [ -n "${TORCHRUN_ARGS:-}" ] && [ -z "$output_dir" ]; then
   die "several nodes (TORCHRUN_ARGS) need --output-dir DIR (or OUTPUT_DIR), the same on every node"
 fi
 output_dir=${output_dir:-runs/$name-$(date +%Y%m%d-%H%M%S)}
+if [ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ]; then
+  PYTHON=$repo/.venv/bin/python # the environment `make` builds
+fi
 python=${PYTHON:-python3}
 
 args=(--config "$config" --data "$shards/train" --val-data "$shards/val" --val-annotations "$val_annotations")
@@ -106,6 +114,18 @@ else
   cmd=("$python" "$repo/train/main.py" "${args[@]}")
 fi
 
+# A recipe named for N GPUs (batch96_8gpu) keeps its global batch on fewer: each process then takes
+# more images (solver.ims_per_batch / processes), which its GPU may not hold, and the times differ.
+if [[ $name =~ _([0-9]+)gpu$ ]]; then
+  meant=${BASH_REMATCH[1]}
+  nodes=1
+  if [[ ${TORCHRUN_ARGS:-} =~ --nnodes[=\ ]([0-9]+) ]]; then
+    nodes=${BASH_REMATCH[1]}
+  fi
+  if [ "$((nodes * nproc))" -lt "$meant" ]; then
+    echo "warning: recipe $name is meant for $meant GPUs, but this command starts $((nodes * nproc)) process(es) (this machine has $(gpus) GPU(s)): the global batch (solver.ims_per_batch) meant for $meant is split over $((nodes * nproc)); pass --nproc N (or NPROC), TORCHRUN_ARGS for several nodes, or a recipe for your GPUs (batch8_1gpu for one)" >&2
+  fi
+fi
 if [ "$dry" = 1 ]; then
   printf '%q ' "${cmd[@]}"
   echo
@@ -118,6 +138,15 @@ done
 if [ "$weights" != none ] && [ ! -f "$weights" ]; then
   die "$weights does not exist; pass --weights FILE (or WEIGHTS) with the provided R-50.pkl (tools/download_coco.sh), or --weights none"
 fi
+
+drop_caches=${DROP_CACHES:-/proc/sys/vm/drop_caches}
+cache_clear=false
+if [ "$drop_caches" != none ] && sync && { echo 3 >"$drop_caches"; } 2>/dev/null; then
+  cache_clear=true
+else
+  echo "note: the page cache was not dropped (DROP_CACHES=$drop_caches); the MLPerf log says cache_clear: false" >&2
+fi
+cmd+=("train.mlperf.cache_clear=$cache_clear")
 
 start=$(date +%s)
 start_fmt=$(date '+%Y-%m-%d %r')

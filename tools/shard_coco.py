@@ -12,7 +12,8 @@ Examples:
   python tools/shard_coco.py --verify --out shards/train
 
 A re-run replaces the shard set in --out only once the new one is complete. Errors a user can
-fix end in one sentence and exit status 2.
+fix end in one sentence and exit status 2; Ctrl-C, SIGTERM or SIGHUP end in one sentence too, the
+half-written set removed and --out as it was (exit status 130, 143 or 129).
 
 The rules each mode applies, and what the manifest records, are described in pipeline/sharding.py;
 the shard layout in pipeline/shard_format.py.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from pipeline.shard_format import ShardFormatError
 from pipeline.sharding import MODES, CocoInputError, ShardWriteError, shard_coco, verify_shards
+from train.interrupts import Interrupted, signals_interrupt
+from train.output_paths import OutputPathError, check_outputs_apart
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,26 +47,33 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Exit status: 0 done, 2 for anything a user can fix (one sentence on stderr), 130 interrupted."""
+    """Exit status: 0 done, 2 for anything a user can fix (one sentence on stderr), 128 + the signal's
+    number when SIGINT (Ctrl-C), SIGTERM or SIGHUP stopped it (the half-written set is removed)."""
     try:
-        if args.verify:
-            verify_shards(args.out)
-            print(f"{args.out}: every shard matches manifest.json and every sample passes the format's checks")
-            return 0
-        if args.images is None or args.annotations is None or args.mode is None:
-            raise CocoInputError("sharding needs --images, --annotations and --mode (or pass --verify)")
-        start = time.perf_counter()
-        manifest = shard_coco(
-            args.images, args.annotations, args.out, mode=args.mode, samples_per_shard=args.samples_per_shard,
-            workers=args.workers, seed=args.seed, split=args.split, progress=True,
-        )
-    except (CocoInputError, ShardFormatError, ShardWriteError) as e:
+        with signals_interrupt():
+            return _run(args)
+    except (CocoInputError, ShardFormatError, ShardWriteError, OutputPathError) as e:
         print(f"shard_coco: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        kept = "" if args.verify else f"; {args.out} is as it was before this run"
-        print(f"shard_coco: interrupted{kept}", file=sys.stderr)
-        return 130
+    except Interrupted as stop:
+        kept = "nothing was written" if args.verify else f"{args.out} is as it was before this run"
+        print(f"shard_coco: {Interrupted(stop.signum, kept).sentence('run the same command again')}", file=sys.stderr)
+        return stop.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verify:
+        verify_shards(args.out)
+        print(f"{args.out}: every shard matches manifest.json and every sample passes the format's checks")
+        return 0
+    if args.images is None or args.annotations is None or args.mode is None:
+        raise CocoInputError("sharding needs --images, --annotations and --mode (or pass --verify)")
+    check_outputs_apart({"--out": args.out}, {"--images": args.images, "--annotations": args.annotations})
+    start = time.perf_counter()
+    manifest = shard_coco(
+        args.images, args.annotations, args.out, mode=args.mode, samples_per_shard=args.samples_per_shard,
+        workers=args.workers, seed=args.seed, split=args.split, progress=True,
+    )
     seconds = time.perf_counter() - start
     megabytes = sum(s["bytes"] for s in manifest["shards"]) / 1e6
     for reason, count in {**manifest["dropped"], **manifest["repaired"]}.items():

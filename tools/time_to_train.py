@@ -3,11 +3,15 @@
     python tools/time_to_train.py runs/batch96/mlperf.log
     python tools/time_to_train.py runs/batch96/mlperf.log --wall-s 1402 --started "2025-01-01 10:00:00"
 
-Prints the time to train, the status and the epoch whose result ended the run (the last
+Prints the time to train, how the run ended and the epoch whose result ended the run (the last
 eval_accuracy before run_stop, which MLPerf's RCP check counts); with --wall-s (the command's
 wall-clock seconds, as tools/run_and_time.sh measures them) also the reference's result line
-`RESULT,OBJECT_DETECTION,,SECONDS,ORG,STARTED`. Exit code 0 when the run reached the quality
-target (status success), 1 when it did not, 2 when the file is not a finished attempt's log.
+`RESULT,OBJECT_DETECTION,,SECONDS,ORG,STARTED`. MLPerf's words are for runs with a quality
+target: a run without one (eval.box_ap_target=1.0 or no evaluation: a fine-tune) that trained
+its whole schedule is reported as that, with its training time and last result, and no RESULT
+line. Exit code 0 when the run reached its quality target (status success) or, having none,
+trained its schedule; 1 when it missed its target or was stopped early (status aborted); 2 when
+the file is not a finished attempt's log.
 """
 
 from __future__ import annotations
@@ -33,12 +37,17 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    converged = (
+    last = (
         f"epoch {result.epoch}: box AP {result.box_ap:.4f}, mask AP {result.mask_ap:.4f}" if result.epoch is not None
         else "no evaluation result"
     )
-    print(f"time to train: {result.seconds:.1f} s ({result.seconds / 60:.2f} min) from run_start to run_stop in "
-          f"{args.log}; status {result.status}; {converged}")
+    span = f"{result.seconds:.1f} s ({result.seconds / 60:.2f} min) from run_start to run_stop in {args.log}"
+    if result.ended == "schedule" and result.quality_target is None:  # a fine-tune: MLPerf's status does not apply
+        print(f"training time: {span}; the run trained its whole schedule (it has no quality target); "
+              f"last result {last}")
+        return 0
+    why = {"schedule": "; the schedule ended before the quality target", "stopped": "; the attempt stopped early"}
+    print(f"time to train: {span}; status {result.status}{why.get(result.ended, '')}; {last}")
     if args.wall_s is not None:
         print(f"RESULT,OBJECT_DETECTION,,{args.wall_s},{result.org},{args.started}")
     return 0 if result.status == "success" else 1

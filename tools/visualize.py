@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.visualization import VisualizationError, write_visualizations
+from train.config_schema import COUNT, FRACTION, cli_type
+from train.output_paths import OutputPathError, check_outputs_apart
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,17 +28,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, type=Path, help="folder of the annotated images")
     parser.add_argument("--predictions", type=Path, help="COCO results JSON (tools/evaluate.py --results)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
-    parser.add_argument("--num", type=int, default=8, help="images to draw (the first by id)")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="leave out weaker predictions")
+    parser.add_argument("--num", type=cli_type(COUNT), default=8, help="images to draw (the first by id)")
+    parser.add_argument("--score-threshold", type=cli_type(FRACTION), default=0.5, help="leave out weaker predictions")
     parser.add_argument("--no-ground-truth", action="store_true", help="draw the predictions only")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from train.visualization import VisualizationError, write_visualizations  # after the command line is parsed
+
     if not args.annotations.is_file():
         print(f"error: {args.annotations} does not exist; pass a COCO instances JSON", file=sys.stderr)
         return 2
     try:
+        check_outputs_apart(
+            {"--out": args.out}, {"--annotations": args.annotations, "--images": args.images, "--predictions": args.predictions}
+        )
         paths = write_visualizations(
             args.annotations,
             args.images,
@@ -47,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
             num_images=args.num,
             score_threshold=args.score_threshold,
         )
-    except VisualizationError as e:
+    except (VisualizationError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} pictures to {args.out}")

@@ -197,6 +197,7 @@ def _score_in_child(
     gc.freeze()  # the trainer's objects are never collected here: some hold CUDA memory, which a fork must not touch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     follow_parent(trainer_pid)
     sender.send(_scored(evaluator, per_rank))
     sender.close()

@@ -141,7 +141,8 @@ def parse_override(override: str) -> tuple[str, Any]:
 def apply_override(data: dict[str, Any], override: str, origins: dict[str, str] | None = None) -> None:
     """Apply one `a.b.c=VALUE` to nested `data` in place; VALUE is parsed as YAML."""
     key, value = parse_override(override)
-    _set(data, key, value, f"override {override}", origins)
+    shown = override if override.isprintable() else override.encode("unicode_escape").decode()  # one line, always
+    _set(data, key, value, f"override {shown}", origins)
 
 
 def _set(data: dict[str, Any], key: str, value: Any, origin: str, origins: dict[str, str] | None = None) -> None:
@@ -166,14 +167,25 @@ def _refuse_retired(key: str, origin: str) -> None:
         raise ConfigError(f"{key} (from {origin}) is retired: {config_schema.RETIRED[key]}")
 
 
-def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
-    """A config file's keys, with its `base:` chain resolved; `origins` gets the file of each leaf."""
+def _read_yaml(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's keys, with its `base:` chain resolved; `origins` gets the file of each leaf.
+
+    `chain` holds the files that named this one as their base, so a chain that comes back to one
+    of them stops with a sentence instead of recursing without end.
+    """
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one from configs/")
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(path.resolve()):], path.resolve()))
+        raise ConfigError(f"the base: chain of {chain[0]} comes back to a file it started from ({loop}); remove the loop")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix the file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (it does not decode as UTF-8); pass a YAML config file") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests its values too deeply to be a config; pass a YAML config file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop("base", None)
@@ -182,7 +194,9 @@ def _read_yaml(path: Path, origins: dict[str, str]) -> dict[str, Any]:
             _refuse_retired(key, str(path))
             origins[key] = str(path)
         return data
-    merged = _read_yaml(path.parent / base, origins)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: {base!r} must name a YAML file (relative to {path.parent})")
+    merged = _read_yaml(path.parent / base, origins, (*chain, path.resolve()))
     for key, value in leaves(data):
         _set(merged, key, value, str(path), origins)
     return merged
@@ -208,6 +222,12 @@ def validate(data: dict[str, Any], origins: Mapping[str, str]) -> None:
             f"{relation.key}={value!r} ({_origin(origins, relation.key)}) must {relation.says}, "
             f"which is {other!r} ({_origin(origins, relation.other)})"
         )
+    buckets = config_schema.check_buckets(values)
+    if buckets:
+        raise ConfigError(
+            f"data.buckets ({_origin(origins, 'data.buckets')}) {buckets}; list each [height, width] once, "
+            "each at least as large as one of those, or set data.static_shapes=false"
+        )
 
 
 def _origin(origins: Mapping[str, str], key: str) -> str:
@@ -222,6 +242,21 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         apply_override(data, override, origins)
     validate(data, origins)
     return Config(data)
+
+
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """A resolved config a run saved (`output_dir/config.yaml`) as a mapping, for `load_saved_config`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror}); pass --config with the run's config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else "not text"
+        raise ConfigError(f"{path} is not a readable config ({problem}); pass --config with the run's config") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections; pass --config with the run's config")
+    return data
 
 
 def load_saved_config(saved: Mapping[str, Any], source: str, overrides: Iterable[str] = ()) -> Config:

@@ -11,18 +11,18 @@ tests/test_config.py fails until every key has a rule.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from model.backbone import BLOCKS_PER_STAGE, NORMS
-from model.normalization import NORMALIZATIONS
-from model.rpn import ANCHOR_GENERATORS
-from pipeline.loader import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES
+from model.choices import BLOCKS_PER_STAGE, CONVENTIONS, NORMALIZATIONS, NORMS
+from pipeline import BACKENDS as LOADER_BACKENDS, DECODE_DEVICES, bucket_problem
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("auto", "apex", "fused", "foreach", "plain")
+WARMUP_METHODS = ("linear", "mlperf_linear")  # the reference scheduler's: relative, and absolute (NVIDIA's, the RCPs')
 EVAL_BACKENDS = ("pycocotools", "faster")
 MLPERF_DIVISIONS = ("closed", "open")
 MLPERF_STATUSES = ("cloud", "onprem", "preview", "research")
@@ -157,10 +157,12 @@ POSITIVE = Number(low=0.0, open_low=True)
 RETIRED: dict[str, str] = {
     "data.num_threads": "set data.dali_threads (DALI's CPU threads) and data.torch_workers "
     "(the torch backend's DataLoader worker processes) instead",
+    "model.rpn.anchor_generator": "set model.convention instead (reference, or torchvision: its anchors and "
+    "continuous boxes together, for its COCO checkpoint)",
 }
 
 SCHEMA: dict[str, Rule] = {
-    "seed": NON_NEGATIVE_INT,
+    "seed": Number(low=0, high=2**32 - 1, integer=True),  # numpy and DALI take 32-bit seeds
     "output_dir": Text(non_empty=True),
     "data.train_shards": Text(),
     "data.val_shards": Text(),
@@ -177,6 +179,7 @@ SCHEMA: dict[str, Rule] = {
     "data.static_shapes": Flag(),
     "data.buckets": ListOf(ListOf(COUNT, length=2), min_length=1),
     "data.flip_prob": FRACTION,
+    "model.convention": Choice(CONVENTIONS),
     "model.normalization": Choice(tuple(NORMALIZATIONS)),
     "model.backbone.depth": Choice(tuple(sorted(BLOCKS_PER_STAGE))),
     "model.backbone.width": COUNT,
@@ -187,7 +190,6 @@ SCHEMA: dict[str, Rule] = {
     "model.rpn.anchor_sizes": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.anchor_strides": ListOf(COUNT, length=FPN_LEVELS, increasing=True),
     "model.rpn.aspect_ratios": ListOf(POSITIVE, min_length=1),
-    "model.rpn.anchor_generator": Choice(tuple(ANCHOR_GENERATORS)),
     "model.rpn.fg_iou": FRACTION,
     "model.rpn.bg_iou": FRACTION,
     "model.rpn.batch_size_per_image": COUNT,
@@ -229,6 +231,7 @@ SCHEMA: dict[str, Rule] = {
     "solver.max_iter": COUNT,
     "solver.warmup_factor": FRACTION,
     "solver.warmup_iters": NON_NEGATIVE_INT,
+    "solver.warmup_method": Choice(WARMUP_METHODS),
     "solver.optimizer": Choice(OPTIMIZERS),
     "train.weights": Text(),
     "train.device": Choice(DEVICES),
@@ -243,10 +246,13 @@ SCHEMA: dict[str, Rule] = {
     "train.collective_timeout_s": NON_NEGATIVE,  # 0: torch's defaults, no watch
     "train.deterministic": Flag(),
     "train.num_threads": NON_NEGATIVE_INT,
+    "train.trace": Text(),  # "": no trace
+    "train.trace_iters": ListOf(COUNT, length=2, increasing=True),  # [first, last): iterations first .. last - 1
     "train.mlperf.org": Text(non_empty=True),
     "train.mlperf.platform": Text(non_empty=True),
     "train.mlperf.division": Choice(MLPERF_DIVISIONS),
     "train.mlperf.status": Choice(MLPERF_STATUSES),
+    "train.mlperf.cache_clear": Flag(),
     "eval.ims_per_batch": COUNT,
     "eval.every_epochs": NON_NEGATIVE_INT,  # 0: no evaluation
     "eval.asynchronous": Flag(),
@@ -277,6 +283,28 @@ RELATIONS = (
         "be twice model.roi_heads.mask_pooler_resolution (the mask head's deconvolution doubles it)",
     ),
 )
+
+
+def check_buckets(values: Mapping[str, Any]) -> str | None:
+    """data.buckets against the sizes it must hold (pipeline/batch.py's rule), when static shapes use them."""
+    keys = ("data.static_shapes", "data.min_size", "data.max_size", "data.size_divisibility", "data.buckets")
+    if not all(key in values for key in keys) or not values["data.static_shapes"]:
+        return None
+    return bucket_problem(*(values[key] for key in keys[1:]))
+
+
+def cli_type(rule: Rule) -> Callable[[str], Any]:
+    """An argparse `type` that holds a command-line value to `rule`, so a tool's flags and the config
+    keys share one definition of each range; argparse turns a refusal into its one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if isinstance(rule, Number) and rule.integer else text
+            return rule.coerce(value)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule.description}") from None
+
+    return parse
 
 
 def check_value(key: str, value: Any) -> tuple[Any, str | None]:

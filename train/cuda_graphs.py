@@ -11,7 +11,7 @@ graphs turned off) runs eagerly, and the reason is returned for the log.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -21,12 +21,18 @@ from train.inputs import bucket_list
 
 
 def graph_static_part(
-    model: nn.Module, cfg: Config, ctx: DistributedContext, autocast: Callable[[], contextlib.AbstractContextManager]
+    model: nn.Module,
+    cfg: Config,
+    ctx: DistributedContext,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> str:
     """Capture `model.static_part` per bucket when the run asks for it; returns what was done, or why not, for the log.
 
     `autocast` must be the training step's (`TrainingStep.autocast`, built with
     cuda_graphs=True): a graph replays only under the autocast state it was captured in.
+    `buckets`: the shapes to capture (default: every bucket the loader produces; a throughput
+    run that times one shape captures that one only).
     """
     if not cfg.train.cuda_graphs:
         return "eager: train.cuda_graphs is false"
@@ -34,7 +40,7 @@ def graph_static_part(
         return "eager: CUDA graphs need a CUDA device"
     if not cfg.data.static_shapes:
         return "eager: data.static_shapes is false, so input shapes vary"
-    buckets = bucket_list(cfg.data)
+    buckets = list(buckets) if buckets is not None else bucket_list(cfg.data)
     images_per_rank = per_rank_batch(cfg.solver.ims_per_batch, ctx.world_size, "solver.ims_per_batch")
     model.static_part.capture(buckets, images_per_rank, autocast)
     shapes = ", ".join(f"{h}x{w}" for h, w in buckets)

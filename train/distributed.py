@@ -16,6 +16,7 @@ A rank that stops answering must end the job, not hang it (`train.collective_tim
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import sys
@@ -171,7 +172,11 @@ def data_parallel(model: nn.Module, device: torch.device) -> DistributedDataPara
     batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     changing_buffers = any(isinstance(m, batch_norms) and m.track_running_stats for m in model.modules())
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=changing_buffers)
+    # torch 2.14 renamed the flag (broadcast_buffers warns there); the new one also syncs once at init,
+    # which equal buffers do not mind. Older torch (the GPU machine's 2.11) knows only the old name.
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=device_ids, **{sync: changing_buffers})
 
 
 def shutdown_distributed() -> None:

@@ -16,13 +16,14 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline.epoch_plan import derived_seed
+from pipeline.loader import LoaderWorkerLost
 from train.checkpoint import parameters_are_finite
 from train.config import Config, ConfigError
 from train.config_schema import PRECISIONS
@@ -147,6 +148,11 @@ class LoggedStep:
     lr: float
     skipped: bool  # fp16: the scaler skipped this step's update
 
+    @property
+    def finite(self) -> bool:
+        """Whether every loss of the step is finite (a NaN or inf in any one makes the total so)."""
+        return math.isfinite(self.total)
+
 
 class LossReadback:
     """Per-step losses kept on the device and copied to the host in one transfer."""
@@ -212,7 +218,7 @@ class NonFiniteGuard:
     total: int = 0
 
     def check(self, step: LoggedStep) -> None:
-        if math.isfinite(step.total):
+        if step.finite:
             self.in_a_row = 0
             return
         self.in_a_row += 1
@@ -271,6 +277,16 @@ class EpochLoop:
     poll: Callable[[], bool] | None = None
 
 
+def _logging_first(batches: Iterable[Any], read_back: Callable[[], None]) -> Iterator[Any]:
+    """`batches`; if a loader worker dies, the steps done so far are read back (logged, checked) before the
+    error goes on to main, which keeps them in a checkpoint."""
+    try:
+        yield from batches
+    except LoaderWorkerLost:
+        read_back()
+        raise
+
+
 def train_one_epoch(loop: EpochLoop, batches: Iterable[Any], state: TrainState) -> bool:
     """Step through `batches` until it ends or `loop.max_iter` steps are done; True if it ended.
 
@@ -298,7 +314,7 @@ def train_one_epoch(loop: EpochLoop, batches: Iterable[Any], state: TrainState) 
             raise
 
     ended = True
-    for batch in batches:
+    for batch in _logging_first(batches, read_back):
         lr = set_learning_rate(step.optimizer, loop.solver_cfg, state.iteration)
         if loop.step_seed is not None:
             seed_step(loop.step_seed, state.iteration)

@@ -33,8 +33,10 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from model.box_ops import inclusive_boxes
 from model.detections import Detections
 from pipeline.batch import Batch, flip_boxes
+from pipeline.coco_masks import scoring_refusal
 from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
 from train.mask_encoding import encode_masks, init_worker
@@ -81,24 +83,33 @@ def check_annotations_match(annotations_file: str | Path, manifest: Mapping[str,
         )
 
 
-def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes [B, D, 4] in original image pixels and mask probabilities [B, D, M, M] in unflipped boxes.
+def to_original_frame(batch: Batch, detections: Detections) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes [B, D, 4] in original image pixels, the boxes to paste the masks into, and mask
+    probabilities [B, D, M, M] in unflipped boxes.
 
     Undoes the flip in the network-input frame (x -> W - x, W the resized width), then the resize.
+    With `detections.inclusive` as the reference does (its `BoxList.resize` to the image's size,
+    then `Masker`): the inclusive boxes (x2 - 1, y2 - 1) scaled by original / resized, and the
+    masks pasted into those; otherwise the continuous boxes, and the masks pasted into them.
     """
     boxes = detections.boxes.float()
     width = batch.image_sizes[:, 1].to(boxes)[:, None]
     flipped = batch.flipped.to(boxes.device)
     boxes = torch.where(flipped[:, None, None], flip_boxes(boxes, width), boxes)
-    sy, sx = batch.scales.to(boxes).unbind(-1)
-    boxes = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
+    if detections.inclusive:
+        ratio = (batch.original_sizes.double() / batch.image_sizes.double()).float().to(boxes.device)
+        paste = inclusive_boxes(boxes) * ratio[:, None, [1, 0, 1, 0]]
+        boxes = paste + paste.new_tensor([0.0, 0.0, 1.0, 1.0])
+    else:
+        sy, sx = batch.scales.to(boxes).unbind(-1)
+        boxes = paste = boxes / torch.stack([sx, sy, sx, sy], dim=-1)[:, None, :]
     # A flipped image's masks are mirrored inside their boxes. Evaluation never flips, so the pass
     # over every mask is skipped then (it cost 3 ms an image on a CPU); the callers copy the
     # masks to the host right after, so asking the device costs no extra wait.
     masks = detections.mask_probs.float()
     if flipped.any():
         masks = torch.where(flipped[:, None, None, None], masks.flip(-1), masks)
-    return boxes, masks
+    return boxes, paste, masks
 
 
 class COCOEvaluator:
@@ -134,6 +145,8 @@ class COCOEvaluator:
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future] = deque()
         self.task_timings: list[TaskTiming] = []  # CPU time of each COCOeval task of the last scoring (benchmarks)
+        # after scoring: iou type -> each category's AP (tools/evaluate.py prints and saves them)
+        self.per_category: dict[str, list[dict[str, Any]]] = {}
         self.reset()
 
     @classmethod
@@ -150,9 +163,9 @@ class COCOEvaluator:
     def process(self, batch: Batch, detections: Detections) -> None:
         """Record one batch's detections (network-input frame) in original-image COCO terms."""
         counts = detections.num_detections.tolist()
-        boxes, masks = to_original_frame(batch, detections)
+        boxes, paste, masks = to_original_frame(batch, detections)
         # One copy of each tensor to the host for the whole batch.
-        boxes = boxes.cpu().numpy()
+        boxes, paste = boxes.cpu().numpy(), paste.cpu().numpy()
         masks = masks.cpu().numpy()
         scores = detections.scores.float().cpu().numpy()
         category_ids = self._label_to_category[detections.labels.cpu().numpy()]
@@ -163,7 +176,7 @@ class COCOEvaluator:
                 continue
             n = counts[i]
             xyxy = boxes[i, :n]
-            rles = self._encode(masks[i, :n], xyxy, heights[i], widths[i])
+            rles = self._encode(masks[i, :n], paste[i, :n], heights[i], widths[i])
             self._images[image_id] = ImageResult(xyxy_to_xywh(xyxy), scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
 
     def results(self) -> dict[int, ImageResult]:
@@ -265,6 +278,8 @@ class COCOEvaluator:
         for iou_type in IOU_TYPES:
             parts = [(timing.task, arrays) for timing, arrays in done if timing.task.iou_type == iou_type]
             evaluators[iou_type] = merged_cocoeval(cocoeval_class, self._coco_gt, iou_type, parts)
+            categories = self._coco_gt.loadCats(evaluators[iou_type].params.catIds)
+            self.per_category[iou_type] = per_category_ap(evaluators[iou_type], categories)
             if self.tables:
                 print(f"COCO {iou_type} ({self.backend}, {time.perf_counter() - start:.1f} s for both types):")
                 evaluators[iou_type].summarize()
@@ -272,6 +287,22 @@ class COCOEvaluator:
                 with quiet():
                     evaluators[iou_type].summarize()  # computes the stats
         return evaluators
+
+
+def per_category_ap(evaluator: Any, categories: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each category's AP@[.5:.95] (all areas, 100 detections), as COCOeval's first statistic averages it.
+
+    `categories`: the COCO entries of `evaluator.params.catIds`, in that order. A category without
+    ground truth has no AP (None), as detectron2 reports it (nan there).
+    """
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recalls, categories, areas, max detections]
+    rows = []
+    for k, category in enumerate(categories):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        rows.append({"category_id": int(category["id"]), "name": category["name"],
+                     "AP": float(values.mean()) if values.size else None})
+    return rows
 
 
 def encoding_futures(results: Mapping[int, ImageResult]) -> list[Future]:
@@ -414,9 +445,17 @@ def _load_ground_truth(annotations_file: Path, backend: str) -> Any:
         raise EvaluationError(f"{annotations_file} does not exist; pass the COCO instances JSON, e.g. instances_val2017.json")
     try:
         with quiet():
-            return _coco_api(backend)[0](str(annotations_file))
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
+            coco_gt = _coco_api(backend)[0](str(annotations_file))
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
         raise EvaluationError(f"{annotations_file} is not a COCO instances file ({e}); pass instances_val2017.json") from e
+    # Checked before any training: an annotation COCOeval cannot score would fail every evaluation, every --resume.
+    refusal = scoring_refusal(
+        coco_gt.dataset, str(annotations_file),
+        "fix or remove it in the file, then shard the val set again (tools/shard_coco.py --mode eval)",
+    )
+    if refusal:
+        raise EvaluationError(refusal)
+    return coco_gt
 
 
 def quiet() -> contextlib.AbstractContextManager:

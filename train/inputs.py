@@ -18,10 +18,10 @@ from train.distributed import DistributedContext, per_rank_batch
 WEIGHTS_WANTED = "a trainer checkpoint, a torchvision ResNet-50 or Mask R-CNN state dict, or Detectron's R-50.pkl"
 
 
-def require_shards(path: str, key: str) -> Path:
-    """A shard folder named by `key` must exist and hold a manifest."""
+def require_shards(path: str, key: str, alternative: str = "") -> Path:
+    """A shard folder named by `key` must exist and hold a manifest; `alternative` says what else would do."""
     if not path:
-        raise ConfigError(f"{key} is empty; pass a shard folder written by tools/shard_coco.py")
+        raise ConfigError(f"{key} is empty; pass a shard folder written by tools/shard_coco.py{alternative}")
     folder = Path(path)
     if not (folder / "manifest.json").is_file():
         raise ConfigError(f"{key}={path} is not a shard folder (no manifest.json); write one with tools/shard_coco.py")
@@ -50,8 +50,12 @@ def require_inputs(cfg: Config) -> None:
             "train on shards made with tools/shard_coco.py --mode train"
         )
     if cfg.eval.every_epochs:
-        require_shards(cfg.data.val_shards, "data.val_shards (--val-data)")
-        require_file(cfg.data.val_annotations, "data.val_annotations (--val-annotations)", "the instances JSON of the val shards")
+        no_evaluation = ", or train without evaluation with eval.every_epochs=0"
+        require_shards(cfg.data.val_shards, "data.val_shards (--val-data)", no_evaluation)
+        require_file(
+            cfg.data.val_annotations, "data.val_annotations (--val-annotations)",
+            f"the instances JSON of the val shards{no_evaluation}",
+        )
     if cfg.train.weights:
         require_file(cfg.train.weights, "train.weights", WEIGHTS_WANTED)
 

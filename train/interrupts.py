@@ -1,7 +1,8 @@
-"""Stopping on SIGTERM or Ctrl-C: a checkpoint at the next step boundary, then a clean exit.
+"""Stopping on SIGTERM, SIGHUP or Ctrl-C: a checkpoint at the next step boundary, then a clean exit.
 
-Schedulers send SIGTERM some time before SIGKILL (Slurm, Kubernetes: 30 s by default), and a
-terminal's Ctrl-C sends SIGINT to every process of the job. The handler only records the
+Schedulers send SIGTERM some time before SIGKILL (Slurm, Kubernetes: 30 s by default), a
+terminal's Ctrl-C sends SIGINT to every process of the job, and a dropped SSH session sends
+SIGHUP to the processes of its terminal (handled as SIGTERM). The handler only records the
 signal; the training loop asks `StopRequest.agreed()` at its step boundaries, saves a
 checkpoint and raises `TrainingStopped`. A signal may reach one rank only, so several
 processes agree through one small all_reduce at the loss read-back points (which wait for the
@@ -12,12 +13,13 @@ torchrun's agent forwards the signal that the terminal already sent to every wor
 Under torchrun the agent SIGKILLs workers still running 30 s after it forwarded the signal,
 so `train.loss_readback_every` steps and a checkpoint write must take less than that.
 
-The process exits with 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), the
-code a shell gives a process that a signal ended, so a scheduler still sees an interrupted job.
+The process exits with 128 + the signal's number (143 after SIGTERM, 129 after SIGHUP, 130 after
+Ctrl-C), the code a shell gives a process that a signal ended, so a scheduler still sees an
+interrupted job.
 
-The tools (predict, evaluate) have no checkpoint to write: under `signals_interrupt()` either
-signal raises `Interrupted` where the tool is, which keeps what it finished and says so in one
-sentence.
+The tools (predict, evaluate, shard_coco) have no checkpoint to write: under `signals_interrupt()`
+any of the three signals raises `Interrupted` where the tool is, which keeps what it finished (or
+removes what it half wrote) and says so in one sentence.
 """
 
 from __future__ import annotations
@@ -30,16 +32,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Generic, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterable, Iterator, TypeVar
 
-import torch
-import torch.distributed as dist
-
-from train.distributed import DistributedContext
+if TYPE_CHECKING:  # torch only where ranks agree: the tools (shard_coco) import this module without it
+    from train.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 T = TypeVar("T")
 REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is torchrun forwarding it
 
@@ -66,7 +66,7 @@ class TrainingStopped(Exception):
 
 
 class StopRequest:
-    """Records SIGTERM/SIGINT while installed; `agreed()` says, identically on every rank, whether to stop."""
+    """Records SIGTERM/SIGHUP/SIGINT while installed; `agreed()` says, identically on every rank, whether to stop."""
 
     def __init__(self, ctx: DistributedContext, readback_every: int):
         self.ctx = ctx
@@ -108,6 +108,9 @@ class StopRequest:
             return (self.signum, [0]) if self.signum else None
         if not at_readback:
             return None
+        import torch
+        import torch.distributed as dist
+
         flags = torch.zeros(self.ctx.world_size, dtype=torch.int32, device=self.ctx.device)
         flags[self.ctx.rank] = self.signum
         dist.all_reduce(flags)
@@ -116,7 +119,7 @@ class StopRequest:
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGINT under `signals_interrupt()`; `kept` says what the tool finished and wrote, if anything.
+    """SIGTERM, SIGHUP or SIGINT under `signals_interrupt()`; `kept` says what the tool finished and wrote, if anything.
 
     A BaseException, like KeyboardInterrupt, so that no `except Exception` on its way (a file
     reader turning errors into sentences) mistakes it for a failure of the work it interrupted.
@@ -169,7 +172,7 @@ class Checked(Generic[T]):
 
 @contextmanager
 def signals_interrupt() -> Iterator[SignalStop]:
-    """While inside, SIGTERM and SIGINT raise `Interrupted` where the main thread is (Python runs handlers there).
+    """While inside, SIGTERM, SIGHUP and SIGINT raise `Interrupted` where the main thread is (Python runs handlers there).
 
     Where Python drops exceptions (a `__del__`, an at-fork callback: the loader's workers start
     so) it would print this one as a traceback and go on: the hook keeps it quiet, and the next

@@ -32,9 +32,10 @@ train.max_epochs). `torchrun --max-restarts=N` restarts resume by themselves. Re
 (one log per attempt), metrics.jsonl, config.yaml, checkpoints/.
 
 Exit codes: 0 done (or already done); 2 a user error, one sentence on stderr, nothing lost;
-143 (SIGTERM) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1 anything
-else, including a rank that stopped answering and an evaluation lost beside training (one
-sentence; its checkpoint stays, and --resume runs it).
+143 (SIGTERM), 129 (SIGHUP) and 130 (Ctrl-C) stopped on the signal after saving a checkpoint; 1
+anything else, including a rank that stopped answering, an evaluation lost beside training (one
+sentence; its checkpoint stays, and --resume runs it) and a loader worker process killed (the OOM
+killer: one sentence, a checkpoint of the steps so far).
 """
 
 from __future__ import annotations
@@ -48,83 +49,65 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
 from mlperf_logging.mllog import constants as C
 
-from model.build import build_model_with_weights
-from model.weights import WeightsError
-from pipeline.shard_format import ShardFormatError, read_manifest
-from train.async_evaluation import Evaluation, EvaluationLost, EvaluationQueue
-from train.checkpoint import (
-    CheckpointError,
-    checkpoint_dir,
-    checkpoint_path,
-    gather_positions,
-    load_checkpoint,
-    newest_readable_checkpoint,
-    parameter_digest,
-    parameters_are_finite,
-    read_checkpoint,
-    restore_rng_states,
-    save_checkpoint,
-    schedule_changes,
-    this_ranks_position,
-    weights_loaded,
+from train.config import (
+    REFERENCE_CONFIG, Config, ConfigError, load_config, load_saved_config, lookup, parse_override, read_saved_config,
 )
-from train.config import Config, ConfigError, load_config
-from train.cuda_graphs import graph_static_part
-from train.distributed import (
-    DistributedContext,
-    broadcast_from_main,
-    configure_torch,
-    data_parallel,
-    gather_from_ranks,
-    init_distributed,
-    per_rank_batch,
-    shutdown_distributed,
-)
-from train.engine import (
-    EpochLoop,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    TrainState,
-    build_training_step,
-    resolve_precision,
-    train_one_epoch,
-)
-from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator, EvaluationError
-from train.inputs import build_data_loader, categories_of, require_inputs
-from train.interrupts import StopRequest, TrainingStopped
-from train.metrics import RunPlan, RunReporter
-from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
+from train.output_paths import OutputPathError, check_outputs_apart
 from train.run_folder import RunFolder, RunFolderError, check_output_dir
-from train.solver import log_closed_division_check
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.weights import WeightsFile
+    from train.async_evaluation import Evaluation
+    from train.distributed import DistributedContext
 
 log = logging.getLogger("train")
 
-# Errors a user can cause and fix; main() ends them with one sentence and exit code 2.
-USER_ERRORS = (
-    ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
-)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_INPUTS = ("data.train_shards", "data.val_shards", "data.val_annotations", "train.weights")  # never written
 DRAIN_POLL_S = 0.5  # waiting for the last results: a signal is honoured within this
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause and fix; run() ends them with one sentence and exit code 2."""
+    from model.weights import WeightsError
+    from pipeline.shard_format import ShardFormatError
+    from train.checkpoint import CheckpointError
+    from train.engine import NonFiniteLossError
+    from train.evaluation import EvaluationError
+
+    return (
+        ConfigError, CheckpointError, ShardFormatError, WeightsError, EvaluationError, NonFiniteLossError, RunFolderError,
+        OutputPathError,
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "reference.yaml"), help="YAML config file")
+    parser.add_argument(
+        "--config", help="YAML config file (default: configs/reference.yaml; resuming, the run folder's own config.yaml)"
+    )
     parser.add_argument("--data", help="training shard folder (sets data.train_shards)")
     parser.add_argument("--val-data", help="validation shard folder (sets data.val_shards)")
     parser.add_argument("--val-annotations", help="the COCO instances JSON the val shards came from (sets data.val_annotations)")
     parser.add_argument(
         "--resume", nargs="?", const="auto",
-        help="continue from PATH, or from the newest readable checkpoint in output_dir (an argument holding '=' is an override)",
+        help="continue the run in output_dir from its newest readable checkpoint; with a run folder, continue that run "
+        "(its config, data and categories come from the folder); with a checkpoint file, continue from it "
+        "(an argument holding '=' is an override)",
     )
     parser.add_argument("--dry-run", choices=["pipeline", "model", "full", "all"], help="measure throughput only")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per dry run (after warm-up)")
     parser.add_argument("--report", help="write the dry-run figures to this JSON file")
+    parser.add_argument(
+        "--trace", metavar="FILE.json",
+        help="write a Chrome trace (Perfetto) of the loader and the step, with a per-op table and FILE.png (sets "
+             "train.trace): dry runs trace their timed iterations, training the iterations of train.trace_iters",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, before or after the flags, e.g. solver.base_lr=0.04"
     )
@@ -140,18 +123,113 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_args_parser().parse_intermixed_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """The config file, then the command line's paths, then its KEY=VALUE overrides."""
-    paths = {"data.train_shards": args.data, "data.val_shards": args.val_data, "data.val_annotations": args.val_annotations}
+def resolve_config(args: argparse.Namespace, weights_needs: Sequence[str] = ()) -> Config:
+    """The config file, then what the weights need (`weights_needs`), then the command line's paths and overrides.
+
+    Resuming without --config, the file is the run folder's own config.yaml (the resolved config of
+    its latest attempt), so `--resume RUN` (or `--resume output_dir=RUN`) alone continues the run as
+    it was; the command line still overrides it, and the attempt checks and records what that changes.
+    """
+    resume, run_dir = args.resume, None
+    if resume and resume != "auto" and Path(resume).is_dir():
+        run_dir, resume = Path(resume), "auto"
+    paths = {"data.train_shards": args.data, "data.val_shards": args.val_data, "data.val_annotations": args.val_annotations,
+             "train.trace": args.trace}
     flags = [f"{key}={json.dumps(value)}" for key, value in paths.items() if value]
-    if args.resume:
-        flags.append(f"train.resume={json.dumps(args.resume)}")
-    return load_config(args.config, [*flags, *args.overrides])
+    if run_dir is not None:
+        flags.append(f"output_dir={json.dumps(str(run_dir))}")
+    if resume:
+        flags.append(f"train.resume={json.dumps(resume)}")
+    overrides = [*weights_needs, *flags, *args.overrides]
+    saved = saved_run_config(args)
+    if saved is not None:
+        return load_saved_config(read_saved_config(saved), str(saved), overrides)
+    return load_config(args.config or REFERENCE_CONFIG, overrides)
+
+
+def saved_run_config(args: argparse.Namespace) -> Path | None:
+    """The run folder's config.yaml that a `--resume` without --config continues with, if there is one."""
+    if not args.resume or args.config is not None:
+        return None
+    if args.resume != "auto" and Path(args.resume).is_dir():
+        output_dir = Path(args.resume)
+    else:  # output_dir from the command line, else the reference's default
+        output_dir = Path(load_config(REFERENCE_CONFIG, [o for o in args.overrides if o.startswith("output_dir=")]).output_dir)
+    path = output_dir / "config.yaml"
+    return path if path.is_file() else None
+
+
+def fit_to_weights(args: argparse.Namespace, cfg: Config) -> tuple[Config, WeightsFile | None]:
+    """The config with what train.weights was trained with, and the file read once (None without weights).
+
+    The file's needs (model/weights.py: the stride's place and the input normalization, and for
+    torchvision's COCO Mask R-CNN its anchors) come between the config file and the command line,
+    so a KEY=VALUE still wins (the load then refuses a value the weights cannot take, naming the
+    key). A resumed run's saved config has them already.
+    """
+    from model.weights import read_weights
+
+    if not cfg.train.weights or saved_run_config(args) is not None:
+        return cfg, None
+    weights = read_weights(cfg.train.weights)
+    needs = [need for need in weights.model_overrides() if not _holds(cfg, need)]
+    if not needs:
+        return cfg, weights
+    fitted = resolve_config(args, weights_needs=needs)
+    shown = [need for need in needs if _holds(fitted, need)]
+    if shown:
+        log.info("%s was trained with %s: set for this run (a KEY=VALUE on the command line overrides it)",
+                 weights, ", ".join(shown))
+    return fitted, weights
+
+
+def _holds(cfg: Config, override: str) -> bool:
+    """Whether `cfg` already has the value of `override` (KEY=VALUE)."""
+    key, value = parse_override(override)
+    return lookup(cfg, key) == value
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     wall_start, init_start_ms = time.perf_counter(), time.time() * 1000
     cfg = resolve_config(args)
+    check_outputs_apart(
+        {"output_dir": cfg.output_dir, "--report": args.report, "train.trace (--trace)": cfg.train.trace},
+        {"--config": args.config, **{key: lookup(cfg, key) for key in RUN_INPUTS}},
+    )
+    # The heavy imports come once the command line and the config are known to be good.
+    from model.build import build_model_with_weights
+    from pipeline.loader import LoaderWorkerLost
+    from pipeline.shard_format import read_manifest
+    from train.async_evaluation import EvaluationLost, EvaluationQueue
+    from train.checkpoint import (
+        checkpoint_dir,
+        checkpoint_path,
+        gather_positions,
+        load_checkpoint,
+        parameter_digest,
+        parameters_are_finite,
+        restore_rng_states,
+        save_checkpoint,
+        shard_set_digest,
+        this_ranks_position,
+    )
+    from train.cuda_graphs import graph_static_part
+    from train.distributed import (
+        broadcast_from_main,
+        configure_torch,
+        data_parallel,
+        gather_from_ranks,
+        init_distributed,
+        per_rank_batch,
+    )
+    from train.engine import EpochLoop, NonFiniteGuard, TrainState, build_training_step, resolve_precision, train_one_epoch
+    from train.evaluation import MAX_PENDING_PER_WORKER, COCOEvaluator
+    from train.inputs import build_data_loader, require_inputs
+    from train.interrupts import StopRequest, TrainingStopped
+    from train.metrics import RunPlan, RunReporter
+    from train.mlperf_log import MLPerfLog, log_eval_accuracy, log_hyperparameters, log_submission
+    from train.solver import log_closed_division_check
+
     ctx = init_distributed(cfg.train.device, collective_timeout_s=cfg.train.collective_timeout_s)
     setup_logging(ctx)
     if args.dry_run:
@@ -161,6 +239,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # Checks before anything is written: a bad value or path costs nothing.
     require_inputs(cfg)
+    cfg, weights = fit_to_weights(args, cfg)
     check_output_dir(cfg.output_dir)
     resolve_precision(cfg.train.precision, ctx.device)  # raises on a bad train.precision
     evaluating = cfg.eval.every_epochs > 0
@@ -210,8 +289,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             cleanup.callback(queue.close)  # first: a scoring process still running is killed
 
         # Model, precision, CUDA graphs, DDP.
-        categories = categories_of(cfg.data.train_shards)
-        model = build_model_with_weights(cfg.model, categories, cfg.train.weights, ctx.device, for_training=True)
+        train_manifest = read_manifest(Path(cfg.data.train_shards))
+        categories, shards_digest = train_manifest["categories"], shard_set_digest(train_manifest)
+        # A resumed run's weights are its checkpoint's: train.weights (and what it would say about its layers) does not apply.
+        initial_weights = None if plan.checkpoint is not None else weights or cfg.train.weights
+        model = build_model_with_weights(cfg.model, categories, initial_weights, ctx.device, for_training=True)
 
         # The step: precision, scaler, optimizer (the LR is set from the iteration inside the loop).
         step = build_training_step(cfg, ctx.device, model)
@@ -253,7 +335,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             mlog.event(C.INIT_CHECKPOINT_STEP, state.iteration)  # this attempt continues a run
         log_hyperparameters(
             mlog, cfg,
-            train_samples=read_manifest(Path(cfg.data.train_shards))["samples"],
+            train_samples=train_manifest["samples"],
             eval_samples=read_manifest(Path(cfg.data.val_shards))["samples"] if evaluating else 0,
             images_per_rank=images_per_rank,
         )
@@ -279,6 +361,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 save_checkpoint(
                     output_dir, model=model, optimizer=optimizer, scaler=scaler, iteration=state.iteration,
                     epoch=epoch, loader_state=positions, config=cfg, run_id=folder.run_id, categories=categories,
+                    shards_digest=shards_digest,
                 )
                 folder.rotate(checkpoint_dir(output_dir), cfg.train.keep_checkpoints)
             newest = path
@@ -315,8 +398,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         def save_mid_epoch() -> None:
             save(state.epoch, train_loader.state_dict())
 
+        loop_step = step
+        if cfg.train.trace:  # an opt-in wrapper: the step's phases and the loader's spans, for a window of iterations
+            from train.trace import TraceWindow, rank_path, traced_step
+
+            window = TraceWindow(train_loader.timer, rank_path(cfg.train.trace, ctx.rank, ctx.world_size),
+                                 *cfg.train.trace_iters, device=ctx.device)
+            cleanup.callback(window.finish)  # a run that ends inside the window writes what it traced
+            loop_step = traced_step(step, window, done=state.iteration)
         loop = EpochLoop(
-            step, cfg.solver, guard, readback_every=cfg.train.loss_readback_every, global_batch=cfg.solver.ims_per_batch,
+            loop_step, cfg.solver, guard, readback_every=cfg.train.loss_readback_every, global_batch=cfg.solver.ims_per_batch,
             max_iter=cfg.solver.max_iter, step_seed=(cfg.seed, ctx.rank), save_checkpoint=save_mid_epoch,
             checkpoint_every=cfg.train.checkpoint_every, on_logged=reporter.steps, stop=stop,
             poll=poll if queue is not None else None,
@@ -383,14 +474,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             stopped.checkpoint, stopped.world_size = newest, ctx.world_size  # the engine knows neither
             outcome = stopped.sentence()
             raise
-        except (*USER_ERRORS, EvaluationLost) as e:
+        except (*user_errors(), EvaluationLost) as e:
             outcome = f"stopped: {e}"
             raise
+        except LoaderWorkerLost as lost:  # between two steps: the steps so far are kept (one process; ranks would wait)
+            if not ctx.is_distributed and newest != checkpoint_path(output_dir, state.iteration) \
+                    and parameters_are_finite(model):
+                save_mid_epoch()
+            kept = f"its newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+            outcome = f"stopped: {lost}"
+            raise LoaderWorkerLost(f"{lost}; {kept}: continue with --resume") from None
         except KeyboardInterrupt:
             outcome = "interrupted by a second Ctrl-C, without saving"
             raise
         finally:
-            mlog.end(C.RUN_STOP, status=status)
+            # Beside MLPerf's status: why the run stopped and its target, so that tools/time_to_train.py can
+            # tell a fine-tune that trained its schedule (no target) from a run that missed its target.
+            ended = "target" if reached else "schedule" if outcome == "finished" else "stopped"
+            mlog.end(C.RUN_STOP, status=status, ended=ended, quality_target=quality_target(cfg.eval))
             if folder is not None:
                 folder.end_attempt(outcome)
 
@@ -454,23 +555,46 @@ class AttemptPlan:
     notes: list[str] = field(default_factory=list)  # what this attempt changes (a moved schedule end)
 
 
+def quality_target(eval_cfg: Config) -> dict[str, float] | None:
+    """The box and mask AP the run stops at, None when it has none: no evaluation, or a target of 1.0
+    (AP never exceeds 1: a fine-tune that trains to the end of its schedule)."""
+    if not eval_cfg.every_epochs or max(eval_cfg.box_ap_target, eval_cfg.mask_ap_target) >= 1.0:
+        return None
+    return {"BBOX": eval_cfg.box_ap_target, "SEGM": eval_cfg.mask_ap_target}
+
+
 def reaches_target(results: Mapping[str, Any], eval_cfg: Config) -> bool:
     """Box and mask AP both at the quality target (`results`: a result, or run.json's record of one)."""
-    return results["bbox"]["AP"] >= eval_cfg.box_ap_target and results["segm"]["AP"] >= eval_cfg.mask_ap_target
+    target = quality_target(eval_cfg)
+    return target is not None and results["bbox"]["AP"] >= target["BBOX"] and results["segm"]["AP"] >= target["SEGM"]
 
 
 def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPlan | Exception, dict[str, Any] | None]:
     """Rank 0: lock the folder and decide where this attempt starts, with the checkpoint's contents.
 
-    A user error is returned, not raised: every rank raises it once the plan is sent.
+    A user error is returned, not raised: every rank raises it once the plan is sent. What the
+    command line changes against the checkpoint's config is refused (what the run computes:
+    train/checkpoint.py) or recorded in the attempt's notes and the log.
     """
+    from pipeline.shard_format import read_manifest
+    from train.checkpoint import (
+        check_training_data,
+        load_checkpoint,
+        newest_readable_checkpoint,
+        remove_abandoned_temporaries,
+        schedule_changes,
+        setting_changes,
+    )
+
     try:
         folder.lock()
+        for path in remove_abandoned_temporaries(folder.path):  # the lock is ours: no other writer is alive
+            log.info("removed %s, a checkpoint write that a killed trainer left unfinished", path)
         if not resume:
             folder.require_fresh()
             return AttemptPlan(), None
         found = newest_readable_checkpoint(folder.path, cfg) if resume == "auto" else (Path(resume), load_checkpoint(resume, cfg))
-    except USER_ERRORS as e:
+    except user_errors() as e:
         folder.release()
         return e, None
     if found is None:
@@ -483,10 +607,18 @@ def plan_attempt(folder: RunFolder, cfg: Config, resume: str) -> tuple[AttemptPl
             f"checkpoint {path} belongs to run {state['run_id']}, but output_dir={folder.path} holds run {folder.run_id}; "
             "resume it into its own folder or a new one"
         ), None
+    try:
+        check_training_data(state, path, cfg.data.train_shards, read_manifest(Path(cfg.data.train_shards)))
+    except user_errors() as e:
+        folder.release()
+        return e, None
     plan = AttemptPlan(run_id=folder.run_id or state.get("run_id") or None, checkpoint=path)
-    plan.notes = schedule_changes(state["config"], cfg.to_dict())
-    for note in plan.notes:
+    moved_end, changed = schedule_changes(state["config"], cfg.to_dict()), setting_changes(state["config"], cfg.to_dict())
+    for note in moved_end:
         log.info("the schedule's end moves on resume: %s", note)
+    for note in changed:
+        log.info("changed on resume: %s", note)
+    plan.notes = [*moved_end, *changed]
     iteration = state["iteration"]
     epoch_num = state["epoch"] + (state["loader"] is not None)  # a mid-epoch checkpoint belongs to the epoch after
     for due in sorted(folder.due_evaluations(), key=lambda d: d["iteration"]):
@@ -543,6 +675,8 @@ def due_weights(model: torch.nn.Module, due: DueEvaluation, iteration: int) -> c
 
     None (and a log line) when that checkpoint cannot be read: the evaluation is dropped.
     """
+    from train.checkpoint import CheckpointError, read_checkpoint, weights_loaded
+
     if due.iteration == iteration:
         return contextlib.nullcontext()
     try:
@@ -590,17 +724,30 @@ def setup_logging(ctx: DistributedContext) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Command-line entry: user errors end in one sentence and exit code 2, a signal in 128 + its number."""
+    """Command-line entry: user errors end in one sentence and exit code 2, a signal in 128 + its number.
+
+    The config is checked before the heavy imports (torch, DALI), so a bad value answers at once.
+    """
     args = parse_args(argv)
     try:
+        resolve_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.loader import LoaderWorkerLost
+    from train.async_evaluation import EvaluationLost
+    from train.distributed import shutdown_distributed
+    from train.interrupts import TrainingStopped
+
+    try:
         main(args)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
         print(stopped.sentence(), file=sys.stderr)
         return stopped.exit_code
-    except EvaluationLost as lost:
+    except (EvaluationLost, LoaderWorkerLost) as lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,11 +22,12 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 def init_worker() -> None:
     """Process-pool initializer: one thread per worker, the workers are the parallelism.
 
-    Ctrl-C reaches every process of the terminal's group: the workers ignore it and keep their
-    queue, and the trainer, which decides how to stop (train/interrupts.py), ends them.
+    Ctrl-C and a terminal's hang-up reach every process of the terminal's group: the workers ignore
+    them and keep their queue, and the trainer, which decides how to stop (train/interrupts.py), ends them.
     """
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def encode_masks(

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from mlperf_logging.compliance_checker import mlp_parser
 from mlperf_logging.mllog import constants as C
 from mlperf_logging.mllog.mllog import MLLogger
@@ -71,6 +70,8 @@ class MLPerfLog:
 def platform_name(configured: str) -> str:
     if configured != "auto":
         return configured
+    import torch  # here: reading a log (tools/time_to_train.py) needs no torch
+
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
@@ -82,8 +83,8 @@ def log_submission(mlog: MLPerfLog, cfg: Config) -> None:
     mlog.event(C.SUBMISSION_DIVISION, info.division)
     mlog.event(C.SUBMISSION_STATUS, info.status)
     mlog.event(C.SUBMISSION_PLATFORM, platform_name(info.platform))
-    # Nothing is cached between runs here; the key states that the caches were cold.
-    mlog.event(C.CACHE_CLEAR, True)
+    # True only when the page cache was dropped before the run (tools/run_and_time.sh says so in the config).
+    mlog.event(C.CACHE_CLEAR, info.cache_clear)
 
 
 def num_image_candidates(rpn_cfg: Config, images_per_rank: int) -> int:
@@ -132,6 +133,8 @@ class RunResult:
 
     seconds: float  # run_start to run_stop: the time to train
     status: str  # run_stop's status: success (the quality target reached) or aborted
+    ended: str | None  # why the run stopped (this trainer's logs): target, schedule (trained to its end) or stopped
+    quality_target: dict[str, float] | None  # the AP it stopped at ({"BBOX", "SEGM"}); None: it had none (a fine-tune)
     org: str  # submission_org
     epoch: int | None  # the last eval_accuracy before run_stop: the epochs to converge (None: no result)
     box_ap: float | None
@@ -154,9 +157,12 @@ def read_run_result(path: str | Path) -> RunResult:
     if missing:
         raise ValueError(f"{path} has no {' and no '.join(missing)}: the attempt did not finish (it was stopped or killed)")
     accuracy = last_accuracy.value if last_accuracy is not None else None
+    stop = first[C.RUN_STOP].value["metadata"]
     return RunResult(
         seconds=(first[C.RUN_STOP].timestamp - first[C.RUN_START].timestamp) / 1000,
-        status=first[C.RUN_STOP].value["metadata"]["status"],
+        status=stop["status"],
+        ended=stop.get("ended"),
+        quality_target=stop.get("quality_target"),
         org=first[C.SUBMISSION_ORG].value["value"] if C.SUBMISSION_ORG in first else "",
         epoch=accuracy["metadata"]["epoch_num"] if accuracy else None,
         box_ap=accuracy["value"]["BBOX"] if accuracy else None,

@@ -157,7 +157,10 @@ _held_runner: list[Callable[[Task], dict[str, np.ndarray]]] = []
 
 
 def _hold(parent_pid: int, run: Callable[[Task], dict[str, np.ndarray]]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; the pool's terminate() sends SIGTERM
+    # Ctrl-C and a terminal's hangup reach the whole process group, and are the parent's to handle (a
+    # worker killed inside a task would leave the pool waiting for its result); terminate() sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     follow_parent(parent_pid)
     _held_runner.append(run)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 FORMAT = "maskrcnn-train-run/1"
 STATE_FILE = "run.json"
@@ -163,10 +166,17 @@ class RunFolder:
         return number, self.path / mlperf_log_name(number)
 
     def end_attempt(self, outcome: str) -> None:
-        """How this attempt ended ("finished", "stopped by SIGTERM at iteration 8", ...); a killed one keeps None."""
+        """How this attempt ended ("finished", "stopped by SIGTERM at iteration 8", ...); a killed one keeps None.
+
+        Called as the attempt ends, however it ends: a disk too full to take the record is logged,
+        not raised over the error that ends the attempt (the record then stays as a kill leaves it).
+        """
         if self.state is not None and self.state["attempts"]:
             self.state["attempts"][-1]["ended"] = outcome
-            self._write_state()
+            try:
+                self._write_state()
+            except RunFolderError as e:
+                log.warning("%s", e)
 
     def checkpoint_coming(self, name: str) -> None:
         """Record a checkpoint as this run's before it is written, so a kill in between cannot orphan it."""
@@ -218,7 +228,7 @@ class RunFolder:
             return None
         try:
             state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise RunFolderError(f"{path} cannot be read ({e}); move it away to resume without its records") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise RunFolderError(f"{path} was not written by train/main.py; move it away to resume without it")
@@ -227,5 +237,11 @@ class RunFolder:
     def _write_state(self) -> None:
         path = self.path / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk: the previous run.json stays whole
+            tmp.unlink(missing_ok=True)
+            raise RunFolderError(
+                f"cannot write {path} ({e.strerror or e}); free some space and continue with --resume"
+            ) from None

@@ -2,8 +2,13 @@
 
 The reference's solver (maskrcnn-benchmark `make_optimizer` / `WarmupMultiStepLR`):
 momentum SGD with two parameter groups (biases: LR x `bias_lr_factor`, weight decay
-`weight_decay_bias`; frozen parameters left out), linear warmup from `warmup_factor`
-over `warmup_iters`, then LR x `gamma` at each of the two `steps`.
+`weight_decay_bias`; frozen parameters left out), a linear warmup over `warmup_iters`, then
+LR x `gamma` at each of the two `steps`. The warmup is one of the reference scheduler's two
+(`solver.warmup_method`): `linear`, its default, relative: each group's LR from
+`warmup_factor` x its base LR up to it; `mlperf_linear`, absolute: the same
+(warmup_iters - i) x `warmup_factor` subtracted from every group's base LR, which NVIDIA's
+recipes and the MLPerf reference convergence points use (from 0 for the weights, while the
+biases, at twice the LR, start halfway).
 
 MLPerf lets a submission tune the global batch, the base LR as 0.02 x K1 (or 0.02 / K1
 below a global batch of 16), the decay steps as (60000, 80000) x (1 + K2/10) x 16 / batch
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from train.config import REFERENCE_CONFIG, Config, leaves, load_config, lookup
+from train.config_schema import WARMUP_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -119,34 +125,48 @@ def build_optimizer(
     raise ValueError(f"solver.optimizer must be auto, apex, fused, foreach or plain, got {choice!r}")
 
 
-def lr_multiplier(
-    iteration: int, *, warmup_iters: int, warmup_factor: float, steps: Iterable[int], gamma: float
+def learning_rate(
+    base_lr: float,
+    iteration: int,
+    *,
+    warmup_method: str,
+    warmup_iters: int,
+    warmup_factor: float,
+    steps: Iterable[int],
+    gamma: float,
 ) -> float:
-    """The LR at `iteration` (0-based) as a multiple of the base LR.
+    """The LR of a parameter group whose base LR is `base_lr` at `iteration` (0-based), as `WarmupMultiStepLR`.
 
-    1. warmup (iteration < warmup_iters): linear from warmup_factor to 1;
-    2. afterwards: 1;
+    1. warmup (iteration < warmup_iters), `linear`: base_lr x (warmup_factor (1 - a) + a),
+       a = iteration / warmup_iters; `mlperf_linear`: base_lr - (warmup_iters - iteration) x
+       warmup_factor, never below 0 (the reference's arithmetic can leave -1e-17 at iteration 0);
+    2. afterwards: base_lr;
     3. times gamma for every decay step already reached (iteration >= step).
     """
-    warmup = 1.0
+    if warmup_method not in WARMUP_METHODS:
+        raise ValueError(f"solver.warmup_method must be one of {WARMUP_METHODS}, got {warmup_method!r}")
+    lr = base_lr
     if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
-        warmup = warmup_factor * (1.0 - alpha) + alpha
-    return warmup * gamma ** bisect.bisect_right(sorted(steps), iteration)
+        if warmup_method == "linear":
+            alpha = iteration / warmup_iters
+            lr = base_lr * (warmup_factor * (1.0 - alpha) + alpha)
+        else:
+            lr = max(base_lr - (warmup_iters - iteration) * warmup_factor, 0.0)
+    return lr * gamma ** bisect.bisect_right(sorted(steps), iteration)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, solver_cfg: Config, iteration: int) -> float:
-    """Write the schedule's LR for `iteration` into every group; returns the base group's LR."""
-    scale = lr_multiplier(
-        iteration,
+    """Write the schedule's LR for `iteration` into every group; returns the LR of the base group (solver.base_lr)."""
+    schedule = dict(
+        warmup_method=solver_cfg.warmup_method,
         warmup_iters=solver_cfg.warmup_iters,
         warmup_factor=solver_cfg.warmup_factor,
         steps=solver_cfg.steps,
         gamma=solver_cfg.gamma,
     )
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * scale
-    return solver_cfg.base_lr * scale
+        group["lr"] = learning_rate(group["base_lr"], iteration, **schedule)
+    return learning_rate(solver_cfg.base_lr, iteration, **schedule)
 
 
 def lr_multiple(base_lr: float, global_batch: int) -> int | None:
@@ -202,8 +222,8 @@ def schedule_violations(solver: Config) -> list[str]:
 
     Tunable (training_rules.adoc, maskrcnn hyperparameters): base LR = 0.02 x K1 (or 0.02 / K1
     below a global batch of 16); decay steps = (60000, 80000) x (1 + K2/10) x 16 / batch,
-    K1 and K2 independent integers; warmup iterations and factor (the 3.1.0 compliance
-    checker requires a factor > 0).
+    K1 and K2 independent integers; warmup iterations, factor and method (the 3.1.0 compliance
+    checker requires a factor > 0; `mlperf_linear` may start from 0, not below).
     """
     problems = []
     batch, steps = solver.ims_per_batch, list(solver.steps)
@@ -232,6 +252,13 @@ def schedule_violations(solver: Config) -> list[str]:
         )
     if solver.warmup_iters < 0:
         problems.append(f"solver.warmup_iters={solver.warmup_iters} must be >= 0")
+    start = solver.base_lr - solver.warmup_iters * solver.warmup_factor
+    if solver.warmup_method == "mlperf_linear" and start < -INTEGER_TOLERANCE * solver.base_lr:
+        problems.append(
+            f"solver.warmup_factor={solver.warmup_factor} x solver.warmup_iters={solver.warmup_iters} exceeds "
+            f"solver.base_lr={solver.base_lr}: mlperf_linear's warmup would start below 0 (it is held at 0); "
+            f"from 0 the factor is base_lr / warmup_iters = {solver.base_lr / max(solver.warmup_iters, 1):.6g}"
+        )
     return problems
 
 

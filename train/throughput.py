@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import resource
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from train.engine import no_lap
+from pipeline.loader import StageTimer
+from train.engine import LossReadback, no_lap
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ class StageClock:
 
 def measure(
     name: str,
-    step: Callable[[Callable[[str], None]], None],
+    step: Callable[[Callable[[str], None]], dict[str, torch.Tensor]],
     *,
     iters: int,
     images_per_iter: int,
@@ -111,23 +114,43 @@ def measure(
     warmup: int = WARMUP_ITERS,
     breakdown: int = BREAKDOWN_ITERS,
     replays: Callable[[], int] | None = None,
+    trace: StageTimer | None = None,
 ) -> dict[str, Any]:
     """`step(lap)` `warmup` times untimed, `iters` times timed (images/s), then `breakdown` times
     with a synchronizing `lap` for the per-stage breakdown. With `replays` (a CUDA-graph replay
-    count, such as `TrainingStep.graph_replays`) also the replays per step."""
+    count, such as `TrainingStep.graph_replays`) also the replays per step. `trace` (a timer)
+    traces the timed steps only (train/trace.py).
+
+    `step` returns its losses, still on the device (as `TrainingStep` does). The timed steps'
+    losses stay there as the training loop keeps them (`LossReadback`), are read back once the
+    clock has stopped, and are reported per step: `losses`, `nonfinite_steps` (1-based) and
+    `losses_finite`. Nothing here raises on them: the caller decides, with the figures in hand.
+    Each step is logged as it ends (as it is queued, on CUDA), so a long run shows progress.
+    """
     replays_before = replays() if replays else 0
-    for _ in range(warmup):
+    started = time.perf_counter()
+
+    def progress(phase: str, done: int, of: int) -> None:
+        log.info("dry run %s: %s step %d/%d at %.1f s", name, phase, done, of, time.perf_counter() - started)
+
+    for i in range(warmup):
         step(no_lap)
+        progress("warm-up", i + 1, warmup)
+    readback = LossReadback()
 
     def timed_steps() -> None:
-        for _ in range(iters):
-            step(no_lap)
+        with tracing(trace):
+            for i in range(iters):
+                readback.add(i + 1, step(no_lap), math.nan)  # no schedule here: the LR column stays empty
+                progress("timed", i + 1, iters)
 
     seconds, cpu_time = timed_seconds(timed_steps, device)
+    logged = readback.flush()
     clock = StageClock(device)
     clock.restart()
-    for _ in range(breakdown):
+    for i in range(breakdown):
         step(clock.lap)
+        progress("breakdown", i + 1, breakdown)
     images = iters * images_per_iter
     result = {
         "images_per_s": images / seconds,
@@ -136,7 +159,10 @@ def measure(
         "seconds": seconds,
         "cpu_ms_per_image": 1000.0 * cpu_time / images,
         "stages_s_per_iter": {stage: s / max(breakdown, 1) for stage, s in clock.seconds.items()},
+        "losses": [{**logged_step.losses, "total": logged_step.total} for logged_step in logged],
+        "nonfinite_steps": [logged_step.iteration for logged_step in logged if not logged_step.finite],
     }
+    result["losses_finite"] = not result["nonfinite_steps"]
     if replays:
         result["graph_replays_per_step"] = (replays() - replays_before) / (warmup + iters + breakdown)
     if device.type == "cuda":
@@ -144,6 +170,8 @@ def measure(
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result["stages_s_per_iter"].items())
     log.info("dry run %-8s %8.2f images/s  (synchronized breakdown: %s per iteration)", name, result["images_per_s"], stages)
+    if not result["losses_finite"]:
+        log.warning("dry run %s: non-finite losses at timed steps %s", name, result["nonfinite_steps"])
     return result
 
 
@@ -179,13 +207,28 @@ def loader_epochs(loader: Any) -> Callable[[int], Iterable[Any]]:
     return epoch
 
 
-def loader_rate(loader: Any, *, warmup: int, iters: int, device: torch.device) -> dict[str, Any]:
-    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/loader.py `StageTimer`)."""
+@contextmanager
+def tracing(timer: StageTimer | None) -> Iterator[None]:
+    """`timer` keeps its spans inside the block (train/trace.py); None: nothing."""
+    if timer is None:
+        yield
+        return
+    timer.tracing = True
+    try:
+        yield
+    finally:
+        timer.tracing = False
+
+
+def loader_rate(loader: Any, *, warmup: int, iters: int, device: torch.device, trace: bool = False) -> dict[str, Any]:
+    """A loader's rate (`measure_rate`) and its per-stage wall-clock breakdown (pipeline/loader.py `StageTimer`);
+    with `trace`, its timer keeps the measured batches' spans."""
     batches = endless(loader_epochs(loader))
     for _ in range(warmup):
         next(batches)
     before = loader.timings()["total_s"]
-    rate = measure_rate(batches, len, warmup=0, iters=iters, device=device)
+    with tracing(loader.timer if trace else None):
+        rate = measure_rate(batches, len, warmup=0, iters=iters, device=device)
     after = loader.timings()["total_s"]
     stages = {s: None if t is None else 1000.0 * (t - before[s]) / rate["images"] for s, t in after.items()}
     return {**rate, "stage_ms_per_image": stages, "batches_per_epoch": len(loader)}

@@ -36,7 +36,8 @@ from pycocotools.coco import COCO
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from train.inference import read_image
+from pipeline.coco_masks import scoring_problem
+from train.inference import ImageError, read_image
 
 GAP = 8  # pixels of white between the two halves of a side-by-side picture
 MIN_PANEL_WIDTH = 640  # panels narrower than this are upscaled to it
@@ -93,7 +94,7 @@ def write_visualizations(
                     [a["bbox"] for a in anns],
                     [names[a["category_id"]] + (" (crowd)" if a["iscrowd"] else "") for a in anns],
                     [colors[a["category_id"]] for a in anns],
-                    [coco.annToMask(a) for a in anns],
+                    [_ground_truth_mask(coco, a, annotations_file) for a in anns],
                     header=f"ground truth: {len(anns)} object{'s' * (len(anns) != 1)}",
                 )
             )
@@ -179,11 +180,19 @@ def quiet_coco(annotations_file: str | Path) -> COCO:
     try:
         with redirect_stdout(StringIO()):
             return COCO(str(annotations_file))
-    except (ValueError, KeyError, TypeError, AssertionError) as e:  # not JSON, or JSON of another shape
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:  # not JSON, or another shape
         raise VisualizationError(
             f"{annotations_file} is not a COCO instances JSON ({' '.join(str(e).split())[:120]}); "
             "pass the annotations, e.g. instances_val2017.json, and detections with --predictions"
         ) from None
+
+
+def _ground_truth_mask(coco: COCO, ann: dict[str, Any], annotations_file: str | Path) -> np.ndarray:
+    """pycocotools' mask of `ann`, after the check that keeps pycocotools from failing or hanging on it."""
+    problem = scoring_problem(ann, coco.imgs.get(ann["image_id"]))
+    if problem:
+        raise VisualizationError(f"{annotations_file}: annotation {ann['id']} {problem}; fix or remove it in the file")
+    return coco.annToMask(ann)
 
 
 def _upscale_masks(masks: Sequence[np.ndarray], size: list[int]) -> torch.Tensor:
@@ -239,11 +248,8 @@ def _read_image(path: Path) -> torch.Tensor:
         raise VisualizationError(f"{path} does not exist; pass --images, the folder holding the annotated images")
     try:
         return read_image(path, upright=False)  # annotations are in the stored pixels' frame, EXIF tag or not
-    except RuntimeError as e:
-        raise VisualizationError(
-            f"{path} does not decode as a JPEG or PNG ({' '.join(str(e).split())[:120]}); "
-            "replace it with the data set's original file"
-        ) from None
+    except ImageError as e:
+        raise VisualizationError(f"{e}; replace it with the data set's original file") from None
 
 
 def _decode_rle(entry: Mapping[str, Any], image_size: torch.Size, source: str) -> np.ndarray:
@@ -309,7 +315,7 @@ def _predictions_by_image(
     if isinstance(predictions, (str, Path)):
         try:
             predictions = json.loads(Path(predictions).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise VisualizationError(
                 f"{source} is not a readable COCO results JSON ({e}); write one with tools/evaluate.py --results"
             ) from e
