@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
@@ -84,3 +91,24 @@ def test_plan_tasks_covers_every_category_once_per_type_heaviest_first():
     assert [(t.iou_type, t.category_ids) for t in plan_tasks(costs, IOU_TYPES, workers=1)] == [
         ("segm", tuple(sorted(costs))), ("bbox", tuple(sorted(costs)))
     ]
+
+
+def _hung_up(task: int) -> int:
+    """A task that receives a terminal's hangup, as every process of the terminal's group does."""
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.2)  # the signal is delivered before the task returns
+    return task
+
+
+def test_a_hangup_reaching_the_scoring_processes_leaves_them_their_tasks():
+    # A pool process killed inside a task leaves the pool waiting for that result for ever: the
+    # trainer, which handles the hangup with a checkpoint (train/interrupts.py), would hang instead.
+    # The pool's processes are forked, so the test runs it in a child with a deadline.
+    script = (
+        "from tests.test_parallel_cocoeval import _hung_up\n"
+        "from train.parallel_cocoeval import run_tasks\n"
+        "print(sorted(arrays for _, arrays in run_tasks([1, 2, 3, 4], _hung_up, 2)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stdout.strip()) == (0, "[1, 2, 3, 4]"), done.stderr
