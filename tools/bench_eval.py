@@ -350,9 +350,11 @@ def _task_figures(timing: TaskTiming) -> dict[str, Any]:
 
 
 def _project(eval_set: EvalSet, results: dict[int, ImageResult], backend: str, workers: int) -> dict[str, Any]:
-    """Score with `workers` processes here, then schedule each task's measured CPU time on `workers` cores."""
+    """Plan the scoring for `workers` processes, run its tasks on the cores this process has (more
+    processes than cores would inflate each task's CPU time), then schedule each task's measured
+    CPU time on `workers` cores."""
     scorer = COCOEvaluator(eval_set.annotations_file, eval_set.categories, backend=backend, scoring_workers=workers)
-    scorer.score([results])
+    scorer.cocoeval(results, processes=len(os.sched_getaffinity(0)))
     cpu = [timing.cpu_s for timing in scorer.task_timings]  # in the order the pool hands them out, heaviest first
     finish = [0.0] * workers
     for seconds in cpu:

@@ -254,8 +254,12 @@ class COCOEvaluator:
                 f"the other {len(known) - len(merged)} count as images without detections"
             )
 
-    def cocoeval(self, merged: Mapping[int, ImageResult]) -> dict[str, Any]:
-        """Summarized COCOeval objects (`eval` arrays, `stats`) of each IoU type, over `scoring_workers` processes."""
+    def cocoeval(self, merged: Mapping[int, ImageResult], processes: int | None = None) -> dict[str, Any]:
+        """Summarized COCOeval objects (`eval` arrays, `stats`) of each IoU type, over `scoring_workers` processes.
+
+        `processes`: run the tasks planned for `scoring_workers` on this many processes instead
+        (tools/bench_eval.py measures each task of a 16-process plan on the cores it has).
+        """
         cocoeval_class = _coco_api(self.backend)[1]
         table = DetectionTable.of(merged)  # before the processes fork, which inherit it
         tasks = plan_tasks(category_costs(self._coco_gt, table.image_ids, table.category_ids), IOU_TYPES, self.scoring_workers)
@@ -265,14 +269,15 @@ class COCOEvaluator:
             with quiet():  # the API's progress chatter; the result tables are printed below
                 return evaluate_group(cocoeval_class, self._coco_gt, _load_results(self._coco_gt, entries), task)
 
+        processes = processes or self.scoring_workers
         if self.tables:
-            processes = min(self.scoring_workers, len(tasks))
+            used = min(processes, len(tasks))
             print(
-                f"COCOeval bbox and segm ({self.backend}, {processes} process{'es' * (processes > 1)}): matching "
+                f"COCOeval bbox and segm ({self.backend}, {used} process{'es' * (used > 1)}): matching "
                 f"{len(table.scores)} detections on {len(merged)} images ...", flush=True,
             )
         start = time.perf_counter()
-        done = run_tasks(tasks, run, self.scoring_workers)
+        done = run_tasks(tasks, run, processes)
         self.task_timings = [timing for timing, _ in done]
         evaluators = {}
         for iou_type in IOU_TYPES:
