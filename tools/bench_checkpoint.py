@@ -22,7 +22,6 @@ The saves are timed on this machine's disk: scale by the target host's write rat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ import torch
 
 from model.build import build_model
 from pipeline.synthetic_coco import synthetic_categories
+from tools import write_json
 from train.checkpoint import read_checkpoint, save_checkpoint
 from train.config import load_config
 from train.engine import build_training_step
@@ -150,9 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {row['recipe']}: {row['saves']} saves in {row['iterations']} iterations ({row['epochs']} epochs, "
               f"checkpoint_every {row['checkpoint_every']}): {row['saves_s']:.0f} s of {row['training_s'] / 60:.1f} min "
               f"at {GOAL_IMAGES_PER_S_PER_GPU * row['gpus']:.0f} images/s = {100 * row['share']:.2f}%")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(args.json, figures)
     return figures
 
 

@@ -59,6 +59,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.detections import Detections
 from pipeline.batch import Batch, resized_size
+from tools import write_json
 from train.evaluation import STAT_NAMES, COCOEvaluator, ImageResult, to_original_frame
 from train.parallel_cocoeval import TaskTiming
 
@@ -542,9 +543,7 @@ def main(args: argparse.Namespace) -> dict:
             f"  largest difference over all 24 stats: {figures['max_stat_difference']:.2e}; "
             f"identical RLEs: {figures['identical_rles']} of {figures['masks']}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(args.json, figures)
     return figures
 
 

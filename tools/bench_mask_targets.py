@@ -20,7 +20,6 @@ process CPU milliseconds of each and their ratios to `reference` (below 1 is fas
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -33,6 +32,7 @@ from pycocotools import mask as mask_utils
 
 from model.mask_targets import polygon_mask_targets
 from pipeline.batch import padded_count
+from tools import write_json
 
 RESOLUTION = 28
 INSTANCES = 8
@@ -157,9 +157,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"  ratio to reference: wall {result[f'{name}_wall_ratio']:.2f}, CPU {result[f'{name}_cpu_ratio']:.2f}"
         )
         print(f"{name:13s} wall {result[f'{name}_wall_ms']:8.1f} ms  CPU {result[f'{name}_cpu_ms']:8.1f} ms{ratios}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

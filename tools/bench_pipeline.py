@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -50,6 +49,7 @@ import torch
 
 from pipeline.loader import LoaderSettings, build_loader, dali_available, settings_from_config
 from pipeline.shard_format import ShardFormatError, open_shard_set
+from tools import write_json
 from train.config import ConfigError, load_config
 from train.output_paths import exit_if_overlapping
 from train.throughput import endless, loader_rate, measure_rate
@@ -573,12 +573,6 @@ def main(args: argparse.Namespace) -> int:
     print_report(result)
     write_json(args.json, result)
     return 0
-
-
-def write_json(path: Path | None, result: dict[str, Any]) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def sweep_main(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from pipeline.shard_format import (
     read_sample,
     sample_refs,
 )
+from tools import write_json
 from train.output_paths import exit_if_overlapping
 
 
@@ -89,9 +90,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{figures['samples']} samples, mean JPEG {figures['mean_jpeg_kb']:.1f} KB; CPU us per image:")
     for name in ("crc32", "checked_decode", "unchecked_decode", "read_sample"):
         print(f"  {name:18s} {figures[name + '_us']:8.1f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.sharding import shard_coco
 from pipeline.synthetic_coco import make_synthetic_coco
+from tools import write_json
 from train.output_paths import exit_if_overlapping
 
 
@@ -81,8 +82,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"decode only: {decode_rate:.1f} images/s")
     print(f"sharding:    {shard_rate:.1f} images/s ({figures['shard_over_decode']:.2f} of decode only; "
           "includes reading the JSON and starting the workers)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_BATCH = {8: 96, 64: 256}  # global batch of the recipe a world size runs (configs/batch96_8gpu.yaml, 4 a rank at 64)
 
@@ -116,9 +118,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(data, ignore_errors=True)
             shutil.rmtree(shards, ignore_errors=True)
     _print_ranks(report.get("ranks", []))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report)
     return report
 
 

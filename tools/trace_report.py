@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from tools import write_json
+
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,9 +44,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     rows = op_table(durations, images)
     print(format_op_table(rows, images))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
     if args.png:
         try:
             draw_timeline(document, args.png, seconds)
