@@ -9,7 +9,11 @@ Prints median step seconds of each and ratio_vs_torchvision (ours / torchvision;
 faster). On CUDA it adds bf16 AMP for both and ours with the static part CUDA-graph captured.
 
 Both models are the benchmark's configuration: ResNet-50-FPN, FrozenBatchNorm, stem and res2
-frozen, 81 classes, random weights (speed does not depend on them). torchvision gets the
+frozen, 81 classes, random weights (speed does not depend on them) at learning rate 0: every
+kernel of a real step runs, the weights never move, so every timed step is the same finite step
+(random weights at a real learning rate diverge to NaN within a few steps; the dry runs do the
+same, train/dry_run.py). Each model's timed losses are checked finite and reported
+(`*_losses_finite`). torchvision gets the
 same images (its transform set to keep their size) and the same boxes; it needs full-image
 masks, for which it gets the boxes filled (its cost does not depend on mask content). Both
 run the trainer's own step (`train.engine.TrainingStep`) with the same SGD. Steps alternate
@@ -20,7 +24,6 @@ median process CPU time, which a busy shared machine disturbs less).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +38,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from model.build import build_model
 from model.synthetic_batch import synthetic_batch
 from pipeline.batch import Batch
+from tools import write_json
 from train.config import Config, ConfigError, load_config
 from train.engine import TrainingStep, step_autocast
 from train.throughput import synchronize, timed_seconds
@@ -78,15 +82,22 @@ class Unpacked(nn.Module):
 
 
 def training_step(model: nn.Module, precision: str, device: torch.device, *, cuda_graphs: bool = False) -> TrainingStep:
-    """The trainer's step on `model` with plain SGD over its trainable parameters."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    """The trainer's step on `model` with plain SGD (learning rate 0) over its trainable parameters."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
     return TrainingStep(model, optimizer, None, step_autocast(precision, device, cuda_graphs=cuda_graphs), device)
 
 
-def timed_step(step: TrainingStep, batch: Any, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one step, after the work queued before it."""
+def timed_step(step: TrainingStep, batch: Any, device: torch.device) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """(wall seconds, process CPU seconds, losses still on the device) of one step, after the work queued before it."""
     synchronize(device)
-    return timed_seconds(lambda: step(batch), device)
+    losses: dict[str, torch.Tensor] = {}
+    wall, cpu = timed_seconds(lambda: losses.update(step(batch)), device)
+    return wall, cpu, losses
+
+
+def all_finite(steps: list[tuple[float, float, dict[str, torch.Tensor]]]) -> bool:
+    """Whether every loss of every timed step is finite (read after the clock has stopped)."""
+    return all(bool(torch.isfinite(loss).all()) for _, _, losses in steps for loss in losses.values())
 
 
 def run_model_benchmark(
@@ -122,8 +133,10 @@ def run_model_benchmark(
         for _ in range(iters):
             ours_times.append(timed_step(ours_step, batch, device))
             their_times.append(timed_step(their_step, their_batch, device))
-        ours_wall, ours_cpu = (statistics.median(t) for t in zip(*ours_times))
-        their_wall, their_cpu = (statistics.median(t) for t in zip(*their_times))
+        ours_wall, ours_cpu = (statistics.median(t) for t in list(zip(*ours_times))[:2])
+        their_wall, their_cpu = (statistics.median(t) for t in list(zip(*their_times))[:2])
+        result[f"ours_{prefix}losses_finite"] = all_finite(ours_times)
+        result[f"torchvision_{prefix}losses_finite"] = all_finite(their_times)
         result[f"ours_{prefix}step_s"] = ours_wall
         result[f"torchvision_{prefix}step_s"] = their_wall
         result[f"ratio_{prefix}vs_torchvision"] = ours_wall / their_wall
@@ -135,8 +148,9 @@ def run_model_benchmark(
         ours.static_part.capture([tuple(batch.images.shape[-2:])], len(batch), graphed_step.autocast)  # as the trainer does
         for _ in range(warmup):
             graphed_step(batch)
-        times = [timed_step(graphed_step, batch, device)[0] for _ in range(iters)]
-        result["ours_amp_graphed_step_s"] = statistics.median(times)
+        times = [timed_step(graphed_step, batch, device) for _ in range(iters)]
+        result["ours_amp_graphed_step_s"] = statistics.median(wall for wall, _, _ in times)
+        result["ours_amp_graphed_losses_finite"] = all_finite(times)
         result["ratio_amp_graphed_vs_torchvision"] = result["ours_amp_graphed_step_s"] / result["torchvision_amp_step_s"]
     return result
 
@@ -175,9 +189,12 @@ def main(args: argparse.Namespace) -> int:
     result = run_model_benchmark(model_cfg, tuple(args.image_size), args.batch_size, args.iters, args.device)
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
+    nonfinite = [key for key, value in result.items() if key.endswith("losses_finite") and not value]
+    if nonfinite:
+        print(f"bench_model: the timed steps had non-finite losses ({', '.join(nonfinite)}); "
+              "the times above are of those steps", file=sys.stderr)
+        return 1
     return 0
 
 
