@@ -107,6 +107,8 @@ def recipe_costs(save_s: float) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.repeat < 1:
+        raise SystemExit("bench_checkpoint: --repeat takes a count of at least 1 (the timed rounds after the first)")
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "reference.yaml")
     model, optimizer, categories = reference_state(cfg)
