@@ -507,8 +507,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if min(args.workers) < 1:
-        raise SystemExit("bench_eval: --workers takes counts of at least 1")
+    if min(args.workers) < 1 or args.images < 1 or args.dets_per_image < 1 or args.project_workers < 0:
+        raise SystemExit("bench_eval: --workers, --images and --dets-per-image take counts of at least 1, "
+                         "--project-workers one of at least 0")
+    if not 0.0 <= args.person_share <= 1.0:
+        raise SystemExit(f"bench_eval: --person-share is a share between 0 and 1, not {args.person_share}")
     with tempfile.TemporaryDirectory() as tmp:
         eval_set = make_eval_set(Path(tmp), args.images, args.dets_per_image, seed=args.seed, person_share=args.person_share)
         figures = run_benchmark(

@@ -81,6 +81,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.step == "open":
         print(json.dumps(open_as_ranks(args.out, args.world_sizes, args.ranks, args.backends)))
         return {}
+    if args.images < 2 or args.workers < 1 or args.ranks < 1 or min(args.world_sizes) < 1:
+        raise SystemExit("rehearse_coco: --images takes a count of at least 2, --workers, --ranks and --world-sizes "
+                         "counts of at least 1")
     data, shards = args.out / "coco", args.out / "shards"
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"rehearse_coco: {args.out} is not empty; pass a new or empty folder")
