@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from train.evaluation import (
     ImageResult,
     check_annotations_match,
     inference_on_dataset,
+    per_image_futures,
 )
 from train.mask_encoding import encode_masks
 
@@ -311,3 +313,16 @@ def test_bench_tool_reports_both_paths_with_equal_results(tmp_path):
     for iou_type in ("bbox", "segm"):  # faster-coco-eval against pycocotools: the same up to rounding
         assert figures["ap_ours"][iou_type] == pytest.approx(figures["ap_reference"][iou_type], abs=1e-12)
     assert figures["identical_rles"] == figures["masks"] == 60
+
+
+def test_an_encoding_task_of_a_batch_settles_each_images_future():
+    done, failed, cancelled = Future(), Future(), Future()
+    images = per_image_futures(done, 3)
+    done.set_result([["a"], [], ["b", "c"]])
+    assert [f.result() for f in images] == [["a"], [], ["b", "c"]]
+    images = per_image_futures(failed, 2)
+    failed.set_exception(RuntimeError("worker died"))
+    assert all(isinstance(f.exception(), RuntimeError) for f in images)
+    images = per_image_futures(cancelled, 2)
+    cancelled.cancel()  # close() cancels the tasks not started
+    assert all(f.cancelled() for f in images)

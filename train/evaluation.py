@@ -39,7 +39,7 @@ from pipeline.batch import Batch, flip_boxes
 from pipeline.coco_masks import scoring_refusal
 from pipeline.shard_format import file_sha256, read_manifest
 from train.config_schema import EVAL_BACKENDS as BACKENDS
-from train.mask_encoding import encode_masks, init_worker
+from train.mask_encoding import encode_images, init_worker
 from train.metrics import format_duration
 from train.parallel_cocoeval import (
     TaskTiming,
@@ -143,7 +143,7 @@ class COCOEvaluator:
         self._coco_gt = _load_ground_truth(self.annotations_file, backend)
         self._label_to_category = _category_lookup(categories, self._coco_gt, self.annotations_file)
         self._pool: ProcessPoolExecutor | None = None
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, int]] = deque()  # encoding tasks and their image counts
         self.task_timings: list[TaskTiming] = []  # CPU time of each COCOeval task of the last scoring (benchmarks)
         # after scoring: iou type -> each category's AP (tools/evaluate.py prints and saves them)
         self.per_category: dict[str, list[dict[str, Any]]] = {}
@@ -171,13 +171,16 @@ class COCOEvaluator:
         category_ids = self._label_to_category[detections.labels.cpu().numpy()]
         image_ids = batch.image_ids.tolist()
         heights, widths = batch.original_sizes.cpu().numpy().T.tolist()
+        kept, work = [], []
         for i, image_id in enumerate(image_ids):
             if image_id in self._images:  # a repeat from a padded last batch
                 continue
             n = counts[i]
-            xyxy = boxes[i, :n]
-            rles = self._encode(masks[i, :n], paste[i, :n], heights[i], widths[i])
-            self._images[image_id] = ImageResult(xyxy_to_xywh(xyxy), scores[i, :n].copy(), category_ids[i, :n].copy(), rles)
+            self._images[image_id] = ImageResult(xyxy_to_xywh(boxes[i, :n]), scores[i, :n].copy(), category_ids[i, :n].copy(), [])
+            kept.append(image_id)
+            work.append((masks[i, :n], paste[i, :n], heights[i], widths[i]))
+        for image_id, rles in zip(kept, self._encode(work)):
+            self._images[image_id].rles = rles
 
     def results(self) -> dict[int, ImageResult]:
         """This process's results, image id -> ImageResult, with every worker's RLEs collected."""
@@ -227,18 +230,24 @@ class COCOEvaluator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _encode(self, masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> list[dict] | Future:
+    def _encode(self, work: list[tuple[np.ndarray, np.ndarray, int, int]]) -> list[list[dict]] | list[Future]:
+        """Each image's RLEs, or a Future of them per image: one worker task per batch. A task per image
+        cost a wake-up and a message per image on both sides: at 5,000 images on 2 cores the main
+        process spent 6.0 CPU s instead of 4.9, and the evaluation 32.3 s instead of 30.7-31.3 (docs/SCALE.md)."""
         if self.num_workers == 0:
-            return encode_masks(masks, boxes, height, width, self.mask_threshold)
+            return encode_images(work, self.mask_threshold)
+        if not work:
+            return []
         if self._pool is None:
             # fork, like DataLoader workers: a spawned worker spends seconds importing torch, and
             # these workers only run CPU code (never CUDA, which a forked child cannot use).
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("fork"), initializer=init_worker)
-        while self.max_pending_per_worker is not None and len(self._pending) >= self.max_pending_per_worker * self.num_workers:
-            self._pending.popleft().result()
-        future = self._pool.submit(encode_masks, masks, boxes, height, width, self.mask_threshold)
-        self._pending.append(future)
-        return future
+        limit = None if self.max_pending_per_worker is None else self.max_pending_per_worker * self.num_workers
+        while limit is not None and self._pending and sum(n for _, n in self._pending) + len(work) > limit:
+            self._pending.popleft()[0].result()
+        task = self._pool.submit(encode_images, work, self.mask_threshold)
+        self._pending.append((task, len(work)))
+        return per_image_futures(task, len(work))
 
     def _check_image_ids(self, merged: Mapping[int, ImageResult]) -> None:
         known = set(self._coco_gt.getImgIds())
@@ -308,6 +317,25 @@ def per_category_ap(evaluator: Any, categories: Sequence[Mapping[str, Any]]) -> 
         rows.append({"category_id": int(category["id"]), "name": category["name"],
                      "AP": float(values.mean()) if values.size else None})
     return rows
+
+
+def per_image_futures(task: Future, count: int) -> list[Future]:
+    """One Future per image of an encoding task whose result is the list of each image's RLEs."""
+    futures = [Future() for _ in range(count)]
+
+    def settle(done: Future) -> None:
+        if done.cancelled():
+            for future in futures:
+                future.cancel()
+        elif done.exception() is not None:
+            for future in futures:
+                future.set_exception(done.exception())
+        else:
+            for future, rles in zip(futures, done.result()):
+                future.set_result(rles)
+
+    task.add_done_callback(settle)
+    return futures
 
 
 def encoding_futures(results: Mapping[int, ImageResult]) -> list[Future]:

@@ -30,6 +30,11 @@ def init_worker() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def encode_images(work: list[tuple[np.ndarray, np.ndarray, int, int]], threshold: float = 0.5) -> list[list[dict]]:
+    """`encode_masks` of each image's (mask_probs, boxes, height, width): one worker task per batch."""
+    return [encode_masks(masks, boxes, height, width, threshold) for masks, boxes, height, width in work]
+
+
 def encode_masks(
     mask_probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5
 ) -> list[dict]:
