@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from pycocotools.coco import COCO
 
 from model.detections import Detections
 from pipeline.shard_format import file_sha256, write_manifest
-from tools.bench_eval import make_eval_set, reference_encode_masks, reference_results
+from tools.bench_eval import (
+    make_eval_set,
+    reference_encode_masks,
+    reference_results,
+    run_benchmark,
+)
 from train.evaluation import (
     STAT_NAMES,
     COCOEvaluator,
@@ -326,3 +332,12 @@ def test_an_encoding_task_of_a_batch_settles_each_images_future():
     images = per_image_futures(cancelled, 2)
     cancelled.cancel()  # close() cancels the tasks not started
     assert all(f.cancelled() for f in images)
+
+
+def test_bench_eval_interleaves_its_rounds_and_reports_the_medians(tmp_path):
+    eval_set = make_eval_set(tmp_path, num_images=12, dets_per_image=5)
+    figures = run_benchmark(eval_set, workers=(1, 2), repeat=2, with_reference=False)
+    assert [run["workers"] for run in figures["runs"]] == [1, 2, 1, 2]  # each run in a fresh fork, interleaved
+    medians = {n: statistics.median(run["seconds"] for run in figures["runs"] if run["workers"] == n) for n in (1, 2)}
+    assert figures["scaling"] == medians[1] / medians[2] and figures["ours_s"] == medians[2]
+    assert figures["equal_across_workers"]

@@ -12,6 +12,7 @@ one mask at a time, pycocotools COCOeval. Prints the time of each, the ratio and
     python tools/bench_eval.py --images 500 --backend pycocotools   # paste+encode gain alone
     python tools/bench_eval.py --ours-only                           # our path at full size
     python tools/bench_eval.py --ours-only --workers 1 2             # scaling: 1 and 2 processes, same set, one run
+    python tools/bench_eval.py --ours-only --workers 1 2 --repeat 3  # the same, 3 interleaved rounds, medians
     python tools/bench_eval.py --ours-only --workers 2 --person-share 0.3 --project-workers 16
 
 `--workers N ...`: our path once per N, given N cores (this process and every process it
@@ -44,6 +45,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -222,32 +224,38 @@ def run_benchmark(
     batch_size: int = 16,
     backend: str = "faster",
     workers: Sequence[int] = (2,),
+    repeat: int = 1,
     with_reference: bool = True,
     project_workers: int = 0,
 ) -> dict[str, Any]:
-    """Time our evaluation path (once per entry of `workers`) and the reference one on the same set.
+    """Time our evaluation path (once per entry of `workers`, the whole list `repeat` times, interleaved)
+    and the reference one on the same set.
 
     Without the reference (`with_reference=False`) only our runs are measured; the reference
-    keys are then None. `ours_s` and `ap_ours` are those of the last entry of `workers`.
+    keys are then None. `ours_s` is the median time of the last entry of `workers`, `scaling`
+    the first entry's median over the last's, and `ap_ours` the last run's.
     """
     batches = list(eval_set.batches(batch_size))  # made before any clock starts
-    runs = [_time_ours(eval_set, batches, backend, n, keep_results=k == len(workers) - 1) for k, n in enumerate(workers)]
+    order = [n for _ in range(repeat) for n in workers]
+    runs = [_time_ours(eval_set, batches, backend, n, keep_results=k == len(order) - 1) for k, n in enumerate(order)]
     results_ours = runs[-1].pop("results")
+    median_s = {n: statistics.median(run["seconds"] for run in runs if run["workers"] == n) for n in workers}
     figures: dict[str, Any] = {
         "images": len(eval_set),
         "dets_per_image": eval_set.dets_per_image,
         "person_share": eval_set.person_share,
         "backend": backend,
         "runs": runs,
-        "ours_s": runs[-1]["seconds"],
+        "median_s": {str(n): seconds for n, seconds in median_s.items()},
+        "ours_s": median_s[workers[-1]],
         "ap_ours": {t: m["AP"] for t, m in runs[-1]["metrics"].items()},
         "equal_across_workers": all(run["metrics"] == runs[0]["metrics"] for run in runs),
         "reference_s": None,
         "speedup": None,
         "ap_reference": None,
     }
-    if len(runs) > 1:
-        figures["scaling"] = runs[0]["seconds"] / runs[-1]["seconds"]
+    if len(workers) > 1:
+        figures["scaling"] = median_s[workers[0]] / median_s[workers[-1]]
     if project_workers:
         figures["projection"] = _project(eval_set, results_ours, backend, project_workers)
     if not with_reference:
@@ -496,6 +504,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--workers", type=int, nargs="+", default=[2],
         help="our path's processes, encoding and COCOeval each; several values: one run each, same detections",
     )
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the --workers list this many times, interleaved; times are the medians (default: 1)")
     parser.add_argument("--project-workers", type=int, default=0, metavar="P",
                         help="also schedule the measured COCOeval tasks of P processes on P cores")
     parser.add_argument("--person-share", type=float, default=0.0,
@@ -507,8 +517,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if min(args.workers) < 1 or args.images < 1 or args.dets_per_image < 1 or args.project_workers < 0:
-        raise SystemExit("bench_eval: --workers, --images and --dets-per-image take counts of at least 1, "
+    if min(args.workers) < 1 or min(args.images, args.dets_per_image, args.repeat) < 1 or args.project_workers < 0:
+        raise SystemExit("bench_eval: --workers, --images, --dets-per-image and --repeat take counts of at least 1, "
                          "--project-workers one of at least 0")
     if not 0.0 <= args.person_share <= 1.0:
         raise SystemExit(f"bench_eval: --person-share is a share between 0 and 1, not {args.person_share}")
@@ -519,6 +529,7 @@ def main(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             backend=args.backend,
             workers=args.workers,
+            repeat=args.repeat,
             with_reference=not args.ours_only,
             project_workers=args.project_workers,
         )
@@ -531,8 +542,10 @@ def main(args: argparse.Namespace) -> dict:
             f"COCOeval {run['score_s']:.1f} s (CPU {run['score_cpu_s']:.1f} s); "
             f"AP bbox {run['metrics']['bbox']['AP']:.6f}, segm {run['metrics']['segm']['AP']:.6f}"
         )
+    if args.repeat > 1:
+        print("  medians: " + ", ".join(f"{n} worker(s) {seconds:.1f} s" for n, seconds in figures["median_s"].items()))
     if "scaling" in figures:
-        print(f"  {figures['runs'][0]['workers']} -> {figures['runs'][-1]['workers']} workers: "
+        print(f"  {args.workers[0]} -> {args.workers[-1]} workers: "
               f"{figures['scaling']:.2f}x; all {len(STAT_NAMES) * 2} stats equal: {figures['equal_across_workers']}")
     if "projection" in figures:
         projection = figures["projection"]
