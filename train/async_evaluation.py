@@ -63,7 +63,7 @@ from train.evaluation import (
     inference_on_dataset,
     merge_ranks,
 )
-from train.parallel_cocoeval import follow_parent
+from train.interrupts import follow_parent, leave_terminal_signals_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,8 @@ def _score_in_child(
 ) -> None:
     """The scoring process: signals are the trainer's business, and it does not outlive the trainer."""
     gc.freeze()  # the trainer's objects are never collected here: some hold CUDA memory, which a fork must not touch
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    leave_terminal_signals_to_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # also the trainer's: it stops with a checkpoint and kills this process
     follow_parent(trainer_pid)
     sender.send(_scored(evaluator, per_rank))
     sender.close()

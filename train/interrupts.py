@@ -20,11 +20,17 @@ interrupted job.
 The tools (predict, evaluate, shard_coco) have no checkpoint to write: under `signals_interrupt()`
 any of the three signals raises `Interrupted` where the tool is, which keeps what it finished (or
 removes what it half wrote) and says so in one sentence.
+
+Helper processes (mask encoding, COCOeval) leave the terminal's signals to their parent
+(`leave_terminal_signals_to_parent`) and die with it (`follow_parent`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +48,23 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 T = TypeVar("T")
 REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is torchrun forwarding it
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def leave_terminal_signals_to_parent() -> None:
+    """For a helper process (mask encoding, COCOeval): Ctrl-C and a terminal's hang-up reach every
+    process of the terminal's group, and are the parent's to handle: it decides how to stop and ends
+    its helpers. A helper killed inside a task would leave its parent waiting for the result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def follow_parent(parent_pid: int) -> None:
+    """For a helper process: die with its parent (PR_SET_PDEATHSIG, Linux; elsewhere the parent's shutdown ends it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class TrainingStopped(Exception):

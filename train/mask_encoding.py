@@ -10,24 +10,22 @@ the full image are computed from the box-sized mask alone: everything outside it
 
 from __future__ import annotations
 
-import signal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
+from train.interrupts import leave_terminal_signals_to_parent
+
 
 def init_worker() -> None:
     """Process-pool initializer: one thread per worker, the workers are the parallelism.
 
-    Ctrl-C and a terminal's hang-up reach every process of the terminal's group: the workers ignore
-    them and keep their queue, and the trainer, which decides how to stop (train/interrupts.py), ends them.
+    Ctrl-C and a terminal's hang-up are the trainer's: the workers keep their queue, and the trainer ends them.
     """
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    leave_terminal_signals_to_parent()
 
 
 def encode_images(work: list[tuple[np.ndarray, np.ndarray, int, int]], threshold: float = 0.5) -> list[list[dict]]:

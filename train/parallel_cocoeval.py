@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import os
-import signal
 import time
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -38,10 +36,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from train.interrupts import follow_parent, leave_terminal_signals_to_parent
+
 TASKS_PER_WORKER = 2  # groups per IoU type and process: the pool evens out the estimates' errors; each costs a pass over the images
 CATEGORY_AXIS = {"precision": 2, "recall": 1, "scores": 2}  # COCOeval.eval's arrays, [T, R, K, A, M] and [T, K, A, M]
 MAX_DEFAULT_WORKERS = 16
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,6 @@ def default_workers() -> int:
         return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS)
     return min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
 
-
-def follow_parent(parent_pid: int) -> None:
-    """For a helper process: die with its parent (PR_SET_PDEATHSIG, Linux; elsewhere the parent's shutdown ends it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def category_costs(coco_gt: Any, image_ids: np.ndarray, category_ids: np.ndarray) -> dict[int, float]:
@@ -157,10 +149,7 @@ _held_runner: list[Callable[[Task], dict[str, np.ndarray]]] = []
 
 
 def _hold(parent_pid: int, run: Callable[[Task], dict[str, np.ndarray]]) -> None:
-    # Ctrl-C and a terminal's hangup reach the whole process group, and are the parent's to handle (a
-    # worker killed inside a task would leave the pool waiting for its result); terminate() sends SIGTERM.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    leave_terminal_signals_to_parent()  # the pool's terminate() sends SIGTERM
     follow_parent(parent_pid)
     _held_runner.append(run)
 
