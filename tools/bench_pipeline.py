@@ -445,10 +445,9 @@ def print_sweep(result: dict[str, Any]) -> None:
 
 def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """images/s and CPU ms per image at each setting, and the model's rate as a line. Needs matplotlib."""
-    import matplotlib
+    from train.trace import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     values = [row["value"] for row in result["rows"]]
     fig, rate_axis = plt.subplots(figsize=(7, 4.2))

@@ -276,13 +276,21 @@ def timer_table(timer: StageTimer, images: int, device: torch.device | str) -> l
 # --- The picture ---
 
 
-def draw_timeline(document: Mapping[str, Any], path: str | Path, seconds: float = TIMELINE_SECONDS) -> None:
-    """A PNG of the trace's first `seconds`: one row per thread or worker (nested spans below their
-    parents), one more per process for DALI's batches in flight, one colour per op. Needs matplotlib."""
+def headless_pyplot() -> Any:
+    """matplotlib's pyplot drawing to files only (no display needed); ImportError without the [trace] extra."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_timeline(document: Mapping[str, Any], path: str | Path, seconds: float = TIMELINE_SECONDS) -> None:
+    """A PNG of the trace's first `seconds`: one row per thread or worker (nested spans below their
+    parents), one more per process for DALI's batches in flight, one colour per op. Needs matplotlib."""
+    plt = headless_pyplot()
+    from matplotlib.patches import Patch
 
     end_us = seconds * 1e6
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in document["traceEvents"] if e["name"] == "thread_name"}
@@ -308,7 +316,7 @@ def draw_timeline(document: Mapping[str, Any], path: str | Path, seconds: float 
     ax.set_xlabel("ms from the first span")
     images = document.get("otherData", {}).get("images")
     ax.set_title(f"trace: first {seconds:g} s ({images} images traced in all); [n]: spans nested n deep", fontsize=9)
-    handles = [matplotlib.patches.Patch(color=colours[op], label=op) for op in ops]
+    handles = [Patch(color=colours[op], label=op) for op in ops]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
